@@ -1,0 +1,45 @@
+"""The `tvkd` command line. Each sub-command lives in its own module here and exposes
+`register(subparsers)`; this file only wires them together, importing each lazily enough that
+`tvkd --help` stays fast and server-side commands do not import torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Module names under tvkd.cli; each defines register(subparsers) -> None.
+COMMAND_MODULES = ("models", "precompute", "train", "inspect", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvkd", description="Teacher Value-based Knowledge Distillation (TVKD)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"tvkd.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command not built yet
+            if exc.name == f"tvkd.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

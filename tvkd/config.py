@@ -1,0 +1,255 @@
+"""Configuration dataclasses, one per job type (TRL style: every field carries a help string).
+
+`MethodConfig` holds the TVKD options of MATH.md; `PrecomputeConfig` the teacher pass;
+`TrainConfig` the student training job (it embeds a `MethodConfig`). Each validates itself in
+`__post_init__` and raises `ConfigError` naming the offending field, so bad settings fail before
+any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QSource = Literal["logits", "logprobs"]
+Terminal = Literal["model", "zero"]
+Shaping = Literal["value", "logprob", "logit", "none"]
+
+Q_SOURCES = ("logits", "logprobs")
+TERMINALS = ("model", "zero")
+SHAPINGS = ("value", "logprob", "logit", "none")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent with another. `field` names the setting."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number; got {value!r}")
+    if value != value:  # NaN
+        raise ConfigError(name, "must not be NaN")
+    if ge is not None and value < ge:
+        raise ConfigError(name, f"must be >= {ge}; got {value}")
+    if gt is not None and value <= gt:
+        raise ConfigError(name, f"must be > {gt}; got {value}")
+    if le is not None and value > le:
+        raise ConfigError(name, f"must be <= {le}; got {value}")
+    if lt is not None and value >= lt:
+        raise ConfigError(name, f"must be < {lt}; got {value}")
+
+
+def _check_int(name: str, value: int, *, ge: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an integer; got {value!r}")
+    if value < ge:
+        raise ConfigError(name, f"must be >= {ge}; got {value}")
+
+
+@dataclass
+class MethodConfig:
+    """The TVKD objective of MATH.md (loss and shaping options)."""
+
+    alpha: float = _help("Weight α of the teacher shaping term ψ in the DPO margin. 0 = DPO.", default=0.7)
+    beta: float = _help("DPO temperature β on the student/reference log-ratio.", default=0.1)
+    value_beta: float = _help(
+        "Temperature β_v of the teacher soft value V = β_v·logsumexp(Q/β_v).", default=1.0
+    )
+    gamma: float = _help("Discount γ in ψ_t = γ·V(s_{t+1}) − V(s_t).", default=1.0)
+    terminal: Terminal = _help(
+        "'model': V(s_{T+1}) is the teacher's value after the last token; 'zero': V(s_{T+1}) := 0.",
+        default="model",
+    )
+    q_source: QSource = _help(
+        "'logits': Q = teacher logits; 'logprobs': Q = teacher log-probabilities (V≡0 at β_v=1).",
+        default="logits",
+    )
+    shaping: Shaping = _help(
+        "'value' (potential-based, default), 'logprob' or 'logit' (action-dependent ablations), "
+        "'none' (plain DPO).",
+        default="value",
+    )
+    length_normalize: bool = _help(
+        "Divide each response's summed log-ratio and shaping by its token count.", default=False
+    )
+
+    def __post_init__(self) -> None:
+        _check_range("alpha", self.alpha, ge=0.0)
+        _check_range("beta", self.beta, gt=0.0)
+        _check_range("value_beta", self.value_beta, gt=0.0)
+        _check_range("gamma", self.gamma, ge=0.0, le=1.0)
+        _check_choice("terminal", self.terminal, TERMINALS)
+        _check_choice("q_source", self.q_source, Q_SOURCES)
+        _check_choice("shaping", self.shaping, SHAPINGS)
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but almost certainly not what the user meant."""
+        out = []
+        if self.shaping == "value" and self.alpha > 0 and self.gamma == 1.0 and self.terminal == "zero":
+            out.append(
+                "gamma=1 with terminal='zero' makes the shaping cancel between chosen and "
+                "rejected: the loss equals plain DPO (MATH.md property 3)."
+            )
+        if (
+            self.shaping == "value"
+            and self.alpha > 0
+            and self.q_source == "logprobs"
+            and self.value_beta == 1.0
+        ):
+            out.append("q_source='logprobs' with value_beta=1 gives V≡0: the shaping term is zero.")
+        return out
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha > 0 and self.shaping != "none"
+
+
+@dataclass
+class PrecomputeConfig:
+    """The teacher pass that produces the value store (its fields are part of the content key)."""
+
+    q_source: QSource = _help("See MethodConfig.q_source.", default="logits")
+    value_beta: float = _help("See MethodConfig.value_beta.", default=1.0)
+    topk: int = _help("Also store the top-k teacher logits and ids per state (0 = off).", default=0)
+    token_stats: bool = _help(
+        "Also store the teacher's log-prob and logit of each response token (needed by the "
+        "'logprob'/'logit' shaping modes).",
+        default=False,
+    )
+    max_length: int = _help(
+        "Longest prompt+response in teacher tokens; longer rows are bad rows.", default=1024
+    )
+    batch_tokens: int = _help("Token budget of one teacher batch (rows are batched by length).", default=8192)
+    chunk_size: int = _help("Positions per chunk of the vocabulary-wide logsumexp.", default=256)
+    bf16: bool = _help(
+        "Run the teacher's transformer under bf16 autocast (values stay float32).", default=False
+    )
+    shard_size: int = _help(
+        "Pairs per store shard; a killed precompute resumes at shard granularity.", default=256
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("q_source", self.q_source, Q_SOURCES)
+        _check_range("value_beta", self.value_beta, gt=0.0)
+        _check_int("topk", self.topk, ge=0)
+        _check_int("max_length", self.max_length, ge=2)
+        _check_int("batch_tokens", self.batch_tokens, ge=1)
+        _check_int("chunk_size", self.chunk_size, ge=1)
+        _check_int("shard_size", self.shard_size, ge=1)
+
+
+@dataclass
+class TrainConfig:
+    """One TVKD training job of a student on preference pairs with precomputed teacher values."""
+
+    method: MethodConfig = _help("The TVKD objective.", default_factory=MethodConfig)
+    epochs: float = _help("Passes over the training pairs (fractions allowed).", default=1.0)
+    max_steps: int = _help("Stop after this many optimizer steps (0 = from epochs).", default=0)
+    batch_size: int = _help("Pairs per micro-batch.", default=8)
+    grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak AdamW learning rate.", default=5e-6)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    adam_beta1: float = _help("AdamW β1.", default=0.9)
+    adam_beta2: float = _help("AdamW β2.", default=0.999)
+    warmup_ratio: float = _help("Fraction of steps of linear warm-up before the cosine decay.", default=0.1)
+    min_lr_ratio: float = _help("Cosine floor as a fraction of the peak learning rate.", default=0.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+    max_length: int = _help(
+        "Longest prompt+response in student tokens; longer rows are bad rows.", default=1024
+    )
+    bf16: bool = _help(
+        "bf16 autocast for the student forward/backward (log-probs stay float32).", default=False
+    )
+    seed: int = _help("Seed of weights' dropout, data order and everything random.", default=0)
+    save_every: int = _help("Checkpoint every N optimizer steps (0 = only at the end).", default=0)
+    keep_checkpoints: int = _help("Checkpoints kept on disk (the newest ones).", default=2)
+    eval_every: int = _help("Evaluate on the held-out pairs every N steps (0 = only at the end).", default=0)
+    eval_fraction: float = _help(
+        "Held-out fraction of the pairs when no eval dataset is given.", default=0.05
+    )
+    num_samples: int = _help("Held-out pairs written as per-token samples for inspection.", default=4)
+    log_every: int = _help("Report training metrics every N optimizer steps.", default=1)
+    lora: bool = _help("Train LoRA adapters (peft) instead of all weights.", default=False)
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: float = _help("LoRA scaling α.", default=32.0)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_target_modules: list[str] = _help(
+        "Module names to adapt (default: all linear projections of attention and MLP).",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, dict):
+            self.method = MethodConfig(**self.method)
+        _check_range("epochs", self.epochs, gt=0.0)
+        _check_int("max_steps", self.max_steps, ge=0)
+        _check_int("batch_size", self.batch_size, ge=1)
+        _check_int("grad_accum", self.grad_accum, ge=1)
+        _check_range("learning_rate", self.learning_rate, gt=0.0, le=1.0)
+        _check_range("weight_decay", self.weight_decay, ge=0.0)
+        _check_range("adam_beta1", self.adam_beta1, ge=0.0, lt=1.0)
+        _check_range("adam_beta2", self.adam_beta2, ge=0.0, lt=1.0)
+        _check_range("warmup_ratio", self.warmup_ratio, ge=0.0, le=1.0)
+        _check_range("min_lr_ratio", self.min_lr_ratio, ge=0.0, le=1.0)
+        _check_range("max_grad_norm", self.max_grad_norm, ge=0.0)
+        _check_int("max_length", self.max_length, ge=2)
+        _check_int("seed", self.seed, ge=0)
+        _check_int("save_every", self.save_every, ge=0)
+        _check_int("keep_checkpoints", self.keep_checkpoints, ge=1)
+        _check_int("eval_every", self.eval_every, ge=0)
+        _check_range("eval_fraction", self.eval_fraction, ge=0.0, lt=1.0)
+        _check_int("num_samples", self.num_samples, ge=0)
+        _check_int("log_every", self.log_every, ge=1)
+        _check_int("lora_r", self.lora_r, ge=1)
+        _check_range("lora_alpha", self.lora_alpha, gt=0.0)
+        _check_range("lora_dropout", self.lora_dropout, ge=0.0, lt=1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a flat or nested dict; unknown keys are an error naming the key."""
+        data = dict(data)
+        method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
+        train_fields = {f.name for f in dataclasses.fields(cls)}
+        method = dict(data.pop("method", {}) or {})
+        for key in list(data):
+            if key in method_fields and key not in train_fields:
+                method[key] = data.pop(key)
+        unknown = sorted(set(data) - train_fields)
+        if unknown:
+            raise ConfigError(unknown[0], "unknown setting")
+        unknown = sorted(set(method) - method_fields)
+        if unknown:
+            raise ConfigError(unknown[0], "unknown setting")
+        return cls(method=MethodConfig(**method), **data)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name → help string, for CLIs, the API schema and the dashboard."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
