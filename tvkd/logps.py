@@ -112,8 +112,9 @@ def linear_logps(
 
 
 def logits_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log π(labels | ·) from logits [..., V] → float32 [...]; the plain (unfused) reference path."""
-    z = logits.float()
+    """log π(labels | ·) from logits [..., V] → float32 [...] (float64 stays float64); the plain,
+    unfused path, used as a reference."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
