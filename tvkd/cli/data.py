@@ -1,6 +1,8 @@
-"""`tvkd data`: dataset commands. `tvkd data check PATH` loads a preference dataset, prints the
-report (rows kept/dropped and every bad row with its row, field and reason) and, given
-`--tokenizer`, also tokenizes it to find rows over `--max-length` or failing the chat template.
+"""`tvkd data`: dataset commands. `tvkd data generate OUT` writes the generated, verifiable
+preference task of tvkd.tasks (train.jsonl + eval.jsonl). `tvkd data check PATH` loads a
+preference dataset, prints the report (rows kept/dropped and every bad row with its row, field
+and reason) and, given `--tokenizer`, also tokenizes it to find rows over `--max-length` or
+failing the chat template.
 
 Exit codes: 0 clean (or bad rows accepted with `--drop`), 1 bad rows / unreadable data / no
 usable pair, 2 usage. tvkd.data imports no torch, so a check without a tokenizer stays fast.
@@ -21,6 +23,7 @@ from tvkd.data import (
     load_pairs,
     tokenize_pairs,
 )
+from tvkd.tasks import FAMILIES, generate, split, write_jsonl
 
 # Same default as PrecomputeConfig.max_length.
 DEFAULT_MAX_LENGTH = 1024
@@ -28,7 +31,7 @@ DEFAULT_MAX_LENGTH = 1024
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "data", help="check preference datasets", description="Dataset commands."
+        "data", help="generate or check preference datasets", description="Dataset commands."
     )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
     check = actions.add_parser(
@@ -47,10 +50,21 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_MAX_LENGTH,
         help=f"longest prompt+response in tokens, with --tokenizer (default {DEFAULT_MAX_LENGTH})",
     )
-    check.add_argument(
-        "--drop", action="store_true", help="accept bad rows (they are dropped): exit 0"
-    )
+    check.add_argument("--drop", action="store_true", help="accept bad rows (they are dropped): exit 0")
     check.set_defaults(func=run_check)
+
+    gen = actions.add_parser(
+        "generate",
+        help="write the generated arithmetic/sorting/spelling preference task",
+        description="Write OUT/train.jsonl and OUT/eval.jsonl: conversational preference pairs "
+        "(chosen = the correct answer, rejected = a plausible wrong one), deterministic from --seed.",
+    )
+    gen.add_argument("out", help="output folder")
+    gen.add_argument("--n", type=int, default=600, help="pairs in all (default 600)")
+    gen.add_argument("--eval", type=int, default=100, help="held-out pairs among them (default 100)")
+    gen.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    gen.add_argument("--families", default=",".join(FAMILIES), help="comma-separated task families")
+    gen.set_defaults(func=run_generate)
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
@@ -78,9 +92,7 @@ def run_check(args: argparse.Namespace) -> int:
     return _verdict(reports, usable, args.drop)
 
 
-def _check_tokenization(
-    model_dir: str, pairs: list[PreferencePair], max_length: int
-) -> DataReport | None:
+def _check_tokenization(model_dir: str, pairs: list[PreferencePair], max_length: int) -> DataReport | None:
     """Print the tokenization report; None (after printing why) when it cannot run at all."""
     from transformers import AutoTokenizer  # heavy: only when asked to tokenize
 
@@ -96,9 +108,7 @@ def _check_tokenization(
         return None
     print(report.summary(SUMMARY_MAX_ISSUES))
     if tokenized:
-        lengths = [
-            len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tokenized
-        ]
+        lengths = [len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tokenized]
         print(
             f"  tokens per pair (prompt + longer response): max {max(lengths)}, "
             f"mean {sum(lengths) / len(lengths):.1f}"
@@ -115,4 +125,20 @@ def _verdict(reports: list[DataReport], usable: int, accept_drops: bool) -> int:
         print(f"FAILED: {bad} bad rows (pass --drop to accept dropping them); {usable} usable")
         return 1
     print(f"OK: {usable} usable pairs" + (f", {bad} bad rows dropped" if bad else ""))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        examples = generate(args.n, seed=args.seed, families=tuple(args.families.split(",")))
+        train, held_out = split(examples, eval_count=args.eval)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_jsonl(train, out / "train.jsonl")
+    write_jsonl(held_out, out / "eval.jsonl")
+    print(f"wrote {len(train)} train and {len(held_out)} held-out pairs to {out}")
     return 0
