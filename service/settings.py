@@ -1,0 +1,86 @@
+"""Service settings, read from the environment (and a `.env` file) with the TVKD_ prefix.
+
+Defaults are the embedded ones: everything under one home folder (TVKD_HOME, default
+`./.tvkd`): a SQLite database, the artifact root, and (when TVKD_BROKER_URL is empty) kombu's
+filesystem transport as the Celery broker, so that `tvkd up` needs no server at all.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PathList = Annotated[list[str], NoDecode]
+
+
+def _split_list(value: object) -> object:
+    """`a:b` / `a,b` / JSON-free lists from the environment → list of strings."""
+    if isinstance(value, str):
+        sep = "," if "," in value else os.pathsep
+        return [part.strip() for part in value.split(sep) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, the workers and the clients (README: Configuration)."""
+
+    model_config = SettingsConfigDict(env_prefix="TVKD_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path(".tvkd"), description="Home folder of the embedded defaults.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite file in TVKD_HOME.")
+    broker_url: str = Field(default="", description="Celery broker (redis://…); empty = embedded broker.")
+    artifact_root: Path | None = Field(
+        default=None, description="Artifacts root; empty = TVKD_HOME/artifacts."
+    )
+    model_roots: PathList = Field(
+        default_factory=list, description="Folders teachers/students may be read from."
+    )
+    data_roots: PathList = Field(default_factory=list, description="Folders datasets may be read from.")
+    api_keys: PathList = Field(default_factory=list, description="Bootstrap API keys (name=key or key).")
+    api_url: str = Field(default="http://127.0.0.1:8000", description="API base URL for clients/dashboard.")
+    api_key: str = Field(default="", description="API key used by the CLI client and the dashboard.")
+    allow_hub: bool = Field(default=False, description="Accept Hugging Face hub ids (needs network).")
+    trust_remote_code: bool = Field(default=False, description="Allow models with custom code.")
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Largest dataset upload.")
+    heartbeat_seconds: float = Field(default=5.0, description="How often a running job beats.")
+    heartbeat_timeout: float = Field(default=60.0, description="A job silent this long is re-enqueued.")
+    requeue_after: float = Field(default=120.0, description="A queued job untouched this long is re-sent.")
+    device: str = Field(default="cpu", description="Torch device of the workers (cpu, cuda, cuda:1).")
+
+    @field_validator("model_roots", "data_roots", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'tvkd.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return (self.artifact_root or self.home_dir / "artifacts").expanduser().resolve()
+
+    @property
+    def embedded_broker_dir(self) -> Path:
+        return self.home_dir / "broker"
+
+    @property
+    def resolved_model_roots(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.model_roots] or [self.home_dir / "models"]
+
+    @property
+    def resolved_data_roots(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.data_roots] or [self.home_dir / "data"]
+
+
+def get_settings() -> Settings:
+    return Settings()
