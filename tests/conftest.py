@@ -97,3 +97,118 @@ def precompute_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tvkd.models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("precompute-teacher") / "teacher", seed=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Training (tests of tvkd.trainer / tvkd.pipeline / tvkd.cli.train): a tiny student and teacher
+# sharing a tokenizer (same vocab and corpus, other weights), a third model with a tokenizer of
+# its own (other vocab size and corpus), a learnable arithmetic preference task ("Q: 3+4=" →
+# chosen " 7", rejected a near miss) and its teacher value store, and a callbacks recorder.
+
+ARITH_PAIRS = 64
+ARITH_MAX_LENGTH = 64
+_OTHER_CORPUS = tuple(
+    [f"Q: {a}+{b}= {a + b}. Sum of {a} and {b}." for a in range(10) for b in range(10)]
+    + ["Numbers like 12, 345 and 6789 are split into digits by small vocabularies."] * 5
+)
+
+
+def arithmetic_rows(n: int = ARITH_PAIRS, seed: int = 0) -> list[dict[str, str]]:
+    """Text-form pairs: chosen is the right sum, rejected a near miss (deterministic in seed)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for a in range(10):
+        for b in range(10):
+            wrong = a + b + rng.choice([-2, -1, 1, 2])
+            wrong = wrong if wrong >= 0 else a + b + 1
+            # Three phrasings, so prompts and responses differ in length (padding is exercised).
+            prompt, chosen, rejected = [
+                (f"Q: {a}+{b}=", f" {a + b}", f" {wrong}"),
+                (f"What is {a}+{b}?", f" The answer is {a + b}.", f" The answer is {wrong}."),
+                (f"Q: {a}+{b}=", f" {a + b}", f" {wrong}, I think"),
+            ][(a + b) % 3]
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    rng.shuffle(rows)
+    return rows[:n]
+
+
+@pytest.fixture(scope="session")
+def train_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """{"student", "teacher", "other"} model folders (str). student/teacher share a tokenizer."""
+    from tvkd.models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("train-models")
+    return {
+        "student": str(build_tiny_model(root / "student", seed=0)),
+        "teacher": str(build_tiny_model(root / "teacher", seed=1)),
+        "other": str(build_tiny_model(root / "other", vocab_size=300, seed=2, corpus=_OTHER_CORPUS)),
+    }
+
+
+@pytest.fixture(scope="session")
+def arith_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A JSONL file of `arithmetic_rows()`."""
+    import json
+
+    path = tmp_path_factory.mktemp("arith") / "arith.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in arithmetic_rows()) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def arith_store(train_models: dict[str, str], arith_data: str, tmp_path_factory: pytest.TempPathFactory):
+    """(pairs, ValueStore) of the teacher over the arithmetic pairs (value shaping defaults)."""
+    from tvkd.config import PrecomputeConfig
+    from tvkd.data import load_pairs
+    from tvkd.precompute import precompute_values
+
+    pairs, _ = load_pairs(arith_data)
+    result = precompute_values(
+        train_models["teacher"],
+        pairs,
+        PrecomputeConfig(max_length=ARITH_MAX_LENGTH),
+        store_root=tmp_path_factory.mktemp("arith-stores"),
+    )
+    return pairs, result.store
+
+
+@pytest.fixture(scope="session")
+def recording_callbacks() -> type:
+    """The class `RecordingCallbacks(stop_after=None)`: records every call; asks to stop once
+    training progress has reached step `stop_after`."""
+    from tvkd.callbacks import Callbacks
+
+    class RecordingCallbacks(Callbacks):
+        def __init__(self, stop_after: int | None = None) -> None:
+            self.stop_after = stop_after
+            self.stages: list[str] = []
+            self.events: list[tuple[str, str]] = []
+            self.metrics: list[tuple[int, str, dict[str, float]]] = []
+            self.checkpoints: list[tuple[int, str]] = []
+            self.progress: list[tuple[str, int, int]] = []
+
+        def on_stage(self, stage, info):
+            self.stages.append(stage)
+
+        def on_progress(self, stage, done, total, eta_seconds):
+            self.progress.append((stage, done, total))
+
+        def on_metrics(self, step, metrics, split):
+            self.metrics.append((step, split, dict(metrics)))
+
+        def on_event(self, level, message, data=None):
+            self.events.append((level, message))
+
+        def on_checkpoint(self, step, path):
+            self.checkpoints.append((step, path))
+
+        def should_stop(self):
+            steps = [done for stage, done, _ in self.progress if stage == "train"]
+            return self.stop_after is not None and bool(steps) and max(steps) >= self.stop_after
+
+        def train_metrics(self) -> dict[int, dict[str, float]]:
+            return {s: m for s, split, m in self.metrics if split == "train"}
+
+    return RecordingCallbacks

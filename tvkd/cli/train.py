@@ -1,0 +1,191 @@
+"""`tvkd train`: one TVKD job on this machine (no server): validate → precompute → train.
+
+Every TrainConfig and MethodConfig field is a flag generated from the dataclasses, with their
+help strings (`--alpha 0.7 --value-beta 2 --batch-size 16 --lora ...`). Settings are layered:
+dataclass defaults < `--config cfg.json` (flat or {"method": {...}}) < flags.
+
+The first Ctrl-C asks the job to stop after the current step (a checkpoint is written, and
+`--resume`, the default, continues from it next time); a second one aborts at once.
+Exit codes: 0 completed, 1 bad data/model/settings, 2 usage, 130 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tvkd.config import Q_SOURCES, SHAPINGS, TERMINALS, ConfigError, MethodConfig, TrainConfig
+
+CHOICES = {"terminal": TERMINALS, "q_source": Q_SOURCES, "shaping": SHAPINGS}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def add_config_flags(parser: argparse._ActionsContainer, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per dataclass field, typed from its default; absent flags leave the namespace
+    untouched (argparse.SUPPRESS), so only what the user typed overrides the config file."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = _default(f)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw.update(nargs="+", metavar="NAME")
+        else:
+            kw.update(
+                type=type(default),
+                choices=CHOICES.get(f.name),
+                metavar=None if f.name in CHOICES else f.name.upper(),
+            )
+        parser.add_argument(flag, **kw)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a student with TVKD (validate, precompute, train, evaluate)",
+        description="Distil a DPO-trained teacher's values into a student on preference pairs. "
+        "Writes OUTPUT/model (a plain Hugging Face folder), checkpoints, samples.json and result.json.",
+    )
+    job = p.add_argument_group("job")
+    job.add_argument("--teacher", help="teacher model folder (not needed with --alpha 0)")
+    job.add_argument("--student", required=True, help="student model folder (its initial weights are π_ref)")
+    job.add_argument(
+        "--data", required=True, help="preference data: JSONL(.gz)/JSON/Parquet or datasets folder"
+    )
+    job.add_argument("--output", required=True, help="output folder of the job")
+    job.add_argument("--eval-data", help="held-out pairs (default: eval_fraction of --data)")
+    job.add_argument("--config", help="JSON file of TrainConfig settings (flat, or with a 'method' object)")
+    job.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    job.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from the newest checkpoint in --output (default: yes)",
+    )
+    job.add_argument("--limit", type=int, help="use only the first N rows of each dataset")
+    job.add_argument(
+        "--store-root", help="value store root (default: $TVKD_ARTIFACT_ROOT/values, else ./.tvkd/values)"
+    )
+    job.add_argument(
+        "--on-error",
+        choices=("drop", "raise"),
+        default="drop",
+        help="bad rows: drop them (reported) or fail (default: drop)",
+    )
+    job.add_argument("--precompute-bf16", action="store_true", help="run the teacher under bf16 autocast")
+    add_config_flags(p.add_argument_group("TVKD method (MethodConfig)"), MethodConfig)
+    add_config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, skip=("method",))
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < flags."""
+    method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method"}
+    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    method = dict(data.pop("method", None) or {})
+    method.update({k: data.pop(k) for k in list(data) if k in method_fields})  # flat file entries
+    for name, value in vars(args).items():  # only flags the user typed are in the namespace
+        if name in method_fields:
+            method[name] = value
+        elif name in train_fields:
+            data[name] = value
+    return TrainConfig.from_dict({**data, "method": method})
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _table(train: dict[str, float], evaluation: dict[str, float]) -> str:
+    names = list(train) + [k for k in evaluation if k not in train]
+    width = max(len(n) for n in names) if names else 10
+    lines = [f"{'metric':<{width}}  {'train':>12}  {'eval':>12}"]
+    for name in names:
+        cells = [f"{d[name]:>12.4g}" if name in d else f"{'':>12}" for d in (train, evaluation)]
+        lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tvkd.callbacks import PrintCallbacks
+    from tvkd.cli.precompute import default_store_root
+    from tvkd.data import DataError
+    from tvkd.models import ModelError
+    from tvkd.pipeline import JobSpec, run_job
+
+    try:
+        config = build_config(args)
+    except (ConfigError, OSError, json.JSONDecodeError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spec = JobSpec(
+        teacher=args.teacher,
+        student=args.student,
+        dataset=args.data,
+        train=config,
+        output_dir=args.output,
+        store_root=str(args.store_root or default_store_root()),
+        device=_device(args.device),
+        eval_dataset=args.eval_data,
+        on_error=args.on_error,
+        limit=args.limit,
+        precompute_bf16=args.precompute_bf16,
+    )
+    callbacks = PrintCallbacks()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        print("\nstopping after this step (a checkpoint is saved); Ctrl-C again aborts", file=sys.stderr)
+        callbacks.stop()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (e.g. called from a test runner's thread)
+        previous = None
+    try:
+        result = run_job(spec, callbacks, resume=args.resume)
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        callbacks.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    train = result.train
+    if train is not None:
+        print(_table(train.metrics, train.eval_metrics))
+        print(
+            f"steps:      {train.steps} of {train.total_steps} in {train.seconds:.1f}s "
+            f"({train.tokens_per_second:.0f} tokens/s)"
+        )
+        for label, path in (
+            ("model", train.model_dir),
+            ("adapter", train.adapter_dir),
+            ("checkpoint", train.checkpoint),
+            ("samples", train.samples_path),
+        ):
+            if path:
+                print(f"{label + ':':<11} {path}")
+    print(f"{'result:':<11} {result.result_path}")
+    print(f"{'status:':<11} {result.status}")
+    return 0 if result.status == "completed" else 130

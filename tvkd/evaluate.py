@@ -1,0 +1,236 @@
+"""Held-out metrics and per-token samples of a student under training.
+
+`evaluate` averages the MATH.md metrics over every held-out pair: the per-pair terms of all
+batches are concatenated before the means are taken, so a short last batch weighs what it holds
+(not the mean of batch means).
+
+`write_samples` writes `samples.json` for the inspector (dashboard heatmaps):
+
+    {"step": int, "teacher_logp_source": "store" | "teacher" | null, "note": str | null,
+     "loss_options": {alpha, beta, gamma, terminal, shaping, value_beta, length_normalize},
+     "samples": [
+       {"index": int, "row": int, "prompt": str | [messages],
+        "chosen": {"text": str,
+                   "tokens": [{"text", "id", "logratio", "value", "psi", "teacher_logp"}, ...],
+                   "sum_psi": float, "sum_logratio": float, "value_end": float},
+        "rejected": {...}}, ...]}
+
+Per token t: logratio = β·(log π_θ − log π_ref), value = V(s_t) (the teacher's potential at the
+state the token is chosen from, on the student's boundaries), psi = ψ_t as the loss uses it but
+without α, teacher_logp = log π_φ(y_t | s_t) (null when teacher and student tokenizers differ:
+a student token then has no teacher log-prob). value_end = V(s_{T+1}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvkd.config import PrecomputeConfig
+from tvkd.data import PreferencePair, RowError
+from tvkd.losses import PairTerms, loss_and_metrics, pair_terms, shaping_terms
+from tvkd.trainer import Batch, Example, collate, policy_logps
+
+SIDES = ("chosen", "rejected")
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any, batches: Iterable[Batch], loss_options: Mapping[str, Any], *, bf16: bool = False
+) -> dict[str, float]:
+    """The MATH.md metrics (and "loss") over every pair of `batches`, plus "pairs" (their count).
+
+    `loss_options` are the keyword options of `tvkd_loss` (see `tvkd.trainer.loss_options`).
+    """
+    opts = dict(loss_options)
+    alpha, beta = opts.pop("alpha"), opts.pop("beta")
+    was_training = model.training
+    model.eval()
+    parts: list[PairTerms] = []
+    try:
+        for batch in batches:
+            device = batch.input_ids.device
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                chosen, rejected = policy_logps(model, batch)
+            parts.append(
+                pair_terms(
+                    chosen,
+                    rejected,
+                    *batch.split(batch.ref_logps),
+                    *batch.split(batch.values),
+                    *batch.split(batch.response_mask),
+                    **batch.teacher,
+                    **opts,
+                )
+            )
+    finally:
+        model.train(was_training)
+    if not parts:
+        return {}
+    terms = PairTerms(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PairTerms)})
+    _, metrics = loss_and_metrics(terms, alpha=alpha, beta=beta)
+    metrics["pairs"] = float(terms.logps_chosen.shape[0])
+    return metrics
+
+
+def _f64(x: np.ndarray | None) -> torch.Tensor:
+    # A copy: store rows are read-only views of a memory-mapped file.
+    return torch.from_numpy(np.array(x, dtype=np.float64))
+
+
+def _teacher_logps(
+    examples: Sequence[Example],
+    pairs: Sequence[PreferencePair],
+    *,
+    teacher: str | None,
+    same_tokenizer: bool,
+    max_length: int | None,
+    device: torch.device,
+) -> tuple[list[dict[str, np.ndarray | None]], str | None, str | None]:
+    """Per example and side, the teacher's log-prob of each student token; (logps, source, note)."""
+    empty: list[dict[str, np.ndarray | None]] = [dict.fromkeys(SIDES) for _ in examples]
+    if teacher is None:
+        return empty, None, "no teacher: the method does not use one (alpha=0 or shaping='none')"
+    if not same_tokenizer:
+        return (
+            empty,
+            None,
+            (
+                "teacher and student tokenizers differ: a student token has no teacher log-prob "
+                "(values are the teacher's, mapped onto the student's token boundaries)"
+            ),
+        )
+    if all(f"{s}_teacher_logps" in e.teacher for e in examples for s in SIDES):
+        return [{s: e.teacher[f"{s}_teacher_logps"] for s in SIDES} for e in examples], "store", None
+    # The store has no token stats: run the teacher on these few pairs only.
+    from tvkd.models import load_causal_lm, load_tokenizer
+    from tvkd.precompute import compute_pair_signals
+
+    model = load_causal_lm(teacher, dtype=torch.float32, device=device)
+    tokenizer = load_tokenizer(teacher)
+    config = PrecomputeConfig(token_stats=True, max_length=max_length or 1024)
+    out = []
+    for e in examples:
+        try:
+            _, pv = compute_pair_signals(model, tokenizer, pairs[e.index], config)
+        except RowError:
+            out.append(dict.fromkeys(SIDES))
+            continue
+        row: dict[str, np.ndarray | None] = {}
+        for s in SIDES:
+            logps = getattr(pv, f"{s}_token_logps")
+            row[s] = logps if logps is not None and len(logps) == len(getattr(e, f"{s}_ids")) else None
+        out.append(row)
+    del model
+    return out, "teacher", None
+
+
+@torch.no_grad()
+def write_samples(
+    path: str | os.PathLike,
+    *,
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    pairs: Sequence[PreferencePair],
+    loss_options: Mapping[str, Any],
+    teacher: str | None = None,
+    same_tokenizer: bool = True,
+    teacher_max_length: int | None = None,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    step: int = 0,
+) -> Path:
+    """Per-token signals of `examples` (with their reference log-probs) → `path` (see the module doc)."""
+    device = torch.device(device)
+    path = Path(path)
+    opts = dict(loss_options)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    policy: tuple[torch.Tensor, torch.Tensor] | None = None
+    if examples:
+        batch = collate(examples, pad_id, device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                policy = policy_logps(model, batch)
+        finally:
+            model.train(was_training)
+    teacher_lp, source, note = _teacher_logps(
+        examples,
+        pairs,
+        teacher=teacher,
+        same_tokenizer=same_tokenizer,
+        max_length=teacher_max_length,
+        device=device,
+    )
+    samples = []
+    for j, e in enumerate(examples):
+        assert policy is not None
+        pair = pairs[e.index]
+        sample: dict[str, Any] = {
+            "index": e.index,
+            "row": e.row,
+            "prompt": [dict(m) for m in pair.prompt_messages] if pair.prompt_messages else pair.prompt,
+        }
+        for k, side in enumerate(SIDES):
+            ids = getattr(e, f"{side}_ids")
+            n = len(ids)
+            logps = policy[k][j, :n].double()
+            ref = _f64(getattr(e, f"ref_{side}"))
+            logratio = opts["beta"] * (logps.cpu() - ref)
+            values = _f64(getattr(e, f"{side}_values"))
+            stats = {
+                name: _f64(e.teacher[f"{side}_teacher_{name}"])[None]
+                for name in ("logps", "logits")
+                if f"{side}_teacher_{name}" in e.teacher
+            }
+            psi = shaping_terms(
+                opts["shaping"],
+                values[None],
+                torch.ones(1, n, dtype=torch.bool),
+                gamma=opts["gamma"],
+                terminal=opts["terminal"],
+                teacher_logps=stats.get("logps"),
+                teacher_logits=stats.get("logits"),
+                value_beta=opts["value_beta"],
+                side=side,
+            )[0]
+            tlp = teacher_lp[j][side]
+            tokens = [
+                {
+                    "text": tokenizer.decode([int(tok)]),
+                    "id": int(tok),
+                    "logratio": float(logratio[t]),
+                    "value": float(values[t]),
+                    "psi": float(psi[t]),
+                    "teacher_logp": None if tlp is None else float(tlp[t]),
+                }
+                for t, tok in enumerate(ids)
+            ]
+            sample[side] = {
+                "text": getattr(pair, side),
+                "tokens": tokens,
+                "sum_psi": float(psi.sum()),
+                "sum_logratio": float(logratio.sum()),
+                "value_end": float(values[n]),
+            }
+        samples.append(sample)
+    doc = {
+        "step": step,
+        "teacher_logp_source": source,
+        "note": note,
+        "loss_options": opts,
+        "samples": samples,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path

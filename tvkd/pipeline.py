@@ -1,0 +1,347 @@
+"""The job path of DESIGN.md as stage functions: validate → precompute → train (→ evaluate).
+
+Each stage is a plain function of a `JobSpec` (and the previous stage's output), so the Celery
+worker can run them one by one and record progress between them; `run_job` chains them for the
+CLI and writes `output_dir/result.json`. The reference pass, evaluation and samples run inside
+`train` (they need the student that the trainer loads) and announce themselves through
+`Callbacks.on_stage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tvkd.callbacks import Callbacks
+from tvkd.config import ConfigError, PrecomputeConfig, TrainConfig
+from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
+from tvkd.store import ValueStore
+from tvkd.trainer import Trainer, TrainResult, check_alignment
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class JobSpec:
+    """Everything one job needs. `teacher` may be None when the method does not use it."""
+
+    teacher: str | None
+    student: str
+    dataset: str
+    train: TrainConfig
+    output_dir: str
+    store_root: str
+    device: str = "cpu"
+    eval_dataset: str | None = None
+    on_error: Literal["drop", "raise"] = "drop"  # bad rows: dropped (and reported) or an error
+    limit: int | None = None  # read only the first N rows of each dataset
+    precompute_bf16: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        data = dict(data)
+        train = data.pop("train", {}) or {}
+        return cls(train=train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train), **data)
+
+
+@dataclass
+class Prepared:
+    """What validation found: the pairs (train then eval when an eval set is given), the split."""
+
+    pairs: list[PreferencePair]
+    train_idx: list[int]
+    eval_idx: list[int]
+    report: DataReport
+    eval_report: DataReport | None
+    dataset_fingerprint: str
+    same_tokenizer: bool | None  # None without a teacher
+    token_reports: dict[str, DataReport] = field(default_factory=dict)  # "student"/"teacher" → tokenizing
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pairs": len(self.pairs),
+            "train_pairs": len(self.train_idx),
+            "eval_pairs": len(self.eval_idx),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "same_tokenizer": self.same_tokenizer,
+            "report": self.report.to_dict(),
+            "eval_report": self.eval_report.to_dict() if self.eval_report else None,
+            "tokenize": {k: {"kept": r.kept, "dropped": r.dropped} for k, r in self.token_reports.items()},
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class JobResult:
+    status: str  # "completed" | "stopped"
+    prepared: Prepared
+    precompute: Any  # PrecomputeResult | None
+    train: TrainResult | None
+    timings: dict[str, float]
+    result_path: str
+
+
+def _issues(report: DataReport, limit: int = 50) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(i) for i in report.issues[:limit]]
+
+
+def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
+    """Load and split the data, load tokenizers (no weights), and check that the job can run.
+
+    Raises ConfigError (a setting), DataError (the data) or ModelError (a model folder) before any
+    expensive work.
+    """
+    from tvkd.data import tokenize_pairs
+    from tvkd.models import load_config, load_tokenizer
+
+    cb = callbacks or Callbacks()
+    t0 = time.perf_counter()
+    cfg, method = spec.train, spec.train.method
+    cb.on_stage("validate", {"dataset": spec.dataset, "student": spec.student, "teacher": spec.teacher})
+    if method.uses_teacher and not spec.teacher:
+        raise ConfigError(
+            "teacher",
+            f"alpha={method.alpha} with shaping={method.shaping!r} needs a teacher (or set alpha=0)",
+        )
+    warnings = method.warnings()
+    for w in warnings:
+        cb.on_event("warning", w)
+
+    on_error = spec.on_error
+    pairs, report = load_pairs(spec.dataset, on_error=on_error, limit=spec.limit)
+    if report.dropped:
+        cb.on_event(
+            "warning",
+            f"{report.dropped} bad rows of {report.total_rows} dropped from {spec.dataset}",
+            {"issues": _issues(report)},
+        )
+    eval_report = None
+    if spec.eval_dataset:
+        eval_pairs, eval_report = load_pairs(spec.eval_dataset, on_error=on_error, limit=spec.limit)
+        if eval_report.dropped:
+            cb.on_event(
+                "warning",
+                f"{eval_report.dropped} bad rows dropped from {spec.eval_dataset}",
+                {"issues": _issues(eval_report)},
+            )
+        train_idx = list(range(len(pairs)))
+        eval_idx = list(range(len(pairs), len(pairs) + len(eval_pairs)))
+        pairs = pairs + eval_pairs
+    else:
+        _, held_out = split_pairs(pairs, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+        held = {id(p) for p in held_out}  # split_pairs returns the input objects
+        train_idx = [i for i, p in enumerate(pairs) if id(p) not in held]
+        eval_idx = [i for i, p in enumerate(pairs) if id(p) in held]
+    if not train_idx:
+        raise DataError(report) if report.issues else ValueError(f"{spec.dataset}: no pairs")
+
+    load_config(spec.student)
+    tokenizers = {"student": load_tokenizer(spec.student)}
+    if method.uses_teacher:
+        assert spec.teacher is not None
+        load_config(spec.teacher)
+        tokenizers["teacher"] = load_tokenizer(spec.teacher)
+    same = check_alignment(
+        method, pairs, student_tokenizer=tokenizers["student"], teacher_tokenizer=tokenizers.get("teacher")
+    )
+    same_tokenizer = same if "teacher" in tokenizers else None
+
+    # Template round-trip and lengths: every pair through every tokenizer that will see it.
+    token_reports = {}
+    for name, tok in tokenizers.items():
+        if name == "teacher" and same:
+            continue  # the same tokenizer sees the same tokens
+        _, rep = tokenize_pairs(tok, pairs, max_length=cfg.max_length, on_error=on_error)
+        token_reports[name] = rep
+        if rep.dropped:
+            cb.on_event(
+                "warning",
+                f"{rep.dropped} of {len(pairs)} pairs do not fit the {name} "
+                f"(max_length={cfg.max_length} or chat template); they will be dropped",
+                {"issues": _issues(rep)},
+            )
+        if rep.kept == 0:
+            raise DataError(rep)
+    prepared = Prepared(
+        pairs=pairs,
+        train_idx=train_idx,
+        eval_idx=eval_idx,
+        report=report,
+        eval_report=eval_report,
+        dataset_fingerprint=dataset_fingerprint(pairs),
+        same_tokenizer=same_tokenizer,
+        token_reports=token_reports,
+        warnings=warnings,
+        seconds=time.perf_counter() - t0,
+    )
+    cb.on_event(
+        "info",
+        f"{len(train_idx)} training and {len(eval_idx)} held-out pairs",
+        {"train_pairs": len(train_idx), "eval_pairs": len(eval_idx), "same_tokenizer": same_tokenizer},
+    )
+    return prepared
+
+
+def precompute_config(spec: JobSpec) -> PrecomputeConfig:
+    """The teacher pass the method needs (its fields are part of the store's content key)."""
+    method = spec.train.method
+    return PrecomputeConfig(
+        q_source=method.q_source,
+        value_beta=method.value_beta,
+        token_stats=method.shaping in ("logprob", "logit"),
+        max_length=spec.train.max_length,
+        bf16=spec.precompute_bf16,
+    )
+
+
+def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = None) -> Any:
+    """Teacher values for every pair (reused when cached); None when the method needs no teacher.
+
+    Raises `tvkd.precompute.PrecomputeStopped` when `callbacks.should_stop()`.
+    """
+    from tvkd.precompute import precompute_values
+
+    cb = callbacks or Callbacks()
+    if not spec.train.method.uses_teacher:
+        cb.on_event("info", "plain DPO (alpha=0 or shaping='none'): no teacher precompute")
+        return None
+    assert spec.teacher is not None
+    cb.on_stage("precompute", {"teacher": spec.teacher, "pairs": len(prepared.pairs)})
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done) if done else None
+        cb.on_progress("precompute", done, total, eta)
+
+    result = precompute_values(
+        spec.teacher,
+        prepared.pairs,
+        precompute_config(spec),
+        store_root=spec.store_root,
+        device=spec.device,
+        progress=progress,
+        should_stop=cb.should_stop,
+        on_error=spec.on_error,
+    )
+    how = "reused cached" if result.cached else f"computed ({result.tokens_per_second:.0f} tokens/s)"
+    cb.on_event(
+        "info",
+        f"teacher values {how}: {result.store.path}",
+        {"key": result.key, "cached": result.cached, "path": str(result.store.path)},
+    )
+    if result.store.missing:
+        cb.on_event(
+            "warning",
+            f"{len(result.store.missing)} pairs do not fit the teacher; they will be dropped",
+            {"issues": _issues(result.report)},
+        )
+    return result
+
+
+def train(
+    spec: JobSpec,
+    prepared: Prepared,
+    store: ValueStore | None,
+    callbacks: Callbacks | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Reference pass, training, evaluation, samples and the final model folder."""
+    trainer = Trainer(
+        spec.train,
+        student=spec.student,
+        teacher=spec.teacher if store is not None else None,
+        pairs=prepared.pairs,
+        train_idx=prepared.train_idx,
+        eval_idx=prepared.eval_idx,
+        store=store,
+        output_dir=spec.output_dir,
+        device=spec.device,
+        callbacks=callbacks,
+        resume=resume,
+    )
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool = True) -> JobResult:
+    """validate → precompute → train; writes output_dir/result.json (also when stopped)."""
+    from tvkd.precompute import PrecomputeStopped
+
+    cb = callbacks or Callbacks()
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    prepared = validate(spec, cb)
+    timings["validate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pre, result, status = None, None, "stopped"
+    try:
+        pre = precompute(spec, prepared, cb)
+    except PrecomputeStopped:
+        cb.on_event("info", "stopped during the teacher precompute (finished shards are kept)")
+    timings["precompute"] = time.perf_counter() - t
+    if pre is not None or not spec.train.method.uses_teacher:
+        t = time.perf_counter()
+        result = train(spec, prepared, pre.store if pre is not None else None, cb, resume=resume)
+        timings["train"] = time.perf_counter() - t
+        status = result.status
+    record = {
+        "status": status,
+        "steps": result.steps if result else 0,
+        "metrics": result.metrics if result else {},
+        "eval_metrics": result.eval_metrics if result else {},
+        "paths": {
+            "output_dir": str(out),
+            "model": result.model_dir if result else None,
+            "adapter": result.adapter_dir if result else None,
+            "checkpoint": result.checkpoint if result else None,
+            "reference": result.reference_path if result else None,
+            "samples": result.samples_path if result else None,
+            "store": str(pre.store.path) if pre else None,
+        },
+        "data": {**prepared.summary(), "dropped_in_training": result.dropped if result else []},
+        "precompute": None
+        if pre is None
+        else {
+            "key": pre.key,
+            "cached": pre.cached,
+            "seconds": pre.seconds,
+            "tokens": pre.tokens,
+            "tokens_per_second": pre.tokens_per_second,
+        },
+        "train": None
+        if result is None
+        else {
+            "seconds": result.seconds,
+            "tokens_per_second": result.tokens_per_second,
+            "total_steps": result.total_steps,
+            "resumed_from": result.resumed_from,
+            "history": result.history,
+        },
+        "timings": timings,
+        "spec": spec.to_dict(),
+    }
+    path = out / RESULT_FILE
+    _write_json(path, record)
+    return JobResult(status, prepared, pre, result, timings, str(path))
