@@ -1,0 +1,782 @@
+"""GPU checks and throughput of the TVKD hot paths, beside the naive full-logits baseline.
+
+Part (a), correctness: `tvkd_loss`, `teacher_signals` and `linear_logps` on the device against
+float64 references computed on the CPU from the same (rounded) inputs, with stated tolerances
+and a pass/fail per check.
+
+Part (b), throughput on a Qwen2-shaped 0.5B model with random weights (hidden 896, 24 layers,
+14 heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings), bf16 autocast:
+
+- precompute: decoder forward + `teacher_signals` on the response positions only, against the
+  naive path (full [rows, length, vocab] logits, upcast to float32, logsumexp + gather);
+- training step (8 pairs × 512 tokens by default): forward + backward with `linear_logps` on the
+  response positions + `tvkd_loss` + AdamW, against the naive DPO step (full logits → float32
+  log_softmax → gather), once with precomputed reference log-probs and once with a reference
+  forward each step as usual DPO trainers run it.
+
+Model FLOPs use N = non-embedding parameters + the LM head (vocab × hidden, counted even when
+tied, because its matmul runs): 2·N per token forward, 6·N per token for a training step, plus
+2·N per token when the step also runs a reference forward. MFU = model FLOP/s ÷ peak (H100 bf16
+dense: 989 TFLOP/s). Both paths are credited with the same model FLOPs for the same tokens, so
+MFU compares like with like; ours skips the head on prompt positions, which MFU counts as work.
+
+Runs on torch ≥ 2.11 / transformers ≥ 5.17. `--cpu-smoke` shrinks everything so the script can
+run (and be tested) on a CPU; its numbers mean nothing. Writes JSON to `$OUT/gpu.json` when OUT
+is set (or to `--json`).
+
+    python bench/gpu.py                      # on a GPU machine
+    python bench/gpu.py --compile --packing --lengths random
+    python bench/gpu.py --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/gpu.py` from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from _common import environment_line, markdown_table, median, spread, time_calls
+
+from tvkd.config import PrecomputeConfig
+from tvkd.logps import DEFAULT_CHUNK as LOGPS_CHUNK
+from tvkd.logps import linear_logps
+from tvkd.losses import tvkd_loss
+from tvkd.values import teacher_signals
+
+H100_BF16_PEAK_TFLOPS = 989.0
+
+QWEN2_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+)
+SMOKE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# (a) correctness
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs: float
+    max_rel: float
+    tolerance: str
+    ok: bool
+
+    def row(self) -> list[object]:
+        return [
+            self.name,
+            f"{self.max_abs:.2e}",
+            f"{self.max_rel:.2e}",
+            self.tolerance,
+            "PASS" if self.ok else "FAIL",
+        ]
+
+
+def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float) -> Check:
+    got64 = got.detach().double().cpu()
+    ref64 = ref.detach().double().cpu()
+    diff = (got64 - ref64).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    rel = diff / ref64.abs().clamp_min(1e-12)
+    max_rel = float(rel.max()) if rel.numel() else 0.0
+    ok = bool((diff <= atol + rtol * ref64.abs()).all())
+    return Check(name, max_abs, max_rel, f"atol {atol:g} + rtol {rtol:g}", ok)
+
+
+def _reference_teacher(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 128):
+    """float64 V = logsumexp(z) and log π(label) on the CPU, chunked to bound host memory."""
+    h64, w64 = h.double().cpu(), w.double().cpu()
+    lab = labels.cpu()
+    values, logps = [], []
+    for s in range(0, h64.shape[0], chunk):
+        z = h64[s : s + chunk] @ w64.T
+        lse = torch.logsumexp(z, -1)
+        values.append(lse)
+        logps.append(z.gather(-1, lab[s : s + chunk, None]).squeeze(-1) - lse)
+    return torch.cat(values), torch.cat(logps)
+
+
+def _reference_tvkd_loss(lp_c, lp_r, ref_c, ref_r, v_c, v_r, m_c, m_r, *, alpha, beta, gamma):
+    """MATH.md "Loss" written out in float64 on the CPU, independent of tvkd.losses."""
+
+    def h(lp, ref, v, m):
+        psi = gamma * v[:, 1:] - v[:, :-1]
+        per_tok = beta * (lp - ref) + alpha * psi
+        return torch.where(m, per_tok, torch.zeros_like(per_tok)).sum(-1)
+
+    margin = h(lp_c, ref_c, v_c, m_c) - h(lp_r, ref_r, v_r, m_r)
+    return -F.logsigmoid(margin).mean()
+
+
+def run_correctness(
+    device: torch.device, *, vocab: int, hidden: int, positions: int, seed: int
+) -> list[Check]:
+    g = torch.Generator().manual_seed(seed)
+    checks: list[Check] = []
+    # Logits with a realistic spread (std ≈ 2) so the logsumexp is not dominated by one entry.
+    h = torch.randn(positions, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * (2.0 / math.sqrt(hidden))
+    labels = torch.randint(0, vocab, (positions,), generator=g)
+    v_ref, lp_ref = _reference_teacher(h, w, labels)
+
+    # MATH.md property 5: the chunked float32 values equal a one-shot float64 logsumexp to 1e-5 rel.
+    with _matmul_precision("highest"):
+        sig = teacher_signals(h.to(device), w.to(device), labels=labels.to(device))
+    checks.append(_compare("teacher values, fp32 inputs", sig.values, v_ref, atol=0.0, rtol=1e-5))
+    checks.append(_compare("teacher token log-probs, fp32", sig.token_logps, lp_ref, atol=1e-4, rtol=1e-5))
+
+    # bf16 teacher activations: teacher_signals upcasts (and on CUDA uses TF32, which holds a bf16
+    # mantissa exactly), so the only error is the inputs' rounding, which the reference shares.
+    hb, wb = h.bfloat16(), w.bfloat16()
+    vb_ref, _ = _reference_teacher(hb.float(), wb.float(), labels)
+    with _matmul_precision("highest"):
+        sig_b = teacher_signals(hb.to(device), wb.to(device), labels=labels.to(device))
+    checks.append(_compare("teacher values, bf16 inputs", sig_b.values, vb_ref, atol=0.0, rtol=1e-5))
+
+    if device.type == "cuda":
+        # TF32 head matmul: ~3x faster head on H100 at ~1e-3 relative logit error. Informational:
+        # the tolerance says what a TF32 precompute would have to accept.
+        with _matmul_precision("high"):
+            sig_t = teacher_signals(h.to(device), w.to(device), labels=labels.to(device))
+        checks.append(_compare("teacher values, TF32 head (info)", sig_t.values, v_ref, atol=1e-2, rtol=0.0))
+
+    # linear_logps forward and gradients (fp32) against float64 autograd.
+    n_lp = min(positions, 256)
+    hl = (h[:n_lp] * 0.5).requires_grad_(True)
+    wl = w.clone().requires_grad_(True)
+    gout = torch.randn(n_lp, generator=g)
+    h64, w64 = hl.detach().double().requires_grad_(True), wl.detach().double().requires_grad_(True)
+    lp64 = F.log_softmax(h64 @ w64.T, -1).gather(-1, labels[:n_lp, None]).squeeze(-1)
+    (lp64 * gout.double()).sum().backward()
+    hd, wd = hl.detach().to(device).requires_grad_(True), wl.detach().to(device).requires_grad_(True)
+    with _matmul_precision("highest"):
+        lp = linear_logps(hd, wd, labels[:n_lp].to(device))
+        (lp * gout.to(device)).sum().backward()
+    checks.append(_compare("linear_logps fwd, fp32", lp, lp64, atol=1e-4, rtol=1e-5))
+    checks.append(_compare("linear_logps grad hidden, fp32", hd.grad, h64.grad, atol=1e-4, rtol=1e-4))
+    checks.append(_compare("linear_logps grad head, fp32", wd.grad, w64.grad, atol=1e-4, rtol=1e-4))
+    if device.type == "cuda":
+        # bf16 autocast: the head matmul's output is rounded to bf16 (≈ 2^-9 relative of |z|),
+        # the log-softmax itself runs in float32.
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp_b = linear_logps(hl.detach().to(device), wl.detach().to(device), labels[:n_lp].to(device))
+        checks.append(_compare("linear_logps fwd, bf16 autocast", lp_b, lp64, atol=5e-2, rtol=0.0))
+
+    # tvkd_loss on the device (float32) against the float64 formula, loss and d loss / d logps.
+    b, t = 8, 512
+    lens_c = torch.randint(1, t + 1, (b,), generator=g)
+    lens_r = torch.randint(1, t + 1, (b,), generator=g)
+    ar = torch.arange(t)
+    m_c, m_r = ar[None] < lens_c[:, None], ar[None] < lens_r[:, None]
+    lp_c, lp_r = -torch.rand(b, t, generator=g) * 4, -torch.rand(b, t, generator=g) * 4
+    ref_c, ref_r = lp_c + 0.05 * torch.randn(b, t, generator=g), lp_r + 0.05 * torch.randn(b, t, generator=g)
+    v_c, v_r = 10 + torch.randn(b, t + 1, generator=g), 10 + torch.randn(b, t + 1, generator=g)
+    kw = dict(alpha=0.7, beta=0.1, gamma=0.99)
+    x64 = [lp_c.double().requires_grad_(True), lp_r.double().requires_grad_(True)]
+    loss64 = _reference_tvkd_loss(
+        x64[0], x64[1], ref_c.double(), ref_r.double(), v_c.double(), v_r.double(), m_c, m_r, **kw
+    )
+    loss64.backward()
+    xd = [lp_c.to(device).requires_grad_(True), lp_r.to(device).requires_grad_(True)]
+    loss_d, _ = tvkd_loss(
+        xd[0], xd[1], ref_c.to(device), ref_r.to(device), v_c.to(device), v_r.to(device),
+        m_c.to(device), m_r.to(device), **kw,
+    )  # fmt: skip
+    loss_d.backward()
+    checks.append(_compare("tvkd_loss value, fp32", loss_d, loss64, atol=1e-5, rtol=1e-5))
+    checks.append(_compare("tvkd_loss grad chosen logps", xd[0].grad, x64[0].grad, atol=1e-6, rtol=1e-5))
+    checks.append(_compare("tvkd_loss grad rejected logps", xd[1].grad, x64[1].grad, atol=1e-6, rtol=1e-5))
+    return checks
+
+
+@contextlib.contextmanager
+def _matmul_precision(level: str):
+    """Set float32 matmul precision ('highest' = true fp32, 'high' = TF32) for a block."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+# --------------------------------------------------------------------------------------------
+# (b) throughput
+
+
+@dataclass
+class Batch:
+    """Random pair batch in either padded [rows, L] or packed [1, Σ len] layout.
+
+    Rows 0..P−1 are the chosen sides, P..2P−1 the rejected ones; a pair's two rows share the prompt.
+    `resp_index` are the flat positions whose next-token logits predict response tokens and
+    `labels` those tokens; (`row`, `col`) place each into a padded [rows, T_max] grid.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    resp_index: torch.Tensor
+    labels: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    resp_lens: torch.Tensor
+    n_tokens: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.resp_lens.shape[0])
+
+    @property
+    def t_max(self) -> int:
+        return int(self.resp_lens.max())
+
+
+def make_batch(
+    *,
+    pairs: int,
+    seq_len: int,
+    prompt_len: int,
+    vocab: int,
+    lengths: str,
+    packing: bool,
+    device: torch.device,
+    seed: int,
+) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    seqs, p_lens, r_lens = [], [], []
+    prompts = []
+    for _ in range(pairs):
+        p = (
+            prompt_len
+            if lengths == "fixed"
+            else int(torch.randint(8, max(9, seq_len // 2), (1,), generator=g))
+        )
+        prompts.append(torch.randint(0, vocab, (p,), generator=g))
+    for _side in ("chosen", "rejected"):  # all chosen rows first, then all rejected rows
+        for i in range(pairs):
+            p = len(prompts[i])
+            r = (
+                seq_len - p
+                if lengths == "fixed"
+                else int(torch.randint(8, seq_len - p + 1, (1,), generator=g))
+            )
+            seqs.append(torch.cat([prompts[i], torch.randint(0, vocab, (r,), generator=g)]))
+            p_lens.append(p)
+            r_lens.append(r)
+    rows = len(seqs)
+    resp_index, labels, row_i, col_i = [], [], [], []
+    if packing:
+        flat = torch.cat(seqs)
+        input_ids = flat[None]
+        position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        attention_mask = None
+        offset = 0
+        for r, s in enumerate(seqs):
+            pos = offset + p_lens[r] - 1 + torch.arange(r_lens[r])
+            resp_index.append(pos)
+            labels.append(s[p_lens[r] :])
+            row_i.append(torch.full((r_lens[r],), r))
+            col_i.append(torch.arange(r_lens[r]))
+            offset += len(s)
+    else:
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros(rows, width, dtype=torch.long)
+        attention_mask = torch.zeros(rows, width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, : len(s)] = s
+            attention_mask[r, : len(s)] = 1
+            pos = r * width + p_lens[r] - 1 + torch.arange(r_lens[r])
+            resp_index.append(pos)
+            labels.append(s[p_lens[r] :])
+            row_i.append(torch.full((r_lens[r],), r))
+            col_i.append(torch.arange(r_lens[r]))
+        position_ids = torch.arange(width)[None].expand(rows, width).contiguous()
+        if lengths == "fixed":
+            attention_mask = None  # all rows full: let the attention kernel take its unmasked path
+    return Batch(
+        input_ids=input_ids.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        position_ids=position_ids.to(device),
+        resp_index=torch.cat(resp_index).to(device),
+        labels=torch.cat(labels).to(device),
+        row=torch.cat(row_i).to(device),
+        col=torch.cat(col_i).to(device),
+        resp_lens=torch.tensor(r_lens, device=device),
+        n_tokens=sum(len(s) for s in seqs),
+    )
+
+
+def build_model(args: argparse.Namespace, device: torch.device):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    shape = SMOKE if args.cpu_smoke else QWEN2_05B
+    config = Qwen2Config(
+        **shape,
+        tie_word_embeddings=True,
+        max_position_embeddings=max(4096, args.seq_len * 2 * args.pairs if args.packing else args.seq_len),
+        use_cache=False,
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(device):  # initialise on the device: CPU init of 0.5B params takes a while
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn)
+    model.to(device=device, dtype=torch.float32)  # fp32 master weights; compute under autocast
+    return model
+
+
+def check_packing(model, args: argparse.Namespace, vocab: int, device: torch.device) -> Check:
+    """Packed rows (position_ids restarting per sequence, no mask) must give the padded layout's
+    log-probs: catches an attention implementation that lets packed sequences see each other."""
+    kw = dict(
+        pairs=args.pairs, seq_len=args.seq_len, prompt_len=args.prompt_len, vocab=vocab,
+        lengths=args.lengths, device=device, seed=args.seed,
+    )  # fmt: skip
+    padded, packed = make_batch(packing=False, **kw), make_batch(packing=True, **kw)
+    head = model.get_output_embeddings().weight
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _matmul_precision("highest"):
+        a = linear_logps(_decoder_hidden(model, padded)[padded.resp_index], head, padded.labels)
+        b = linear_logps(_decoder_hidden(model, packed)[packed.resp_index], head, packed.labels)
+    model.train(was_training)
+    return _compare("packed = padded log-probs, fp32", b, a, atol=1e-3, rtol=1e-4)
+
+
+def flop_params(model) -> int:
+    """N for model FLOPs: non-embedding parameters + the LM head's vocab × hidden."""
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    head = model.get_output_embeddings().weight
+    if head is model.get_input_embeddings().weight:  # tied: named_parameters() listed it only once
+        n += head.numel()
+    return n
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _padded(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Scatter flat per-response-token values into [rows, T_max] (differentiable in values)."""
+    out = values.new_zeros(batch.rows, batch.t_max)
+    return out.index_put((batch.row, batch.col), values)
+
+
+def _decoder_hidden(model, batch: Batch) -> torch.Tensor:
+    out = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    h = out.last_hidden_state
+    return h.reshape(-1, h.shape[-1])
+
+
+def _full_logits(model, batch: Batch) -> torch.Tensor:
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.logits
+
+
+def make_precompute_ours(model, batch: Batch, args, dtype):
+    head = model.get_output_embeddings().weight
+    device = batch.input_ids.device
+
+    @torch.no_grad()
+    def step():
+        with _autocast(device, dtype):
+            hidden = _decoder_hidden(model, batch)
+        sig = teacher_signals(
+            hidden[batch.resp_index], head, labels=batch.labels, chunk_size=args.values_chunk
+        )
+        return sig.values, sig.token_logps
+
+    return step
+
+
+def make_precompute_naive(model, batch: Batch, dtype):
+    device = batch.input_ids.device
+
+    @torch.no_grad()
+    def step():
+        with _autocast(device, dtype):
+            logits = _full_logits(model, batch)
+        z = logits.float()  # the usual "upcast the logits" before any softmax
+        z = z.reshape(-1, z.shape[-1])
+        lse = torch.logsumexp(z, -1)
+        values = lse[batch.resp_index]
+        token_logps = z[batch.resp_index].gather(-1, batch.labels[:, None]).squeeze(-1) - values
+        return values, token_logps
+
+    return step
+
+
+def _loss_inputs(batch: Batch, seed: int):
+    """Constant per-token inputs of the loss (reference log-probs, teacher values, masks)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, t = batch.rows, batch.t_max
+    dev = batch.input_ids.device
+    ref = (-torch.rand(rows, t, generator=g) * 4).to(dev)
+    values = (10 + torch.randn(rows, t + 1, generator=g)).to(dev)
+    mask = torch.arange(t, device=dev)[None] < batch.resp_lens[:, None]
+    return ref, values, mask
+
+
+def _dpo_loss(
+    policy: torch.Tensor, ref: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, alpha: float
+):
+    p = policy.shape[0] // 2
+    loss, _ = tvkd_loss(
+        policy[:p], policy[p:], ref[:p], ref[p:], values[:p], values[p:], mask[:p], mask[p:],
+        alpha=alpha, beta=0.1,
+    )  # fmt: skip
+    return loss
+
+
+def make_train_ours(model, batch: Batch, args, dtype, optimizer):
+    head = model.get_output_embeddings()
+    ref, values, mask = _loss_inputs(batch, args.seed)
+    device = batch.input_ids.device
+
+    def step():
+        with _autocast(device, dtype):
+            hidden = _decoder_hidden(model, batch)
+            logps = linear_logps(
+                hidden[batch.resp_index], head.weight, batch.labels, chunk_size=args.logps_chunk
+            )
+        loss = _dpo_loss(_padded(logps, batch), ref, values, mask, alpha=0.7)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_train_naive(model, batch: Batch, args, dtype, optimizer, ref_model=None):
+    ref_pre, values, mask = _loss_inputs(batch, args.seed)
+    device = batch.input_ids.device
+
+    def token_logps(m) -> torch.Tensor:
+        with _autocast(device, dtype):
+            logits = _full_logits(m, batch)
+        logp = logits.float().log_softmax(-1)  # labels-style float32 upcast of the whole tensor
+        logp = logp.reshape(-1, logp.shape[-1])[batch.resp_index]
+        return logp.gather(-1, batch.labels[:, None]).squeeze(-1)
+
+    def step():
+        policy = _padded(token_logps(model), batch)
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = _padded(token_logps(ref_model), batch)
+        else:
+            ref = ref_pre
+        loss = _dpo_loss(policy, ref, values, mask, alpha=0.7)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+@dataclass
+class Measure:
+    name: str
+    times: list[float]
+    tokens: int
+    flops_per_token: float
+    peak_gib: float | None
+    error: str | None = None
+
+    @property
+    def ms(self) -> float:
+        return median(self.times) * 1e3 if self.times else float("nan")
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / median(self.times) if self.times else float("nan")
+
+    def mfu(self, peak_tflops: float | None) -> float:
+        if not peak_tflops or not self.times:
+            return float("nan")
+        return self.flops_per_token * self.tok_s / (peak_tflops * 1e12)
+
+    def to_dict(self, peak_tflops: float | None) -> dict:
+        return {
+            "name": self.name,
+            "median_ms": self.ms,
+            "tokens_per_step": self.tokens,
+            "tokens_per_s": self.tok_s,
+            "mfu": self.mfu(peak_tflops),
+            "peak_gib": self.peak_gib,
+            "times_s": self.times,
+            "error": self.error,
+        }
+
+
+def measure(name: str, fn, *, tokens: int, flops_per_token: float, device: torch.device, args) -> Measure:
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        times = time_calls(fn, warmup=args.warmup, repeats=args.repeats, sync=sync)
+    except torch.cuda.OutOfMemoryError as exc:  # the naive path at large sizes; report, don't die
+        return Measure(name, [], tokens, flops_per_token, None, error=f"OOM: {str(exc).splitlines()[0]}")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Measure(name, times, tokens, flops_per_token, peak)
+
+
+def table(measures: list[Measure], baseline: str | None, peak_tflops: float | None) -> str:
+    base = next((m for m in measures if m.name == baseline and m.times), None)
+    rows = []
+    for m in measures:
+        if m.error:
+            rows.append([m.name, m.error, "", "", "", "", ""])
+            continue
+        speedup = f"{base.ms / m.ms:.2f}x" if base else "n/a"
+        rows.append(
+            [
+                m.name,
+                m.ms,
+                spread(m.times),
+                f"{m.tok_s:,.0f}",
+                m.mfu(peak_tflops),
+                "n/a" if m.peak_gib is None else f"{m.peak_gib:.1f}",
+                speedup,
+            ]
+        )
+    head = ["path", "median ms", "min–max ms", "tokens/s", "MFU", "peak GiB", "speed-up"]
+    if base is None:
+        return markdown_table(head, rows)
+    return markdown_table(head, rows) + f"\n\nspeed-up = baseline median ÷ path median; baseline: {baseline}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu-smoke", action="store_true", help="Tiny sizes on the CPU (tests the script only).")
+    p.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512, help="Prompt + response tokens per side.")
+    p.add_argument("--prompt-len", type=int, default=128, help="Prompt tokens (with --lengths fixed).")
+    p.add_argument("--lengths", choices=["fixed", "random"], default="fixed")
+    p.add_argument("--packing", action="store_true", help="Pack all sequences into one row (position_ids).")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flash_attention_2, eager.")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (both paths).")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="Autocast dtype.")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--logps-chunk",
+        type=int,
+        default=LOGPS_CHUNK,
+        help=f"linear_logps positions per chunk ({LOGPS_CHUNK}).",
+    )
+    p.add_argument(
+        "--values-chunk",
+        type=int,
+        default=PrecomputeConfig().chunk_size,
+        help="teacher_signals positions per chunk (default: PrecomputeConfig's).",
+    )
+    p.add_argument(
+        "--tf32-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="On CUDA, also time the precompute with a TF32 head matmul (default on).",
+    )
+    p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--skip-precompute", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument(
+        "--no-ref-forward", action="store_true", help="Skip the naive step with a reference forward."
+    )
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--json", default=None, help="Write results here (default: $OUT/gpu.json when OUT is set)."
+    )
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.device = args.device or "cpu"
+        args.pairs, args.seq_len, args.prompt_len = min(args.pairs, 2), min(args.seq_len, 64), 16
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+        args.dtype = "fp32"
+    if args.lengths == "fixed" and not 1 <= args.prompt_len < args.seq_len:
+        p.error("--prompt-len must be in [1, --seq-len)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    peak = args.peak_tflops if on_gpu else None
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    shape = SMOKE if args.cpu_smoke else QWEN2_05B
+    results: dict = {"environment": environment_line(str(device)), "args": vars(args).copy()}
+    print(environment_line(str(device)))
+    failed = False
+
+    if not args.skip_correctness:
+        positions = 64 if args.cpu_smoke else 512
+        checks = run_correctness(
+            device,
+            vocab=shape["vocab_size"],
+            hidden=shape["hidden_size"],
+            positions=positions,
+            seed=args.seed,
+        )
+        print(f"\n## Correctness on {device} vs float64 CPU reference\n")
+        print(
+            markdown_table(
+                ["check", "max abs err", "max rel err", "tolerance", "result"], [c.row() for c in checks]
+            )
+        )
+        results["correctness"] = [c.__dict__ for c in checks]
+        failed = not all(c.ok for c in checks if "(info)" not in c.name)
+
+    if not (args.skip_precompute and args.skip_train):
+        model = build_model(args, device)
+        n_flop = flop_params(model)
+        batch = make_batch(
+            pairs=args.pairs,
+            seq_len=args.seq_len,
+            prompt_len=args.prompt_len,
+            vocab=shape["vocab_size"],
+            lengths=args.lengths,
+            packing=args.packing,
+            device=device,
+            seed=args.seed,
+        )
+        if args.packing:
+            check = check_packing(model, args, shape["vocab_size"], device)
+            print(
+                "\n"
+                + markdown_table(
+                    ["check", "max abs err", "max rel err", "tolerance", "result"], [check.row()]
+                )
+            )
+            results.setdefault("correctness", []).append(check.__dict__)
+            failed = failed or not check.ok
+        # The naive DPO step's frozen reference: a copy of the initial weights (bf16 under bf16
+        # autocast: a frozen model needs no fp32 master copy), made before any torch.compile and
+        # parked on the CPU until its own measurement, so it weighs on no other path's peak memory.
+        want_ref = not (args.skip_train or args.skip_naive or args.no_ref_forward)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False).cpu() if want_ref else None
+        if ref_model is not None and dtype is not None:
+            ref_model.to(dtype)
+        if args.compile:
+            model.model = torch.compile(model.model)
+            if ref_model is not None:
+                ref_model.model = torch.compile(ref_model.model)
+        layout = "packed" if args.packing else "padded"
+        desc = (
+            f"{args.pairs} pairs x {args.seq_len} tokens ({args.lengths} lengths, {layout}), "
+            f"{batch.n_tokens} tokens/step of which {int(batch.resp_lens.sum())} response; "
+            f"N = {n_flop / 1e6:.2f}M FLOP-params; autocast {args.dtype}; attn {args.attn}"
+            + ("; torch.compile" if args.compile else "")
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"\nmodel: Qwen2-shaped, {n_params / 1e6:.2f}M parameters; {desc}")
+        results["setup"] = desc
+
+        def timed(name: str, fn, flops_per_token: float) -> Measure:
+            return measure(
+                name, fn, tokens=batch.n_tokens, flops_per_token=flops_per_token, device=device, args=args
+            )
+
+        if not args.skip_precompute:
+            model.eval()
+            pre: list[Measure] = []
+            naive_pre = "naive precompute (full logits)"
+            with _matmul_precision("highest"):
+                ours = make_precompute_ours(model, batch, args, dtype)
+                pre.append(timed("tvkd precompute (exact head)", ours, 2 * n_flop))
+            if args.tf32_head and on_gpu:
+                with _matmul_precision("high"):
+                    pre.append(timed("tvkd precompute (TF32 head)", ours, 2 * n_flop))
+            if not args.skip_naive:
+                pre.append(timed(naive_pre, make_precompute_naive(model, batch, dtype), 2 * n_flop))
+            print("\n## Precompute (teacher forward + values and token log-probs)\n")
+            print(table(pre, naive_pre, peak))
+            results["precompute"] = [m.to_dict(peak) for m in pre]
+
+        if not args.skip_train:
+            model.train()
+
+            def adamw() -> torch.optim.Optimizer:
+                # fused AdamW is the fast CUDA path; the CPU smoke keeps the default implementation
+                return torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True if on_gpu else None)
+
+            tr: list[Measure] = []
+            naive_pre_ref = "naive DPO step (full logits, precomputed ref)"
+            naive_fwd_ref = "naive DPO step (full logits, ref forward)"
+            tr.append(
+                timed(
+                    "tvkd step (fused logps, precomputed ref)",
+                    make_train_ours(model, batch, args, dtype, adamw()),
+                    6 * n_flop,
+                )
+            )
+            if not args.skip_naive:
+                tr.append(
+                    timed(naive_pre_ref, make_train_naive(model, batch, args, dtype, adamw()), 6 * n_flop)
+                )
+                if ref_model is not None:
+                    ref_model.to(device)
+                    step = make_train_naive(model, batch, args, dtype, adamw(), ref_model=ref_model)
+                    # model FLOPs: 6·N for the policy step + 2·N for the reference forward
+                    tr.append(timed(naive_fwd_ref, step, 8 * n_flop))
+                    del step
+            baseline = naive_fwd_ref if any(m.name == naive_fwd_ref for m in tr) else naive_pre_ref
+            print("\n## Training step (forward + backward + AdamW)\n")
+            print(table(tr, baseline, peak))
+            results["train"] = [m.to_dict(peak) for m in tr]
+
+    out = args.json or (str(Path(os.environ["OUT"]) / "gpu.json") if os.environ.get("OUT") else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {out}")
+    if failed:
+        print("\nCORRECTNESS FAILED", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,376 @@
+"""Training-step time of TVKD against DPO (same trainer step) and against TRL's DPOTrainer.
+
+Three steps run on the same tiny Llama (random weights, BPE trained on HH text), the same
+batches of real HH pairs, the same threads and precision (float32, no gradient checkpointing,
+dropout off), each a full optimizer step (forward, backward, gradient clipping, AdamW, LR
+scheduler):
+
+- TVKD: `tvkd.trainer.Trainer.train_step` with α = 0.7 (ψ from a precomputed value store);
+- DPO:  the very same `train_step` call with α = 0 and shaping "none": identical code, only ψ
+  differs (target: TVKD ÷ DPO ≤ 1.05);
+- TRL:  `trl.DPOTrainer.training_step` + clipping + optimizer + scheduler, as its training loop
+  runs them; it runs a reference-model forward every step where TVKD reads precomputed
+  reference log-probs (target: TVKD ÷ TRL ≤ 0.7).
+
+Collation is excluded from every timing: each batch is collated once up front (TVKD's
+`collate` is served from that cache, TRL gets its collated dict). The three methods take turns
+batch by batch (the order rotates each repeat), so slow drift of the machine hits all alike.
+Reported: median step time over (batches × repeats), tokens/s = real tokens ÷ summed time, and
+the median of the paired ratios (two methods' steps on the same batch, back to back), which
+cancels slowdowns of the whole machine; the targets are judged on it. A microbenchmark of the
+loss call alone (`tvkd_loss` forward + backward, the only code where TVKD and DPO differ) shows
+what ψ itself costs.
+
+    python bench/step_time.py                      # defaults: hidden 256, 4 layers, vocab 4096,
+                                                   # 4 pairs/step, sequences up to 256 tokens
+    python bench/step_time.py --smoke              # seconds; checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import itertools
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/step_time.py` from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from _common import (
+    default_hh_path,
+    environment_line,
+    hh_corpus,
+    markdown_table,
+    median,
+    quiet,
+    select_by_length,
+    spread,
+)
+
+import tvkd.trainer as trainer_module
+from tvkd.config import MethodConfig, PrecomputeConfig, TrainConfig
+from tvkd.data import PreferencePair, load_pairs
+from tvkd.losses import tvkd_loss
+from tvkd.models import build_tiny_model, load_causal_lm, load_tokenizer
+from tvkd.precompute import precompute_values
+
+TVKD, DPO, TRL = "TVKD (α=0.7)", "DPO (same step, α=0)", "TRL DPOTrainer"
+
+
+@dataclass
+class Timings:
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.seconds.append(seconds)
+        self.tokens.append(tokens)
+
+    @property
+    def median_ms(self) -> float:
+        return median(self.seconds) * 1e3
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / sum(self.seconds)
+
+
+@contextlib.contextmanager
+def precollated(cache: dict[int, Any]) -> Iterator[None]:
+    """Serve `tvkd.trainer.collate` from `cache` (keyed by the micro-batch list's id), so the
+    timed step is the trainer's own code minus collation, as TRL's is minus its collator."""
+    original = trainer_module.collate
+
+    def cached(examples: Any, pad_id: int, device: Any = "cpu") -> Any:
+        hit = cache.get(id(examples))
+        return hit if hit is not None else original(examples, pad_id, device)
+
+    trainer_module.collate = cached
+    try:
+        yield
+    finally:
+        trainer_module.collate = original
+
+
+def build_models(work: Path, pairs: list[PreferencePair], args: argparse.Namespace) -> tuple[Path, Path]:
+    """Student and teacher: same shape and same BPE (trained on HH text), other random weights."""
+    corpus = hh_corpus(pairs)
+    shape = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.max_length),
+        corpus=corpus,
+    )
+    student = build_tiny_model(work / "student", seed=0, **shape)
+    teacher = build_tiny_model(work / "teacher", seed=1, **shape)
+    return student, teacher
+
+
+def make_trl_step(student: Path, pairs: list[PreferencePair], args: argparse.Namespace, work: Path):
+    """A DPOTrainer on the same model folder and pairs; returns (step(inputs) -> None, collated batches)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        bf16=False,  # TRL defaults to bf16 and gradient checkpointing; TVKD's trainer to neither
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**9,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    data = Dataset.from_list(
+        [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    )
+    model = load_causal_lm(str(student), dtype=torch.float32)
+    tokenizer = load_tokenizer(str(student))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    # Set by HF Trainer's training loop, which we do not run: one micro-batch per optimizer step.
+    trainer.current_gradient_accumulation_steps = 1
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    batches = []
+    for k in range(args.batches):
+        rows = [trainer.train_dataset[i] for i in range(k * args.batch_size, (k + 1) * args.batch_size)]
+        inputs = trainer.data_collator([{key: r[key] for key in keys} for r in rows])
+        batches.append((inputs, int(inputs["attention_mask"].sum())))
+    model = trainer.model
+    model.train()
+
+    def step(inputs: dict[str, Any]) -> None:
+        trainer.training_step(model, inputs)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step, batches
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(default_hh_path()), help="HH jsonl(.gz) (default: ../shared/data)")
+    p.add_argument("--read", type=int, default=2312, help="rows of the data file to read")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--max-length", type=int, default=256, help="longest prompt + response in tokens")
+    p.add_argument("--min-length", type=int, default=None, help="shortest longer side (default 3/4 of max)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
+    p.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--work-dir", default=None, help="keep models/store here (default: a temp dir)")
+    p.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.read, args.vocab, args.hidden, args.layers, args.heads = 300, 512, 32, 1, 2
+        args.intermediate, args.max_length, args.batch_size = 64, 128, 2
+        args.batches, args.repeats, args.warmup = 1, 1, 1
+    if args.min_length is None:
+        args.min_length = 3 * args.max_length // 4
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    quiet()
+    print(environment_line())
+    if not args.skip_trl and importlib.util.find_spec("trl") is None:
+        print("trl is not installed (pip install -e '.[dev]'): the TRL row is skipped")
+        args.skip_trl = True
+    t_setup = time.perf_counter()
+    all_pairs, _ = load_pairs(args.data, on_error="drop", limit=args.read)
+    with contextlib.ExitStack() as stack:
+        work = (
+            Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
+        work.mkdir(parents=True, exist_ok=True)
+        student, teacher = build_models(work, all_pairs, args)
+        tokenizer = load_tokenizer(str(student))
+        n = args.batch_size * args.batches
+        pairs = select_by_length(
+            tokenizer, all_pairs, max_length=args.max_length, min_length=args.min_length, count=n
+        )
+        if len(pairs) < n:
+            print(
+                f"only {len(pairs)} of {n} pairs fit {args.min_length}..{args.max_length} tokens",
+                file=sys.stderr,
+            )
+            return 1
+        pre = PrecomputeConfig(max_length=args.max_length)
+        store = precompute_values(teacher, pairs, pre, store_root=work / "store").store
+        config = TrainConfig(
+            method=MethodConfig(alpha=0.7),
+            batch_size=args.batch_size,
+            max_steps=10**6,  # the schedule never ends here; warm-up 0 keeps the LR flat
+            warmup_ratio=0.0,
+            learning_rate=1e-6,
+            max_length=args.max_length,
+            eval_fraction=0.0,
+            num_samples=0,
+        )
+        trainer = trainer_module.Trainer(
+            config,
+            student=student,
+            teacher=teacher,
+            pairs=pairs,
+            train_idx=range(len(pairs)),
+            eval_idx=[],
+            store=store,
+            output_dir=work / "run",
+        )
+        trainer.setup()  # includes the one-off reference pass, which is not part of a step
+        ours = [
+            trainer.train_examples[k * args.batch_size : (k + 1) * args.batch_size]
+            for k in range(args.batches)
+        ]
+        cache = {id(b): trainer_module.collate(b, trainer.pad_id, trainer.device) for b in ours}
+        tokens = {id(b): cache[id(b)].tokens for b in ours}
+        tvkd_opts = dict(trainer.loss_options)
+        dpo_opts = {**tvkd_opts, "alpha": 0.0, "shaping": "none"}
+
+        def ours_step(opts: dict[str, Any]) -> Callable[[int], int]:
+            def run(k: int) -> int:
+                trainer.loss_options = opts
+                trainer.train_step([ours[k]])
+                return tokens[id(ours[k])]
+
+            return run
+
+        methods: dict[str, Callable[[int], int]] = {TVKD: ours_step(tvkd_opts), DPO: ours_step(dpo_opts)}
+        if not args.skip_trl:
+            trl_step, trl_batches = make_trl_step(student, pairs, args, work)
+
+            def run_trl(k: int) -> int:
+                inputs, count = trl_batches[k]
+                trl_step(inputs)
+                return count
+
+            methods[TRL] = run_trl
+        print(
+            f"setup {time.perf_counter() - t_setup:.1f} s: {len(pairs)} HH pairs, "
+            f"{sum(tokens.values()) / args.batches:.0f} tokens/batch (TVKD count), "
+            f"student {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters"
+        )
+
+        times = {name: Timings() for name in methods}
+        with precollated(cache):
+            for fn in methods.values():  # warm-up: allocator, thread pools, first-call paths
+                for k in itertools.islice(itertools.cycle(range(args.batches)), args.warmup):
+                    fn(k)
+            names = list(methods)
+            for r in range(args.repeats):
+                for k in range(args.batches):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        t0 = time.perf_counter()
+                        count = methods[name](k)
+                        times[name].add(time.perf_counter() - t0, count)
+            psi_ms = loss_only_ms(cache[id(ours[0])], {TVKD: tvkd_opts, DPO: dpo_opts})
+        trainer.cleanup()
+
+    print(
+        f"\n## Step time: {args.batch_size} pairs/step, ≤{args.max_length} tokens/sequence, "
+        f"{args.threads} threads, float32, {args.batches} batches × {args.repeats} repeats\n"
+    )
+    base = times[TVKD].median_ms
+    rows = [
+        [name, t.median_ms, spread(t.seconds), f"{t.tokens_per_s:,.0f}", f"{t.median_ms / base:.3f}"]
+        for name, t in times.items()
+    ]
+    print(markdown_table(["method", "median step ms", "min–max ms", "tokens/s", "time ÷ TVKD"], rows))
+    ratios = [
+        ["TVKD ÷ DPO step, ratio of medians", f"{base / times[DPO].median_ms:.3f}", "≤ 1.05", ""],
+        _paired_row("TVKD ÷ DPO step, median of paired ratios", times[TVKD], times[DPO], 1.05),
+        ["TVKD ÷ DPO step, ratio of fastest steps", _min_ratio(times[TVKD], times[DPO]), "", ""],
+        [
+            "ψ's whole cost: tvkd_loss fwd+bwd, TVKD − DPO",
+            f"{psi_ms[TVKD] - psi_ms[DPO]:+.3f} ms ({psi_ms[TVKD]:.3f} vs {psi_ms[DPO]:.3f} ms)",
+            "",
+            "",
+        ],
+    ]
+    if TRL in times:
+        ratios.append(
+            ["TVKD ÷ TRL step, ratio of medians", f"{base / times[TRL].median_ms:.3f}", "≤ 0.70", ""]
+        )
+        ratios.append(_paired_row("TVKD ÷ TRL step, median of paired ratios", times[TVKD], times[TRL], 0.70))
+        ratios.append(
+            ["TVKD ÷ TRL step, ratio of fastest steps", _min_ratio(times[TVKD], times[TRL]), "", ""]
+        )
+    print()
+    print(markdown_table(["comparison", "measured", "target", "met"], ratios))
+    print(
+        "\npaired ratio: the methods run back to back on the same batch, so their ratio cancels "
+        "machine-wide slowdowns; the verdict uses it."
+    )
+    return 0
+
+
+def _paired_row(label: str, a: Timings, b: Timings, target: float) -> list[str]:
+    ratio = median([x / y for x, y in zip(a.seconds, b.seconds, strict=True)])
+    return [label, f"{ratio:.3f}", f"≤ {target:.2f}", "yes" if ratio <= target else "no"]
+
+
+def _min_ratio(a: Timings, b: Timings) -> str:
+    return f"{min(a.seconds) / min(b.seconds):.3f}"
+
+
+def loss_only_ms(batch: Any, options: dict[str, dict[str, Any]], repeats: int = 300) -> dict[str, float]:
+    """Median ms of tvkd_loss forward + backward on one collated batch, per option set, the sets
+    taking turns call by call. This is the only part of the step where TVKD and DPO differ (ψ is
+    a constant in θ), so the difference is all that ψ costs."""
+    logps = torch.randn(batch.response_mask.shape).clamp(max=0.0)
+
+    def run(opts: dict[str, Any]) -> None:
+        x = logps.clone().requires_grad_(True)
+        chosen, rejected = batch.split(x)
+        loss, _ = tvkd_loss(
+            chosen, rejected, *batch.split(batch.ref_logps), *batch.split(batch.values),
+            *batch.split(batch.response_mask), **batch.teacher, **opts,
+        )  # fmt: skip
+        loss.backward()
+
+    times: dict[str, list[float]] = {name: [] for name in options}
+    for i in range(repeats + 10):
+        for name, opts in options.items():
+            t0 = time.perf_counter()
+            run(opts)
+            if i >= 10:  # the first calls warm up
+                times[name].append(time.perf_counter() - t0)
+    return {name: median(t) * 1e3 for name, t in times.items()}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Smoke runs of the bench scripts at minimal sizes, so they cannot rot unnoticed.
+
+Each script runs as a user would run it (`python bench/NAME.py --smoke`) and must exit 0 and
+print its table. Nothing here asserts a timing: the numbers of a smoke run mean nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+needs_hh = pytest.mark.skipif(not HH.is_file(), reason=f"HH test file not found at {HH}")
+
+
+def _run(script: str, *args: str, tmp_path: Path, timeout: int = 600) -> str:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+@needs_hh
+def test_step_time_smoke(tmp_path):
+    has_trl = importlib.util.find_spec("trl") is not None  # a dev extra; the bench can run without it
+    out = _run(
+        "step_time.py", "--smoke", "--threads", "1", *([] if has_trl else ["--skip-trl"]), tmp_path=tmp_path
+    )
+    assert "| method" in out and "median step ms" in out
+    for name in ("TVKD (α=0.7)", "DPO (same step, α=0)", *(["TRL DPOTrainer"] if has_trl else [])):
+        assert name in out
+    assert "TVKD ÷ DPO step" in out and (not has_trl or "TVKD ÷ TRL step" in out)
+
+
+@pytest.mark.slow
+@needs_hh
+def test_store_bytes_smoke(tmp_path):
+    out = _run("store_bytes.py", "--smoke", "--threads", "1", tmp_path=tmp_path)
+    assert "B/token" in out and "values only (default)" in out and "values + top-50" in out
+
+
+@pytest.mark.slow
+def test_gpu_cpu_smoke(tmp_path):
+    out = _run(
+        "gpu.py", "--cpu-smoke", "--packing", "--lengths", "random", "--threads", "1", tmp_path=tmp_path
+    )
+    assert "## Correctness" in out and "FAIL" not in out and "PASS" in out
+    assert "## Precompute" in out and "## Training step" in out
+    assert "naive DPO step (full logits, ref forward)" in out
+    assert (tmp_path / "out" / "gpu.json").is_file()  # written to $OUT like on the device
