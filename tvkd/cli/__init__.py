@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Module names under tvkd.cli; each defines register(subparsers) -> None.
-COMMAND_MODULES = ("models", "precompute", "train", "inspect", "data")
+COMMAND_MODULES = ("serve", "worker", "client", "models", "data", "precompute", "train", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tvkd ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
