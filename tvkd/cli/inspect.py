@@ -105,11 +105,16 @@ def _run_samples(args: argparse.Namespace) -> int:
         print("; ".join(f for f in facts if f))
     for sample in samples:
         prompt = sample.get("prompt", "")
-        prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+        if isinstance(prompt, str):
+            prompt_text = prompt
+        else:  # chat messages: one "role: content" line each
+            prompt_text = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
         print(f"\n=== sample {sample.get('index')} (row {sample.get('row')}) ===")
         # The end of the prompt is what the response answers; long HH dialogues are cut.
         cut = "…" if len(prompt_text) > 400 else ""
-        print(f"prompt: {cut}{visible(prompt_text[-400:])}")
+        # Control characters are escaped; spaces and line breaks stay readable here.
+        shown = "".join(ch if ch in "\n " else visible(ch) for ch in prompt_text[-400:])
+        print(f"prompt: {cut}{shown}")
         for side in ("chosen", "rejected"):
             if side not in sample:
                 continue
