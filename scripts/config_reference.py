@@ -1,0 +1,74 @@
+"""Print the README's configuration reference (every field of the config dataclasses, with its
+default and help), or with --check, fail when the README's copy is out of date.
+
+    python scripts/config_reference.py            # print the markdown
+    python scripts/config_reference.py --write    # rewrite the README section in place
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from tvkd.config import MethodConfig, PrecomputeConfig, TrainConfig
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- CONFIG-REFERENCE:BEGIN -->", "<!-- CONFIG-REFERENCE:END -->"
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+        return "(see below)" if dataclasses.is_dataclass(value) else repr(value)
+    return "required"
+
+
+def table(cls: type, skip: tuple[str, ...] = ()) -> str:
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{_default(f)}` | {text} |")
+    return "\n".join(rows)
+
+
+def render() -> str:
+    return "\n\n".join(
+        [
+            BEGIN,
+            "**Method** (`MethodConfig`; job `alpha`, `beta` and `hyperparameters`; `tvkd train --FIELD`)",
+            table(MethodConfig),
+            "**Training** (`TrainConfig`; job `hyperparameters`; `tvkd train --FIELD`)",
+            table(TrainConfig, skip=("method",)),
+            "**Precompute** (`PrecomputeConfig`; `tvkd precompute`; derived from the method in a job)",
+            table(PrecomputeConfig),
+            END,
+        ]
+    )
+
+
+def main(argv: list[str]) -> int:
+    text = README.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < 0:
+        print(f"README.md lacks the {BEGIN} … {END} markers", file=sys.stderr)
+        return 1
+    current = text[start : end + len(END)]
+    if "--write" in argv:
+        README.write_text(text.replace(current, render()))
+        return 0
+    if "--check" in argv:
+        if current != render():
+            print("README configuration reference is stale: python scripts/config_reference.py --write")
+            return 1
+        return 0
+    print(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

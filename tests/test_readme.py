@@ -1,0 +1,22 @@
+"""The README's configuration reference is generated from the config dataclasses; it must not rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_reference_is_current():
+    result = subprocess.run(
+        [sys.executable, "scripts/config_reference.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_names_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "scripts/demo.sh" in text and "scripts/test.sh" in text
+    assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
