@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     requeue_after: float = Field(default=120.0, description="A queued job untouched this long is re-sent.")
     device: str = Field(default="cpu", description="Torch device of the workers (cpu, cuda, cuda:1).")
 
+    @field_validator("artifact_root", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("model_roots", "data_roots", "api_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
