@@ -1,0 +1,192 @@
+"""The reconciler: a daemon thread in every worker process that makes sure no job is lost.
+
+Every `interval` seconds it looks for jobs that are not terminal and that nothing is working on:
+
+- dead: a lease whose heartbeat is older than TVKD_HEARTBEAT_TIMEOUT (the worker was killed,
+  lost power, or its host is gone). The lease is cleared and the job's stage re-sent; the next
+  worker resumes it (training from its last checkpoint: the Trainer runs with resume=True).
+- lost: no lease, sent more than TVKD_REQUEUE_AFTER ago, and no message for it waiting in the
+  queues (Redis restarted or flushed, a filesystem message file removed, the worker died between
+  receiving the message and taking the lease). Re-sent. A job legitimately waiting behind others
+  still has its message in the queue, which is checked (Redis: LRANGE of the queue lists; the
+  embedded broker: its message files) to avoid flooding the queue with duplicates. A transport
+  that cannot be inspected gets at most one re-send per REQUEUE_AFTER per job (`enqueued_at` is
+  bumped on each), and any duplicate is a no-op for the tasks (lease + stage checks).
+- never sent: no lease and no `enqueued_at`, created more than REQUEUE_AFTER ago (the API died
+  between the insert and the enqueue). Sent.
+- cancel requested with no live lease (e.g. between stages, or its worker died while
+  cancelling): finished `cancelled` here, since no worker would otherwise pick it up.
+
+No leader election: every worker runs a reconciler, and each action on a job is claimed with a
+compare-and-set UPDATE on the row (the lease token / heartbeat / enqueued_at it saw), so when
+several reconcilers see the same job only one of them re-sends it. `tvkd worker --no-reconciler`
+turns it off (e.g. for GPU workers when a CPU worker already runs one).
+
+The embedded broker's processed-message folder is pruned here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.db import transaction
+from service.jobstate import add_event, finish
+from service.models import TERMINAL, Job, utcnow
+from service.settings import Settings
+from worker.celery_app import embedded_folders, is_embedded
+from worker.dispatch import PUBLISH_ERRORS, queued_job_ids, send_stage, sessions
+
+log = logging.getLogger("tvkd.worker.reconciler")
+PROCESSED_KEEP_SECONDS = 24 * 3600
+
+
+def default_interval(settings: Settings) -> float:
+    return min(30.0, max(0.5, min(settings.heartbeat_timeout, settings.requeue_after) / 2))
+
+
+class Reconciler(threading.Thread):
+    def __init__(self, app: Celery, settings: Settings, *, interval: float | None = None) -> None:
+        super().__init__(name="tvkd-reconciler", daemon=True)
+        self.app, self.settings = app, settings
+        self.factory = sessions(settings)
+        self.interval = interval if interval is not None else default_interval(settings)
+        self._stop_event = threading.Event()
+        self._last_prune = 0.0
+
+    def run(self) -> None:
+        log.info("reconciler running every %.1fs", self.interval)
+        while not self._stop_event.is_set():
+            try:
+                self.run_once()
+            except SQLAlchemyError as exc:
+                log.warning("reconciler: database unavailable (%s); retrying", exc)
+            except Exception:  # the thread must survive anything; the next pass retries
+                log.exception("reconciler pass failed")
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    # ---------------------------------------------------------------------------- one pass
+
+    def run_once(self) -> list[tuple[str, str]]:
+        """One pass; returns the (job id, action) pairs it took."""
+        now = utcnow()
+        dead_before = now - timedelta(seconds=self.settings.heartbeat_timeout)
+        lost_before = now - timedelta(seconds=self.settings.requeue_after)
+        free = Job.lease_token.is_(None)
+        wanted = or_(
+            and_(Job.lease_token.is_not(None), Job.heartbeat_at < dead_before),  # dead worker
+            and_(free, Job.cancel_requested.is_(True)),  # cancelled while nobody runs it
+            and_(free, Job.enqueued_at < lost_before),  # message lost (or waiting: checked below)
+            and_(free, Job.enqueued_at.is_(None), Job.created_at < lost_before),  # never sent
+        )
+        columns = (Job.id, Job.stage, Job.lease_token, Job.heartbeat_at, Job.enqueued_at)
+        columns += (Job.cancel_requested, Job.worker)
+        with self.factory() as session:
+            candidates = list(session.execute(select(*columns).where(Job.status.not_in(TERMINAL), wanted)))
+        actions: list[tuple[str, str]] = []
+        queued: set[str] | None = None
+        inspected = False
+        for row in candidates:
+            if row.cancel_requested:
+                if self._finish_cancelled(row.id, row.lease_token, row.heartbeat_at):
+                    actions.append((row.id, "cancelled"))
+                continue
+            if row.lease_token is not None:
+                if self._claim_dead(row.id, row.lease_token, row.heartbeat_at, row.worker):
+                    self._send(row.id, row.stage)
+                    actions.append((row.id, "requeued_dead"))
+                continue
+            if not inspected:
+                queued, inspected = self._queued(), True
+            if queued is not None and row.id in queued:
+                continue  # waiting behind other jobs: its message is there
+            if self._claim_lost(row.id, row.enqueued_at):
+                self._send(row.id, row.stage)
+                actions.append((row.id, "requeued_lost"))
+        self._prune_processed()
+        for job_id, action in actions:
+            log.info("reconciler: %s %s", action, job_id)
+        return actions
+
+    def _queued(self) -> set[str] | None:
+        try:
+            return queued_job_ids(self.app, self.settings)
+        except Exception as exc:  # an unreachable broker: the re-send below will fail and retry
+            log.warning("reconciler: cannot inspect the queues (%s)", exc)
+            return None
+
+    def _finish_cancelled(self, job_id: str, token: str | None, beat: datetime | None) -> bool:
+        with transaction(self.factory) as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.status in TERMINAL or job.lease_token != token or job.heartbeat_at != beat:
+                return False  # somebody else moved it meanwhile
+            finish(session, job, "cancelled", message="cancelled (no worker was running it)")
+            return True
+
+    def _claim_dead(self, job_id: str, token: str, beat: datetime | None, worker: str | None) -> bool:
+        with transaction(self.factory) as session:
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_token == token, Job.heartbeat_at == beat)
+                .values(lease_token=None, enqueued_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if done:
+                add_event(
+                    session,
+                    job_id,
+                    f"worker {worker} stopped beating (last heartbeat {beat:%H:%M:%S} UTC): job re-enqueued; "
+                    "it resumes from its last checkpoint",
+                    level="warning",
+                    data={"previous_worker": worker, "last_heartbeat": beat.isoformat() if beat else None},
+                )
+            return bool(done)
+
+    def _claim_lost(self, job_id: str, sent: datetime | None) -> bool:
+        cond = Job.enqueued_at.is_(None) if sent is None else Job.enqueued_at == sent
+        with transaction(self.factory) as session:
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_token.is_(None), cond, Job.status.not_in(TERMINAL))
+                .values(enqueued_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if done:
+                what = (
+                    "was never sent" if sent is None else f"has not been picked up since {sent:%H:%M:%S} UTC"
+                )
+                add_event(
+                    session,
+                    job_id,
+                    f"the job {what} and no message for it is in the queue: re-sent",
+                    level="warning",
+                )
+            return bool(done)
+
+    def _send(self, job_id: str, stage: str) -> None:
+        try:
+            send_stage(self.app, job_id, stage)
+        except PUBLISH_ERRORS as exc:  # enqueued_at was bumped: the next pass after REQUEUE_AFTER retries
+            log.warning("reconciler: cannot send %s (%s)", job_id, exc)
+
+    def _prune_processed(self) -> None:
+        if not is_embedded(self.settings) or time.monotonic() - self._last_prune < 600:
+            return
+        self._last_prune = time.monotonic()
+        cutoff = time.time() - PROCESSED_KEEP_SECONDS
+        for path in Path(embedded_folders(self.settings)["processed"]).glob("*.msg"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                continue

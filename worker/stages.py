@@ -1,0 +1,470 @@
+"""The work of each stage task, on top of tvkd.pipeline. Each runner returns an `Outcome`;
+worker.tasks turns it into the job's next state (advance, finish, hand back).
+
+- validate: `pipeline.validate` (rows, tokenizers, template round-trip); its events name bad rows.
+- precompute: the teacher pass into the shared value store under `values/` (reused by key; two
+  jobs asking for one key at once compute it once: the store's file lock makes the second wait
+  and then find it complete). The Precompute row is upserted by key and records which job
+  computed it; the other job gets a "reused" event naming that job.
+- train (also the "reference" stage): `pipeline.train`, i.e. the Trainer's setup (π_ref
+  log-probs, reused on resume), training with checkpoints, and — because they need the trained
+  student in memory — the held-out evaluation, per-token samples and the model folder. Always
+  `resume=True`: a re-run after a crash or a hand-back continues from the newest checkpoint.
+  Out-of-memory halves batch_size and doubles grad_accum (same effective batch, same data order)
+  and retries from the last checkpoint, a few times.
+- evaluate: publishes what training produced: checks the model folder (safetensors headers,
+  no weights loaded, so this fits the CPU `default` queue), writes result.json, records the
+  artifacts and the job's result.
+
+Every stage but validate starts by re-running the validation quietly (deterministic: the same
+pairs and split) instead of passing pairs between processes; the dataset fingerprint recorded by
+validate must match, so a dataset changed in between fails the job instead of training on other
+data than was checked.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from celery import Celery
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import transaction
+from service.models import Artifact, Job, Precompute, utcnow
+from service.settings import Settings
+from tvkd import pipeline
+from tvkd.pipeline import JobSpec, Prepared
+from tvkd.store import ValueStore
+from worker.jobspec import VALUES_DIR, build_spec, output_dir, with_batch
+from worker.reporting import JobReporter, StopFlags, _jsonable, relative_path, upsert
+
+log = logging.getLogger("tvkd.worker")
+T = TypeVar("T")
+OOM_RETRIES = 3
+RECORDER_WAIT_SECONDS = 5.0
+
+
+class DatasetChanged(ValueError):
+    """The dataset differs from the one the validate stage checked."""
+
+
+@dataclass
+class Outcome:
+    kind: Literal["advance", "succeeded", "stopped"]
+    next_stage: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)  # merged into job.result
+    job_values: dict[str, Any] = field(default_factory=dict)  # other job columns to set
+
+
+@dataclass
+class StageContext:
+    app: Celery
+    settings: Settings
+    factory: sessionmaker[Session]
+    job: Job  # detached snapshot taken when the lease was acquired
+    token: str
+    worker: str
+    reporter: JobReporter
+    flags: StopFlags
+
+    @cached_property
+    def spec(self) -> JobSpec:
+        return build_spec(self.job, self.settings, self.factory)
+
+    @property
+    def stage(self) -> str:
+        return self.job.stage
+
+    def rel(self, path: str | Path | None) -> str | None:
+        return relative_path(path, self.settings.artifacts) if path else None
+
+    def update_job(self, **values: Any) -> None:
+        """Set columns of the job row while this worker holds the lease."""
+        with transaction(self.factory) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job.id, Job.lease_token == self.token)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+
+
+def run_validate(ctx: StageContext) -> Outcome:
+    spec = ctx.spec
+    prepared = pipeline.validate(spec, ctx.reporter)
+    if ctx.flags.requested:
+        return Outcome("stopped", message="stopped after validation")
+    uses_teacher = spec.train.method.uses_teacher
+    if not uses_teacher:
+        ctx.reporter.event("info", "plain DPO (alpha=0 or shaping='none'): no teacher precompute")
+    summary = prepared.summary()
+    return Outcome(
+        "advance",
+        "precompute" if uses_teacher else "reference",
+        message="validation passed",
+        result={
+            "validate": {
+                "pairs": summary["pairs"],
+                "train_pairs": summary["train_pairs"],
+                "eval_pairs": summary["eval_pairs"],
+                "dataset_fingerprint": summary["dataset_fingerprint"],
+                "same_tokenizer": summary["same_tokenizer"],
+                "dropped_rows": summary["report"]["dropped"],
+                "warnings": summary["warnings"],
+            }
+        },
+    )
+
+
+def prepare(ctx: StageContext) -> Prepared:
+    """The validated pairs and split again, silently, checked against what validate saw."""
+    prepared = pipeline.validate(ctx.spec, ctx.reporter.silent())
+    expected = ((ctx.job.result or {}).get("validate") or {}).get("dataset_fingerprint")
+    if expected and prepared.dataset_fingerprint != expected:
+        raise DatasetChanged(
+            f"{ctx.job.dataset}: the dataset changed since the validate stage checked it "
+            f"(fingerprint {prepared.dataset_fingerprint[:12]} != {expected[:12]}); submit a new job"
+        )
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------
+# precompute
+
+
+def run_precompute(ctx: StageContext) -> Outcome:
+    from tvkd.precompute import PrecomputeStopped, precompute_key
+
+    spec = ctx.spec
+    prepared = prepare(ctx)
+    assert spec.teacher is not None  # validate sends jobs without a teacher to "reference"
+    key, fields = precompute_key(spec.teacher, prepared.pairs, pipeline.precompute_config(spec))
+    rel = f"{VALUES_DIR}/{key}"
+    with transaction(ctx.factory) as session:
+        upsert(
+            session,
+            Precompute,
+            [
+                {
+                    "key": key,
+                    "status": "running",
+                    "teacher": ctx.job.teacher,
+                    "path": rel,
+                    "fields": _jsonable(fields),
+                }
+            ],
+            keys=("key",),
+            update_cols=(),
+        )
+    ctx.update_job(precompute_key=key)
+    try:
+        result = pipeline.precompute(spec, prepared, ctx.reporter)
+    except PrecomputeStopped:
+        return Outcome("stopped", message="stopped during the teacher precompute (finished shards are kept)")
+    except Exception:
+        if ValueStore.find(spec.store_root, key) is None:
+            with transaction(ctx.factory) as session:
+                session.execute(
+                    update(Precompute)
+                    .where(Precompute.key == key, Precompute.status != "complete")
+                    .values(status="failed")
+                )
+        raise
+    store = result.store
+    if result.cached:
+        computed_by = _wait_for_recorder(ctx, key, store)
+    else:
+        with transaction(ctx.factory) as session:
+            row = session.get(Precompute, key, with_for_update=True)
+            assert row is not None
+            _mark_complete(row, store, job_id=ctx.job.id, tokens=result.tokens)
+        computed_by = ctx.job.id
+    if result.cached:
+        by = f"job {computed_by}" if computed_by and computed_by != ctx.job.id else "an earlier run"
+        message = f"teacher values reused from the cache (key {key[:12]}, computed by {by})"
+    else:
+        message = (
+            f"teacher values computed by this job (key {key[:12]}): {store.num_pairs} pairs, "
+            f"{result.tokens} teacher tokens in {result.seconds:.1f}s"
+        )
+    data = {"key": key, "cached": result.cached, "computed_by": computed_by, "waited_seconds": result.waited}
+    ctx.reporter.event("info", message, data)
+    return Outcome(
+        "advance",
+        "reference",
+        message="teacher values ready",
+        result={"precompute": {**data, "path": rel, "seconds": result.seconds, "tokens": result.tokens}},
+        job_values={"precompute_key": key},
+    )
+
+
+def _mark_complete(row: Precompute, store: ValueStore, *, job_id: str | None, tokens: int | None) -> None:
+    row.status, row.completed_at = "complete", utcnow()
+    row.pairs, row.bytes = store.num_pairs, store.nbytes()
+    if job_id is not None:
+        row.job_id = job_id
+    row.tokens = tokens or row.tokens or store.response_tokens()
+
+
+def _wait_for_recorder(ctx: StageContext, key: str, store: ValueStore) -> str | None:
+    """The job that computed a store this job found in the cache.
+
+    The computing job records itself right after its teacher pass releases the store's lock, so a
+    job that waited on that lock (or came just after) may read the row a moment too early: wait
+    for the row to be complete, a few seconds at most. A row still `running` after that (a store
+    made outside the service, or a computing worker that died just after finishing) is completed
+    here, without a computing job.
+    """
+    deadline = time.monotonic() + RECORDER_WAIT_SECONDS
+    while True:
+        with transaction(ctx.factory) as session:
+            row = session.get(Precompute, key, with_for_update=True)
+            assert row is not None
+            if row.status == "complete":
+                return row.job_id
+            if time.monotonic() > deadline:
+                _mark_complete(row, store, job_id=None, tokens=None)
+                return row.job_id
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# train (reference + train)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def smaller_batch(batch_size: int, grad_accum: int) -> tuple[int, int] | None:
+    """(batch_size, grad_accum) with about half the micro-batch and the same effective batch
+    (batch_size × grad_accum, which also keeps the data order of each step); None at 1."""
+    if batch_size <= 1:
+        return None
+    new = next(d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0)
+    return new, grad_accum * (batch_size // new)
+
+
+def retry_on_oom(
+    run: Callable[[int, int], T],
+    batch_size: int,
+    grad_accum: int,
+    *,
+    on_retry: Callable[[BaseException, tuple[int, int], tuple[int, int], int], None],
+    retries: int = OOM_RETRIES,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """run(batch_size, grad_accum); on out-of-memory, retry with a smaller micro-batch and a
+    backoff, at most `retries` times (then, or at batch_size 1, the error propagates)."""
+    attempt = 0
+    while True:
+        try:
+            return run(batch_size, grad_accum)
+        except Exception as exc:
+            smaller = smaller_batch(batch_size, grad_accum)
+            if not is_out_of_memory(exc) or attempt >= retries or smaller is None:
+                raise
+            attempt += 1
+            _free_memory()
+            on_retry(exc, (batch_size, grad_accum), smaller, attempt)
+            sleep(min(2.0**attempt, 30.0))
+            batch_size, grad_accum = smaller
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_train(ctx: StageContext) -> Outcome:
+    spec = ctx.spec
+    ctx.reporter.checkpoint_every = spec.train.save_every
+    prepared = prepare(ctx)
+    store = None
+    if spec.train.method.uses_teacher:
+        key = ctx.job.precompute_key
+        store = ValueStore.find(spec.store_root, key) if key else None
+        if store is None:
+            ctx.reporter.event(
+                "warning", f"the value store {key} is gone: computing the teacher values again"
+            )
+            pre = pipeline.precompute(spec, prepared, ctx.reporter)
+            store = pre.store
+
+    def attempt(batch_size: int, grad_accum: int) -> Any:
+        return pipeline.train(
+            with_batch(spec, batch_size, grad_accum), prepared, store, ctx.reporter, resume=True
+        )
+
+    def on_retry(exc: BaseException, old: tuple[int, int], new: tuple[int, int], n: int) -> None:
+        hp = {**(ctx.job.hyperparameters or {}), "batch_size": new[0], "grad_accum": new[1]}
+        ctx.job.hyperparameters = hp  # a resume after a crash keeps the smaller batch too
+        ctx.update_job(hyperparameters=hp)
+        ctx.reporter.event(
+            "warning",
+            f"out of memory at batch_size={old[0]} (grad_accum={old[1]}): retrying from the last checkpoint "
+            f"with batch_size={new[0]}, grad_accum={new[1]} (same effective batch), try {n} of {OOM_RETRIES}",
+            {"error": str(exc)[:500], "batch_size": new[0], "grad_accum": new[1]},
+        )
+
+    result = retry_on_oom(attempt, spec.train.batch_size, spec.train.grad_accum, on_retry=on_retry)
+    checkpoint = ctx.rel(result.checkpoint)
+    if result.status == "stopped":
+        return Outcome(
+            "stopped",
+            message=f"stopped at step {result.steps} of {result.total_steps}",
+            data={"step": result.steps, "checkpoint": checkpoint},
+        )
+    record_artifacts(
+        ctx,
+        {
+            "model": result.model_dir,
+            "adapter": result.adapter_dir,
+            "samples": result.samples_path,
+            "reference": result.reference_path,
+        },
+    )
+    return Outcome(
+        "advance",
+        "evaluate",
+        message=f"trained {result.steps} steps",
+        result={
+            "train": {
+                "steps": result.steps,
+                "total_steps": result.total_steps,
+                "resumed_from": result.resumed_from,
+                "metrics": result.metrics,
+                "eval_metrics": result.eval_metrics,
+                "train_pairs": result.train_pairs,
+                "eval_pairs": result.eval_pairs,
+                "dropped_pairs": len(result.dropped),
+                "seconds": result.seconds,
+                "tokens_per_second": result.tokens_per_second,
+                "checkpoint": checkpoint,
+                "model": ctx.rel(result.model_dir),
+                "samples": ctx.rel(result.samples_path),
+                "reference": ctx.rel(result.reference_path),
+                "adapter": ctx.rel(result.adapter_dir),
+            }
+        },
+    )
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def record_artifacts(ctx: StageContext, paths: dict[str, str | Path | None]) -> None:
+    rows = [
+        {
+            "job_id": ctx.job.id,
+            "kind": kind,
+            "path": ctx.rel(path),
+            "bytes": _size(Path(path)),
+            "created_at": utcnow(),
+        }
+        for kind, path in paths.items()
+        if path and Path(path).exists()
+    ]
+    with transaction(ctx.factory) as session:
+        upsert(session, Artifact, rows, keys=("job_id", "kind"), update_cols=("path", "bytes", "created_at"))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def run_evaluate(ctx: StageContext) -> Outcome:
+    from tvkd.models import ModelError, safetensors_param_count
+
+    out = output_dir(ctx.settings, ctx.job)
+    previous = ctx.job.result or {}
+    train = previous.get("train") or {}
+    model_dir = out / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{ctx.rel(model_dir)}: the train stage left no model folder (config.json missing)")
+    parameters = safetensors_param_count(model_dir)
+    samples = out / "samples.json"
+    sample_count = len(json.loads(samples.read_text()).get("samples", [])) if samples.is_file() else 0
+    result = {
+        "model": ctx.rel(model_dir),
+        "samples": ctx.rel(samples) if samples.is_file() else None,
+        "sample_count": sample_count,
+        "parameters": parameters,
+        "steps": train.get("steps"),
+        "metrics": train.get("metrics", {}),
+        "eval_metrics": train.get("eval_metrics", {}),
+    }
+    record = {
+        "job_id": ctx.job.id,
+        "status": "succeeded",
+        **result,
+        "validate": previous.get("validate"),
+        "precompute": previous.get("precompute"),
+        "train": train,
+        "spec": {
+            "teacher": ctx.job.teacher,
+            "student": ctx.job.student,
+            "dataset": ctx.job.dataset,
+            "alpha": ctx.job.alpha,
+            "beta": ctx.job.beta,
+            "hyperparameters": ctx.job.hyperparameters,
+        },
+    }
+    result_path = out / pipeline.RESULT_FILE
+    tmp = result_path.with_name(result_path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(record), indent=1))
+    os.replace(tmp, result_path)
+    record_artifacts(
+        ctx,
+        {
+            "model": model_dir,
+            "samples": samples if samples.is_file() else None,
+            "reference": out / "reference.safetensors",
+            "adapter": out / "adapter",
+            "result": result_path,
+        },
+    )
+    ctx.reporter.on_progress("evaluate", 1, 1, 0.0)
+    eval_metrics = result["eval_metrics"] or {}
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in eval_metrics.items() if isinstance(v, float))
+    return Outcome(
+        "succeeded",
+        message=f"succeeded: model at {result['model']}" + (f"; held-out {summary}" if summary else ""),
+        result=result,
+    )
+
+
+RUNNERS: dict[str, Callable[[StageContext], Outcome]] = {
+    "validate": run_validate,
+    "precompute": run_precompute,
+    "reference": run_train,
+    "train": run_train,
+    "evaluate": run_evaluate,
+}

@@ -1,0 +1,263 @@
+"""The body of every stage task: take the job's lease, run the stage, record how it ended.
+
+    claim ─► heartbeat thread + JobReporter ─► worker.stages runner ─► complete / fail
+
+- claim (one transaction): `acquire_lease`; nothing is done (the message is acknowledged and
+  logged) when the job is unknown, terminal, held by a live worker, or in another stage than
+  this task runs (a stale or duplicate message: the reconciler may send a job twice, Redis may
+  redeliver). A job whose cancel was requested ends `cancelled` here without running.
+- While the stage runs, a heartbeat thread refreshes the lease every TVKD_HEARTBEAT_SECONDS and
+  reads `cancel_requested`. A lost lease (another worker took the job over after this one went
+  silent) makes the stage raise `LeaseLost` at its next step; nothing more is written.
+- complete: advance job.stage, show `queued` and send the next stage's message (after the commit,
+  so a fast worker never sees the old stage); or finish `succeeded`; or, when stopped, finish
+  `cancelled` (training keeps the checkpoint it saved on stopping) or — the worker is shutting
+  down — hand the job back to its queue, to be resumed by another worker.
+- fail: any exception ends the job `failed` with {code, message}, an event with the traceback's
+  tail, and for bad data an event naming the rows.
+
+Everything that changes the job row checks the lease token, so a worker that lost its lease
+cannot write a final status over the new holder's work.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_shutting_down
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import transaction
+from service.jobstate import STAGE_STATUS, acquire_lease, add_event, finish
+from service.models import Job, utcnow
+from service.settings import Settings
+from tvkd.config import ConfigError
+from tvkd.data import DataError
+from tvkd.models import ModelError
+from worker.celery_app import TASK_STAGES
+from worker.dispatch import PUBLISH_ERRORS, send_stage, sessions
+from worker.jobspec import DatasetNotFound, job_output_rel
+from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
+from worker.stages import RUNNERS, DatasetChanged, Outcome, StageContext, is_out_of_memory
+
+log = logging.getLogger("tvkd.worker")
+TRACEBACK_LINES = 25
+
+
+class _Stale(Exception):
+    """The message is for another stage than the job's: roll back the lease just taken."""
+
+
+def install_shutdown_hook() -> None:
+    """On warm shutdown (SIGTERM/SIGINT) running stages stop at their next step and hand their
+    job back to the queue instead of holding the worker until the stage ends."""
+
+    def _on_shutdown(**_: Any) -> None:
+        SHUTDOWN.set()
+
+    worker_shutting_down.connect(_on_shutdown, weak=False)
+
+
+def run_task(app: Celery, task_name: str, job_id: str, *, worker: str) -> str:
+    """Run the stage of `job_id` that `task_name` handles. Returns what happened (for the log)."""
+    settings: Settings = app.tvkd_settings  # type: ignore[attr-defined]
+    factory = sessions(settings)
+    claimed = claim(factory, settings, job_id, TASK_STAGES[task_name], worker)
+    if claimed is None:
+        return "skipped"
+    job, token = claimed
+    flags = StopFlags()
+    reporter = JobReporter(factory, job.id, token, job.stage, flags, artifact_root=settings.artifacts)
+    beat = Heartbeat(factory, job.id, token, flags, interval=settings.heartbeat_seconds)
+    ctx = StageContext(app, settings, factory, job, token, worker, reporter, flags)
+    beat.start()
+    try:
+        outcome = RUNNERS[job.stage](ctx)
+    except LeaseLost:
+        log.warning("job %s: lease lost during %s; stopped without writing", job.id, job.stage)
+        return "lease_lost"
+    except Exception as exc:
+        if flags.lease_lost:
+            log.warning("job %s: %s failed after the lease was lost: %s", job.id, job.stage, exc)
+            return "lease_lost"
+        log.exception("job %s: %s failed", job.id, job.stage)
+        beat.stop()
+        reporter.close()
+        fail(ctx, exc)
+        return "failed"
+    finally:
+        beat.stop()
+        reporter.close()
+    return complete(ctx, outcome)
+
+
+def claim(
+    factory: sessionmaker[Session], settings: Settings, job_id: str, stages: frozenset[str], worker: str
+) -> tuple[Job, str] | None:
+    """Take the job's lease for one of `stages`; None (and nothing written) when this message
+    must not run."""
+    try:
+        with transaction(factory) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                log.warning("job %s: no such job; message dropped", job_id)
+                return None
+            holder = job.worker if job.lease_token else None
+            token = acquire_lease(session, job_id, worker, timeout=settings.heartbeat_timeout)
+            session.refresh(job)
+            if token is None:
+                why = f"it is {job.status}" if job.lease_token is None else f"{job.worker} holds it"
+                log.info("job %s (%s): not taken: %s", job_id, "/".join(sorted(stages)), why)
+                return None
+            if job.stage not in stages:
+                raise _Stale(job.stage)
+            if job.cancel_requested:
+                finish(session, job, "cancelled", message=f"cancelled before the {job.stage} stage started")
+                return None
+            if holder:
+                add_event(
+                    session,
+                    job.id,
+                    f"{worker} takes the job over from {holder}, whose heartbeat stopped",
+                    level="warning",
+                    stage=job.stage,
+                    data={"previous_worker": holder},
+                )
+            if job.status != "cancelling":
+                job.status = STAGE_STATUS[job.stage]
+            job.started_at = job.started_at or utcnow()
+            job.output_dir = job.output_dir or job_output_rel(job.id)
+            job.progress_done, job.progress_total, job.eta_seconds = 0, 0, None
+            add_event(
+                session,
+                job.id,
+                f"{job.stage} running on {worker}",
+                stage=job.stage,
+                data={"worker": worker, "attempt": job.attempts},
+            )
+        return job, token
+    except _Stale as stale:
+        log.info("job %s: message for %s but the job is at %s; ignored", job_id, "/".join(stages), stale)
+        return None
+
+
+def _send(ctx: StageContext, stage: str) -> None:
+    try:
+        send_stage(ctx.app, ctx.job.id, stage)
+    except PUBLISH_ERRORS as exc:
+        log.warning("job %s: could not send %s (%s); the reconciler will", ctx.job.id, stage, exc)
+        with transaction(ctx.factory) as session:
+            add_event(
+                session,
+                ctx.job.id,
+                f"the broker is unavailable ({type(exc).__name__}); {stage} will be sent when it is back",
+                level="warning",
+                stage=stage,
+            )
+
+
+def complete(ctx: StageContext, outcome: Outcome) -> str:
+    send: str | None = None
+    with transaction(ctx.factory) as session:
+        job = session.get(Job, ctx.job.id, populate_existing=True, with_for_update=True)
+        if job is None or job.lease_token != ctx.token:
+            log.warning("job %s: lease lost before %s could be recorded", ctx.job.id, ctx.stage)
+            return "lease_lost"
+        job.result = {**(job.result or {}), **outcome.result}
+        for column, value in outcome.job_values.items():
+            setattr(job, column, value)
+        cancelled = ctx.flags.cancel or job.cancel_requested
+        if outcome.kind == "succeeded":
+            job.progress_done = job.progress_total
+            finish(session, job, "succeeded", message=outcome.message, data=outcome.data)
+            return "succeeded"
+        if cancelled:
+            where = (
+                f"; checkpoint {outcome.data['checkpoint']} kept" if outcome.data.get("checkpoint") else ""
+            )
+            what = outcome.message or f"{ctx.stage} done"
+            finish(session, job, "cancelled", message=f"cancelled ({what}{where})", data=outcome.data)
+            return "cancelled"
+        if outcome.kind == "stopped":  # the worker is shutting down: let another one resume it
+            send = job.stage
+            add_event(
+                session,
+                job.id,
+                f"worker {ctx.worker} is shutting down: {outcome.message or 'stopped'}; "
+                "the job goes back to the queue and resumes from where it stopped",
+                level="warning",
+                stage=job.stage,
+                data=outcome.data,
+            )
+        else:
+            assert outcome.next_stage is not None
+            add_event(session, job.id, outcome.message, stage=job.stage, data=outcome.data)
+            job.stage = send = outcome.next_stage
+        job.status = "queued"
+        job.lease_token = None
+        job.enqueued_at = utcnow()
+        job.progress_done, job.progress_total, job.eta_seconds = 0, 0, None
+    _send(ctx, send)
+    return "handed_back" if outcome.kind == "stopped" else f"advanced to {send}"
+
+
+def classify(exc: BaseException, stage: str) -> str:
+    """The job's error code for an exception in `stage`."""
+    if is_out_of_memory(exc):
+        return "out_of_memory"
+    if isinstance(exc, ModelError):
+        return "model_error"
+    if isinstance(exc, ConfigError):
+        return "validation_error"
+    if isinstance(exc, DataError | DatasetNotFound | DatasetChanged):
+        return "validation_error" if stage == "validate" else "data_error"
+    from tvkd.precompute import UnsupportedTeacher
+
+    if isinstance(exc, UnsupportedTeacher):
+        return "model_error"
+    if stage == "validate" and isinstance(exc, ValueError | OSError):
+        return "validation_error"
+    return "internal_error"
+
+
+def _traceback_tail(exc: BaseException) -> list[str]:
+    lines = "".join(traceback.format_exception(exc)).rstrip().splitlines()
+    return lines[-TRACEBACK_LINES:]
+
+
+def fail(ctx: StageContext, exc: BaseException) -> None:
+    code = classify(exc, ctx.stage)
+    message = (str(exc) or type(exc).__name__)[:2000]
+    with transaction(ctx.factory) as session:
+        job = session.get(Job, ctx.job.id, populate_existing=True, with_for_update=True)
+        if job is None or job.lease_token != ctx.token:
+            return
+        if isinstance(exc, DataError):
+            issues = exc.report.issues
+            rows = sorted({i.row for i in issues if i.row >= 0})
+            add_event(
+                session,
+                job.id,
+                exc.report.summary(max_issues=10),
+                level="error",
+                stage=job.stage,
+                data={
+                    "rows": rows[:200],
+                    "issues": [
+                        {"row": i.row, "field": i.field, "code": i.code, "message": i.message}
+                        for i in issues[:200]
+                    ],
+                },
+            )
+        add_event(
+            session,
+            job.id,
+            f"{job.stage} failed: {type(exc).__name__}: {message}",
+            level="error",
+            stage=job.stage,
+            data={"code": code, "traceback": _traceback_tail(exc)},
+        )
+        finish(session, job, "failed", message=f"failed ({code}): {message}", error=(code, message))
