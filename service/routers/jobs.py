@@ -1,0 +1,465 @@
+"""/v1/jobs: create (idempotent), list, get, cancel, and each job's events, metrics,
+checkpoints and per-token samples.
+
+A new job is stored with status `validating` (stage `validate`) and sent to the broker; the
+worker's validate stage moves it on (`queued` → `precomputing` → …). The row is committed
+before the message is sent, so a worker never receives an id it cannot read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import models as db
+from service import samples as samples_file
+from service.deps import ID_RE, OwnerDep, SessionDep, SettingsDep, checked_id, in_one_thread
+from service.errors import APIError, invalid, not_found
+from service.hyperparams import INT_MAX
+from service.jobstate import JobStateError, add_event, request_cancel
+from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
+from service.schemas import (
+    CheckpointList,
+    EventList,
+    Job,
+    JobCreate,
+    JobList,
+    JobStatus,
+    MetricList,
+    MetricSeries,
+    MetricSeriesList,
+    SampleDetail,
+    SampleList,
+    error_responses,
+)
+from service.settings import Settings
+from service.validation import check_job
+from service.views import (
+    checkpoint_view,
+    event_view,
+    job_response,
+    jobs_response,
+    metric_view,
+)
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(description="A job id (`job_…`).")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retry-safe creation: the same key with the same body returns the first job "
+        "(200); with another body it is a 422 naming this header.",
+    ),
+]
+MetricText = Annotated[str | None, Query(max_length=100, pattern=r"^[^\x00]*$")]
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the spec with defaults filled, so bodies that differ only
+    in key order, spacing or spelled-out defaults count as the same request."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def owned_job(session: Session, owner: str, job_id: str, *, for_update: bool = False) -> db.Job:
+    """The caller's job; another key's job is a 404, not a 403 (its existence is not revealed)."""
+    checked_id(job_id, "job")
+    query = select(db.Job).where(db.Job.id == job_id, db.Job.owner_id == owner)
+    if for_update:
+        query = query.with_for_update()
+    job = session.scalar(query)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def _check_owned(session: Session, owner: str, job_id: str) -> None:
+    checked_id(job_id, "job")
+    if session.scalar(select(db.Job.id).where(db.Job.id == job_id, db.Job.owner_id == owner)) is None:
+        raise not_found("job", job_id)
+
+
+def _replay(session: Session, owner: str, key: str, digest: str) -> db.Job | None:
+    """The job an earlier request with this Idempotency-Key created, if any; 422 if that request
+    had another body."""
+    job = session.scalar(select(db.Job).where(db.Job.owner_id == owner, db.Job.idempotency_key == key))
+    if job is not None and job.spec_hash != digest:
+        raise invalid(
+            "Idempotency-Key",
+            f"Idempotency-Key {key!r} was used for another request body (job {job.id})",
+            code="idempotency_key_reused",
+        )
+    return job
+
+
+def _enqueue(settings: Settings, request: Request, job_id: str) -> None:
+    """Send the job to the workers (worker.dispatch.enqueue records `enqueued_at` and reports a
+    broker outage as an event itself). Nothing here fails the request once the job is stored: on
+    any other error the job is marked as sent, so that the reconciler re-sends it after
+    TVKD_REQUEUE_AFTER, and the error is recorded as an event."""
+    try:
+        from worker.dispatch import enqueue  # the worker package pulls in Celery: import on use
+
+        enqueue(settings, job_id)
+    except Exception as exc:
+        logger.exception("could not enqueue job %s", job_id)
+        with request.app.state.sessions() as session, session.begin():
+            job = session.get(db.Job, job_id)
+            if job is not None and job.enqueued_at is None:
+                job.enqueued_at = db.utcnow()
+            add_event(
+                session,
+                job_id,
+                "could not reach the broker; the job will be re-sent",
+                level="warning",
+                stage="validate",
+                data={"error": f"{type(exc).__name__}: {exc}"},
+            )
+
+
+@router.post(
+    "",
+    response_model=Job,
+    status_code=201,
+    summary="Create a distillation job",
+    responses={
+        200: {"model": Job, "description": "Idempotent replay: the job an earlier request made."},
+        **error_responses(401, 422),
+    },
+)
+@in_one_thread
+def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    session: SessionDep,
+    owner: OwnerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    hyperparameters = body.hyperparameters.model_dump()
+    spec = {
+        "teacher": body.teacher,
+        "student": body.student,
+        "dataset": body.dataset,
+        "alpha": body.alpha,
+        "beta": body.beta,
+        "hyperparameters": hyperparameters,
+        "metadata": body.metadata,
+    }
+    digest = spec_hash(spec)
+    if idempotency_key is not None:
+        earlier = _replay(session, owner, idempotency_key, digest)
+        if earlier is not None:
+            response.status_code = 200
+            return job_response(session, earlier)
+
+    valid = check_job(
+        settings,
+        session,
+        request.app.state.model_checks,
+        owner,
+        teacher=body.teacher,
+        student=body.student,
+        dataset=body.dataset,
+        alpha=body.alpha,
+        beta=body.beta,
+        hyperparameters=hyperparameters,
+    )
+    job = db.Job(
+        owner_id=owner,
+        status="validating",
+        stage="validate",
+        teacher=body.teacher,
+        student=body.student,
+        dataset=body.dataset,
+        alpha=body.alpha,
+        beta=body.beta,
+        hyperparameters=valid.hyperparameters,
+        user_metadata=body.metadata,
+        spec_hash=digest,
+        idempotency_key=idempotency_key,
+    )
+    with request.app.state.write_lock:
+        session.add(job)
+        try:
+            session.flush()  # assigns the id for the events; a duplicate Idempotency-Key fails here
+            add_event(session, job.id, "job submitted", stage="validate")
+            for warning in valid.warnings:
+                add_event(
+                    session, job.id, warning, level="warning", stage="validate", data={"warning": warning}
+                )
+            session.commit()
+        except IntegrityError:
+            # Two identical requests raced past the replay check: the unique (owner, key) index
+            # let one through; this one answers with that job.
+            session.rollback()
+            earlier = _replay(session, owner, idempotency_key, digest) if idempotency_key else None
+            if earlier is None:
+                raise
+            response.status_code = 200
+            return job_response(session, earlier)
+        _enqueue(settings, request, job.id)  # writes enqueued_at: inside the lock too
+    return job_response(session, job)
+
+
+@router.get(
+    "", response_model=JobList, summary="List jobs, newest first", responses=error_responses(401, 422)
+)
+@in_one_thread
+def list_jobs(
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[
+        str | None, Query(max_length=64, description="The last job id of the previous page.")
+    ] = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+) -> JobList:
+    query = select(db.Job).where(db.Job.owner_id == owner)
+    if status is not None:
+        query = query.where(db.Job.status == status)
+    if after is not None:
+        cursor = None
+        if ID_RE.match(after):
+            cursor = session.execute(
+                select(db.Job.created_at, db.Job.id).where(db.Job.id == after, db.Job.owner_id == owner)
+            ).first()
+        if cursor is None:
+            raise invalid("after", f"no job {after!r} to page after", code="invalid_cursor")
+        query = query.where(before(db.Job.created_at, db.Job.id, cursor.created_at, cursor.id))
+    rows = session.scalars(query.order_by(db.Job.created_at.desc(), db.Job.id.desc()).limit(limit + 1)).all()
+    page = Page.of(rows, limit)
+    return JobList(
+        data=jobs_response(session, page.rows),
+        has_more=page.has_more,
+        next_after=page.next_after(lambda j: j.id),
+    )
+
+
+@router.get("/{job_id}", response_model=Job, summary="Get a job", responses=error_responses(401, 404))
+@in_one_thread
+def get_job(job_id: JobId, session: SessionDep, owner: OwnerDep) -> Job:
+    return job_response(session, owned_job(session, owner, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job",
+    description="A job no worker has started ends `cancelled` at once; a running one goes "
+    "`cancelling` and its worker stops at the next step, keeping its last checkpoint.",
+    responses=error_responses(401, 404, 409),
+)
+@in_one_thread
+def cancel_job(job_id: JobId, request: Request, session: SessionDep, owner: OwnerDep) -> Job:
+    with request.app.state.write_lock:
+        job = owned_job(session, owner, job_id, for_update=True)
+        try:
+            request_cancel(session, job)
+        except JobStateError as exc:
+            session.rollback()
+            raise APIError(409, "job_finished", str(exc)) from exc
+        session.commit()
+    return job_response(session, job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    summary="A job's events, oldest first",
+    responses=error_responses(401, 404, 422),
+)
+@in_one_thread
+def list_events(
+    job_id: JobId,
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last event id seen.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (1..1000).")] = 100,
+) -> EventList:
+    _check_owned(session, owner, job_id)
+    query = select(db.JobEvent).where(db.JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(db.JobEvent.id > after)
+    rows = session.scalars(query.order_by(db.JobEvent.id).limit(limit + 1)).all()
+    page = Page.of(rows, limit)
+    return EventList(
+        data=[event_view(e) for e in page.rows],
+        has_more=page.has_more,
+        next_after=page.next_after(lambda e: e.id),
+    )
+
+
+def _metric_query(job_id: str, split: str | None, name: str | None, after_step: int | None) -> Any:
+    query = select(db.MetricPoint).where(db.MetricPoint.job_id == job_id)
+    if split is not None:
+        query = query.where(db.MetricPoint.split == split)
+    if name is not None:
+        query = query.where(db.MetricPoint.name == name)
+    if after_step is not None:
+        query = query.where(db.MetricPoint.step > after_step)
+    return query
+
+
+# Steps are a 32-bit INTEGER column: a bound the database cannot compare against is a 422, not a 500.
+STEP_MAX = 2**31 - 1
+AfterStep = Annotated[int | None, Query(ge=-1, le=STEP_MAX, description="Only steps after this one.")]
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricList,
+    summary="A job's metric points, in the order they were logged",
+    responses=error_responses(401, 404, 422),
+)
+@in_one_thread
+def list_metrics(
+    job_id: JobId,
+    session: SessionDep,
+    owner: OwnerDep,
+    split: Annotated[MetricText, Query(description="train or eval.")] = None,
+    name: Annotated[MetricText, Query(description="Metric name, e.g. loss.")] = None,
+    after_step: AfterStep = None,
+    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last point id seen.")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000, description="Page size (1..5000).")] = 1000,
+) -> MetricList:
+    _check_owned(session, owner, job_id)
+    query = _metric_query(job_id, split, name, after_step)
+    if after is not None:
+        query = query.where(db.MetricPoint.id > after)
+    rows = session.scalars(query.order_by(db.MetricPoint.id).limit(limit + 1)).all()
+    page = Page.of(rows, limit)
+    return MetricList(
+        data=[metric_view(m) for m in page.rows],
+        has_more=page.has_more,
+        next_after=page.next_after(lambda m: m.id),
+    )
+
+
+@router.get(
+    "/{job_id}/metrics/series",
+    response_model=MetricSeriesList,
+    summary="A job's metrics as one compact series per (split, name), by step",
+    responses=error_responses(401, 404, 422),
+)
+@in_one_thread
+def metric_series(
+    job_id: JobId,
+    session: SessionDep,
+    owner: OwnerDep,
+    split: Annotated[MetricText, Query(description="train or eval.")] = None,
+    name: Annotated[MetricText, Query(description="Metric name, e.g. loss.")] = None,
+    after_step: AfterStep = None,
+) -> MetricSeriesList:
+    _check_owned(session, owner, job_id)
+    query = _metric_query(job_id, split, name, after_step).order_by(
+        db.MetricPoint.split, db.MetricPoint.name, db.MetricPoint.step
+    )
+    series: dict[tuple[str, str], MetricSeries] = {}
+    for m in session.scalars(query):
+        s = series.setdefault(
+            (m.split, m.name), MetricSeries(split=m.split, name=m.name, steps=[], values=[])
+        )
+        s.steps.append(m.step)
+        s.values.append(metric_view(m).value)
+    return MetricSeriesList(data=list(series.values()))
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=CheckpointList,
+    summary="A job's checkpoints, oldest first",
+    responses=error_responses(401, 404, 422),
+)
+@in_one_thread
+def list_checkpoints(
+    job_id: JobId,
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last checkpoint id seen.")] = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> CheckpointList:
+    _check_owned(session, owner, job_id)
+    query = select(db.Checkpoint).where(db.Checkpoint.job_id == job_id)
+    if after is not None:
+        query = query.where(db.Checkpoint.id > after)
+    rows = session.scalars(query.order_by(db.Checkpoint.id).limit(limit + 1)).all()
+    page = Page.of(rows, limit)
+    return CheckpointList(
+        data=[checkpoint_view(c) for c in page.rows],
+        has_more=page.has_more,
+        next_after=page.next_after(lambda c: c.id),
+    )
+
+
+def _samples_doc(session: Session, settings: Settings, owner: str, job_id: str) -> dict[str, Any]:
+    job = owned_job(session, owner, job_id)
+    path = samples_file.samples_path(session, job, settings.artifacts)
+    doc = samples_file.load_document(path) if path is not None else None
+    if doc is None:
+        raise APIError(
+            404, "not_found", f"job {job_id} has no samples yet (they are written when it evaluates)"
+        )
+    return doc
+
+
+@router.get(
+    "/{job_id}/samples",
+    response_model=SampleList,
+    summary="Summaries of a job's per-token samples",
+    responses=error_responses(401, 404, 422),
+)
+@in_one_thread
+def list_samples(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last `k` seen.")] = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> SampleList:
+    doc = _samples_doc(session, settings, owner, job_id)
+    start = 0 if after is None else after + 1
+    chunk = doc["samples"][start : start + limit + 1]
+    items = [samples_file.summary(start + i, s if isinstance(s, dict) else {}) for i, s in enumerate(chunk)]
+    page = Page.of(items, limit)
+    return SampleList(
+        data=page.rows,  # type: ignore[arg-type]
+        has_more=page.has_more,
+        next_after=page.next_after(lambda s: s["k"]),
+        step=samples_file._int(doc.get("step")),
+    )
+
+
+@router.get(
+    "/{job_id}/samples/{k}",
+    response_model=SampleDetail,
+    summary="Per-token signals of one sample, chosen and rejected",
+    responses=error_responses(401, 404, 422),
+)
+@in_one_thread
+def get_sample(
+    job_id: JobId,
+    k: Annotated[int, Path(ge=0, le=INT_MAX, description="Position in the job's samples.")],
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> SampleDetail:
+    doc = _samples_doc(session, settings, owner, job_id)
+    if k >= len(doc["samples"]):
+        raise APIError(404, "not_found", f"job {job_id} has {len(doc['samples'])} samples; no sample {k}")
+    return SampleDetail.model_validate(samples_file.detail(doc, k))

@@ -1,0 +1,60 @@
+"""/v1/precomputes: the teacher value stores (content-addressed, shared between jobs).
+
+A store is not owned by a key, but it names a teacher and describes a dataset, so a key sees
+only the stores its own jobs computed or use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import or_, select
+
+from service import models as db
+from service.deps import OwnerDep, SessionDep, in_one_thread
+from service.errors import invalid
+from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
+from service.schemas import PrecomputeList, error_responses
+from service.views import precompute_view
+
+router = APIRouter(prefix="/v1/precomputes", tags=["precomputes"])
+
+
+@router.get(
+    "",
+    response_model=PrecomputeList,
+    summary="Value stores your jobs computed or use, newest first",
+    responses=error_responses(401, 422),
+)
+@in_one_thread
+def list_precomputes(
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[
+        str | None,
+        Query(max_length=64, pattern=r"^[0-9A-Za-z_-]*$", description="The last key of the previous page."),
+    ] = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+) -> PrecomputeList:
+    mine = select(db.Job.id).where(db.Job.owner_id == owner)
+    used = select(db.Job.precompute_key).where(db.Job.owner_id == owner, db.Job.precompute_key.is_not(None))
+    query = select(db.Precompute).where(or_(db.Precompute.job_id.in_(mine), db.Precompute.key.in_(used)))
+    if after is not None:
+        cursor = session.execute(
+            select(db.Precompute.created_at, db.Precompute.key).where(db.Precompute.key == after)
+        ).first()
+        if cursor is None:
+            raise invalid("after", f"no precompute {after!r} to page after", code="invalid_cursor")
+        query = query.where(
+            before(db.Precompute.created_at, db.Precompute.key, cursor.created_at, cursor.key)
+        )
+    rows = session.scalars(
+        query.order_by(db.Precompute.created_at.desc(), db.Precompute.key.desc()).limit(limit + 1)
+    ).all()
+    page = Page.of(rows, limit)
+    return PrecomputeList(
+        data=[precompute_view(p) for p in page.rows],
+        has_more=page.has_more,
+        next_after=page.next_after(lambda p: p.key),
+    )

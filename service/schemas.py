@@ -1,0 +1,361 @@
+"""Request and response bodies of the REST API (pydantic). Kept apart from the database models
+(service.models): these are the public contract, those are storage."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.hyperparams import Hyperparameters, top_level_field
+from service.models import STATUSES
+
+JobStatus = Literal[
+    "validating", "queued", "precomputing", "training", "evaluating",
+    "succeeded", "failed", "cancelling", "cancelled",
+]  # fmt: skip
+assert set(JobStatus.__args__) == set(STATUSES)  # type: ignore[attr-defined]
+
+# Names and free text that reach the file system or the database: no NUL (PostgreSQL text cannot
+# hold it, paths cannot contain it); lone surrogates are refused by pydantic's str itself.
+NoNul = r"^[^\x00]*$"
+Name = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=NoNul)]
+MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NoNul)]
+MetaValue = Annotated[str, StringConstraints(max_length=512, pattern=NoNul)]
+Text = Annotated[str, StringConstraints(pattern=NoNul)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Machine-readable code, e.g. invalid_value, not_found, unauthorized.")
+    message: str = Field(description="What went wrong, for people.")
+    field: str | None = Field(
+        description="The request part at fault: a dotted path into the body or query "
+        "(`hyperparameters.learning_rate`, `prompt[1].content`), a header name "
+        "(`Idempotency-Key`), or null."
+    )
+    details: list[dict[str, Any]] = Field(
+        description="Every problem found (e.g. each invalid field, or each bad row of an upload)."
+    )
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entry declaring the error body for each status code."""
+    words = {
+        401: "Missing or invalid API key.",
+        404: "No such object (or it belongs to another key).",
+        409: "The request conflicts with the object's state.",
+        413: "The upload is larger than TVKD_MAX_UPLOAD_BYTES.",
+        422: "Invalid request; `error.field` names the field.",
+        503: "Not ready.",
+    }
+    return {code: {"model": ErrorBody, "description": words.get(code, "Error.")} for code in codes}
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+
+
+class JobCreate(_Strict):
+    """A distillation job: the body of POST /v1/jobs."""
+
+    teacher: Name = Field(
+        description="Teacher model: a folder name relative to a TVKD_MODEL_ROOTS root, an absolute path "
+        "inside one, or (with TVKD_ALLOW_HUB) a Hugging Face hub id. Checked even when alpha=0."
+    )
+    student: Name = Field(description="Student model to train (initial weights), same rules as teacher.")
+    dataset: Name = Field(
+        description="Preference data: a file or `datasets` folder relative to a TVKD_DATA_ROOTS root, an "
+        "absolute path inside one, or the id (`ds_…`) of a dataset this key uploaded."
+    )
+    alpha: float = top_level_field("alpha")
+    beta: float = top_level_field("beta")
+    hyperparameters: Hyperparameters = Field(  # type: ignore[valid-type]
+        default_factory=Hyperparameters, description="Every other setting; omitted ones take defaults."
+    )
+    metadata: dict[MetaKey, MetaValue] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Up to 16 string pairs of your own, kept with the job.",
+    )
+
+
+class Progress(BaseModel):
+    done: int = Field(description="Units of the current stage done (steps, pairs).")
+    total: int = Field(description="Units of the current stage in all (0 = not known yet).")
+    fraction: float | None = Field(description="done/total, or null when the total is not known.")
+    eta_seconds: float | None = Field(description="Estimated seconds left in the current stage.")
+
+
+class JobErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    stage: str = Field(
+        description="The stage that runs, or runs next: validate, precompute, reference, train, evaluate."
+    )
+    progress: Progress
+    teacher: str
+    student: str
+    dataset: str
+    alpha: float
+    beta: float
+    hyperparameters: dict[str, Any] = Field(description="Every setting, defaults filled in.")
+    metadata: dict[str, Any]
+    warnings: list[str] = Field(description="Legal settings that are probably not what was meant.")
+    error: JobErrorInfo | None
+    result: dict[str, Any] | None = Field(description="Final metrics once the job has succeeded.")
+    model_path: str | None = Field(
+        description="The trained model folder, relative to the artifact root (succeeded jobs)."
+    )
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    next_after: str | None = Field(description="Pass as `after` to get the next page (null on the last).")
+
+
+class Event(BaseModel):
+    id: int
+    object: Literal["event"] = "event"
+    created_at: datetime
+    level: str
+    stage: str | None
+    message: str
+    data: dict[str, Any]
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Event]
+    has_more: bool
+    next_after: int | None
+
+
+class MetricPoint(BaseModel):
+    id: int
+    step: int
+    split: str
+    name: str
+    value: float | None = Field(description="null for a non-finite value (JSON has no NaN).")
+    created_at: datetime
+
+
+class MetricList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricPoint]
+    has_more: bool
+    next_after: int | None
+
+
+class MetricSeries(BaseModel):
+    split: str
+    name: str
+    steps: list[int]
+    values: list[float | None]
+
+
+class MetricSeriesList(BaseModel):
+    object: Literal["metric_series"] = "metric_series"
+    data: list[MetricSeries]
+
+
+class Checkpoint(BaseModel):
+    id: int
+    object: Literal["checkpoint"] = "checkpoint"
+    step: int
+    path: str = Field(description="Relative to the artifact root.")
+    created_at: datetime
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Checkpoint]
+    has_more: bool
+    next_after: int | None
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and inspection (per-token signals; tvkd.inspect.InspectResult's JSON form)
+
+
+class TokenSignal(BaseModel):
+    index: int
+    id: int
+    text: str
+    value: float | None = Field(description="V_φ(s_t), the teacher's soft value at the token's state.")
+    psi: float | None = Field(description="ψ_t, the shaping term (α not applied).")
+    teacher_logp: float | None = Field(description="log π_φ(y_t|s_t); null when tokenizations differ.")
+    logratio: float | None = Field(description="β·(log π_θ − log π_ref)(y_t|s_t); null without a student.")
+
+
+class SideSummary(BaseModel):
+    text: str
+    tokens: int
+    sum_psi: float | None
+    sum_logratio: float | None
+    value_end: float | None
+
+
+class SampleSummary(BaseModel):
+    k: int = Field(description="Position in the job's samples; GET /samples/{k} gives its tokens.")
+    index: int | None
+    row: int | None
+    prompt: str | list[dict[str, Any]]
+    chosen: SideSummary
+    rejected: SideSummary
+
+
+class SampleList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SampleSummary]
+    has_more: bool
+    next_after: int | None
+    step: int | None = Field(description="Training step the samples were written at.")
+
+
+class InspectSide(BaseModel):
+    prompt: str | list[dict[str, Any]]
+    response: str
+    tokens: list[TokenSignal]
+    sum_psi: float | None
+    sum_logratio: float | None
+    value_start: float | None
+    value_end: float | None
+    method: dict[str, Any]
+    tokenization: Literal["teacher", "student"]
+    side: str | None
+
+
+class SampleDetail(BaseModel):
+    object: Literal["sample"] = "sample"
+    k: int
+    index: int | None
+    row: int | None
+    step: int | None
+    chosen: InspectSide
+    rejected: InspectSide
+
+
+class Message(_Strict):
+    role: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NoNul)]
+    content: Annotated[str, StringConstraints(max_length=20_000, pattern=NoNul)]
+
+
+class InspectRequest(_Strict):
+    """POST /v1/inspect: per-token values and shaping of one response under a teacher."""
+
+    teacher: Name = Field(description="Teacher model, same rules as a job's teacher.")
+    prompt: (
+        Annotated[str, StringConstraints(max_length=20_000, pattern=NoNul)]
+        | Annotated[list[Message], Field(min_length=1, max_length=64)]
+    ) = Field(description="Prompt text, or chat messages rendered with the teacher's chat template.")
+    response: Annotated[str, StringConstraints(min_length=1, max_length=8_000, pattern=NoNul)]
+    alpha: float = top_level_field("alpha")
+    beta: float = top_level_field("beta")
+    value_beta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, description="β_v of V.")
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Discount γ of ψ.")
+    terminal: Literal["model", "zero"] = "model"
+    q_source: Literal["logits", "logprobs"] = "logits"
+    shaping: Literal["value", "logprob", "logit", "none"] = "value"
+    max_length: int = Field(default=1024, ge=2, le=4096, description="Longest prompt+response in tokens.")
+
+
+class InspectResponse(InspectSide):
+    object: Literal["inspection"] = "inspection"
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets, models, precomputes
+
+
+class Dataset(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    filename: str
+    bytes: int
+    sha256: str
+    rows: int
+    pairs: int
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Dataset]
+    has_more: bool
+    next_after: str | None
+
+
+class ModelInfo(BaseModel):
+    id: str = Field(description="The name to use as teacher/student: the path relative to its root.")
+    object: Literal["model"] = "model"
+    root: str
+    architecture: str | None
+    model_type: str | None
+    params: int | None = Field(description="Stored weights, from the safetensors headers.")
+    has_chat_template: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+    has_more: bool
+    next_after: str | None
+
+
+class Precompute(BaseModel):
+    key: str
+    object: Literal["precompute"] = "precompute"
+    status: str
+    teacher: str
+    path: str
+    pairs: int
+    tokens: int
+    bytes: int
+    fields: dict[str, Any]
+    job_id: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class PrecomputeList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Precompute]
+    has_more: bool
+    next_after: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Health
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, str] = Field(description="database, migrations, broker: 'ok' or the reason.")

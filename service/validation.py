@@ -1,0 +1,270 @@
+"""Submit-time validation of a job spec: everything that can be checked in milliseconds, so a bad
+request is a 422 naming its field instead of a job that fails minutes later.
+
+- settings: the pydantic schema (types, ranges, unknown keys), then tvkd's own dataclass checks
+  (`TrainConfig.from_dict`), whose `ConfigError.field` becomes the error's field path;
+- models: the name resolves under TVKD_MODEL_ROOTS (tvkd.models.resolve_model_path refuses `..`,
+  symlink and absolute-path escapes) or is a hub id when TVKD_ALLOW_HUB; a local folder must hold a
+  config.json, and its config and tokenizer must load (cached per folder and file mtimes, so a
+  folder is loaded once, not on every submit);
+- dataset: a file or folder under TVKD_DATA_ROOTS (same escape rules) or the id of a dataset
+  this key uploaded (hub dataset ids are not taken: the worker reads datasets under the roots).
+
+Row-level data checks, tokenizer compatibility and the chat-template round-trip are the worker's
+validate stage: they need the whole dataset and tokenizing it.
+
+`resolve_model` and `resolve_dataset` are also what a worker calls to turn a job's names into
+paths, with the same rules (and re-checked at run time: a symlink swapped after submit is caught).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.errors import invalid
+from service.hyperparams import JOB_OPTIONS
+from service.models import Dataset
+from service.settings import Settings
+from tvkd.config import ConfigError, TrainConfig
+from tvkd.models import ModelError, load_config, load_tokenizer, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+DATASET_ID_RE = re.compile(r"^ds_[0-9a-f]{1,64}$")
+# The file types tvkd.data.load_pairs reads.
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet")
+# Files whose change invalidates a cached model check.
+MODEL_CHECK_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_CHECK_CACHE_MAX = 256
+
+
+@dataclass
+class ValidSpec:
+    """A validated job spec: the full settings (defaults filled) and the warnings to show."""
+
+    hyperparameters: dict[str, Any]
+    warnings: list[str]
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+def config_field_path(field: str) -> str:
+    return field if field in ("alpha", "beta") else f"hyperparameters.{field}"
+
+
+def check_settings(alpha: float, beta: float, hyperparameters: dict[str, Any]) -> ValidSpec:
+    """Run tvkd's dataclass checks; a ConfigError is a 422 naming `alpha`, `beta` or
+    `hyperparameters.<name>`."""
+    train = {k: v for k, v in hyperparameters.items() if k not in JOB_OPTIONS}
+    try:
+        config = TrainConfig.from_dict({**train, "alpha": alpha, "beta": beta})
+    except ConfigError as exc:
+        raise invalid(config_field_path(exc.field), exc.message) from exc
+    except TypeError as exc:  # a field the dataclasses do not take (the schema should stop it first)
+        raise invalid("hyperparameters", str(exc)) from exc
+    return ValidSpec(hyperparameters, config.method.warnings())
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def resolve_model(settings: Settings, name: str, *, field: str = "model") -> str:
+    """A local model folder (resolved, inside a model root) or a hub id; 422 naming `field`."""
+    try:
+        resolved = resolve_model_path(name, roots=settings.resolved_model_roots, allow_hub=settings.allow_hub)
+    except ModelError as exc:
+        raise invalid(field, str(exc), code="invalid_model") from exc
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL, too long a name, `~user` unknown, …
+        raise invalid(field, f"invalid model name {name!r}: {exc}", code="invalid_model") from exc
+    path = Path(resolved)
+    if path.is_absolute():
+        if not path.is_dir():
+            raise invalid(field, f"{name!r} is not a model folder", code="invalid_model")
+        if not (path / "config.json").is_file():
+            raise invalid(
+                field, f"{name!r} is not a model folder: it has no config.json", code="invalid_model"
+            )
+    return resolved
+
+
+class ModelChecks:
+    """Whether a model folder's config and tokenizer load, cached by folder and file mtimes.
+    Failures are cached too (same key), so a broken folder is not reloaded on every submit."""
+
+    def __init__(self, trust_remote_code: bool = False) -> None:
+        self.trust_remote_code = trust_remote_code
+        self._results: OrderedDict[tuple[Any, ...], str | None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    @staticmethod
+    def _key(folder: Path) -> tuple[Any, ...]:
+        parts: list[Any] = [str(folder), folder.stat().st_mtime_ns]
+        for name in MODEL_CHECK_FILES:
+            try:
+                st = (folder / name).stat()
+                parts.append((name, st.st_mtime_ns, st.st_size))
+            except OSError:
+                parts.append((name, None))
+        return tuple(parts)
+
+    def problem(self, folder: Path) -> str | None:
+        """None when the folder's config and tokenizer load, else why not."""
+        key = self._key(folder)
+        with self._lock:
+            if key in self._results:
+                self._results.move_to_end(key)
+                return self._results[key]
+        # One load at a time: loads are rare (once per folder version) and CPU-bound, and two
+        # requests for a new folder should not both pay for it.
+        with self._load_lock:
+            with self._lock:
+                if key in self._results:
+                    return self._results[key]
+            result = self._load(folder)
+            with self._lock:
+                self._results[key] = result
+                while len(self._results) > MODEL_CHECK_CACHE_MAX:
+                    self._results.popitem(last=False)
+        return result
+
+    def _load(self, folder: Path) -> str | None:
+        try:
+            load_config(str(folder), trust_remote_code=self.trust_remote_code)
+            load_tokenizer(str(folder), trust_remote_code=self.trust_remote_code)
+        except ModelError as exc:
+            return str(exc)
+        except Exception as exc:  # transformers/tokenizers raise many types for a broken folder
+            logger.info("model check of %s failed: %r", folder, exc)
+            return f"cannot load the config and tokenizer of {folder.name!r}: {exc}"
+        return None
+
+
+def check_model(settings: Settings, checks: ModelChecks, name: str, *, field: str) -> str:
+    resolved = resolve_model(settings, name, field=field)
+    path = Path(resolved)
+    if path.is_absolute():
+        problem = checks.problem(path)
+        if problem:
+            raise invalid(field, problem, code="invalid_model")
+    # A hub id is not loaded here (that needs the network and can take long): the worker's
+    # validate stage loads it.
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def resolve_data_path(name: str, roots: Sequence[Path], *, field: str = "dataset") -> str:
+    """A dataset file or folder inside a data root (after resolving `..` and symlinks); 422 naming
+    `field` otherwise. Hub dataset ids are not taken (the worker resolves datasets under the roots
+    only, worker.jobspec.resolve_dataset)."""
+    roots = [Path(r).resolve() for r in roots]
+    try:
+        raw = Path(name)
+        candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
+        escaped = None
+        for candidate in candidates:
+            if not candidate.exists():
+                continue
+            real = candidate.resolve()
+            if _inside(real, roots):
+                if real.is_file() and not real.name.lower().endswith(DATA_SUFFIXES):
+                    raise invalid(
+                        field,
+                        f"{name!r} is not a dataset file (use {', '.join(DATA_SUFFIXES)}, or a folder)",
+                        code="invalid_dataset",
+                    )
+                return str(real)
+            escaped = real
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise invalid(field, f"invalid dataset path {name!r}: {exc}", code="invalid_dataset") from exc
+    if escaped is not None:
+        raise invalid(
+            field, f"dataset path {name!r} resolves outside the allowed data roots", code="path_outside_roots"
+        )
+    if raw.is_absolute():
+        raise invalid(
+            field, f"dataset path {name!r} is not inside the allowed data roots", code="path_outside_roots"
+        )
+    raise invalid(field, f"dataset {name!r} not found under the data roots", code="invalid_dataset")
+
+
+def resolve_dataset(
+    settings: Settings, session: Session, owner_id: str, name: str, *, field: str = "dataset"
+) -> str:
+    """An uploaded dataset id of this key (→ its stored file), or a path under the data roots."""
+    if name.startswith("ds_"):
+        row = session.get(Dataset, name) if DATASET_ID_RE.match(name) else None
+        if row is None or row.owner_id != owner_id:  # another key's dataset does not exist for you
+            raise invalid(field, f"no uploaded dataset {name!r}", code="unknown_dataset")
+        path = settings.artifacts / row.path
+        if not path.is_file():
+            raise invalid(field, f"the file of dataset {name!r} is gone", code="unknown_dataset")
+        return str(path)
+    return resolve_data_path(name, settings.resolved_data_roots, field=field)
+
+
+def check_job(
+    settings: Settings,
+    session: Session,
+    checks: ModelChecks,
+    owner_id: str,
+    *,
+    teacher: str,
+    student: str,
+    dataset: str,
+    alpha: float,
+    beta: float,
+    hyperparameters: dict[str, Any],
+) -> ValidSpec:
+    """Every submit-time check, cheapest first; the first failure is raised as a 422."""
+    spec = check_settings(alpha, beta, hyperparameters)
+    resolve_dataset(settings, session, owner_id, dataset)
+    if hyperparameters.get("eval_dataset"):
+        resolve_dataset(
+            settings, session, owner_id, hyperparameters["eval_dataset"], field="hyperparameters.eval_dataset"
+        )
+    check_model(settings, checks, teacher, field="teacher")
+    check_model(settings, checks, student, field="student")
+    return spec
+
+
+def is_inside(path: str | os.PathLike[str], root: Path) -> bool:
+    """True when `path` (after resolving symlinks) lies inside `root`."""
+    try:
+        return _inside(Path(path).resolve(), [root.resolve()])
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+__all__ = [
+    "DATA_SUFFIXES",
+    "ModelChecks",
+    "ValidSpec",
+    "check_job",
+    "check_model",
+    "check_settings",
+    "is_inside",
+    "resolve_data_path",
+    "resolve_dataset",
+    "resolve_model",
+]

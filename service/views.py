@@ -1,0 +1,135 @@
+"""Database rows → API response bodies (service.schemas). The one place that decides what a job
+looks like from outside, so the list, get, create and cancel routes all show the same object."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import models as db
+from service import schemas as api
+from tvkd.config import ConfigError, MethodConfig
+
+METHOD_FIELDS = frozenset(f.name for f in dataclasses.fields(MethodConfig)) - {"alpha", "beta"}
+
+
+def finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def job_warnings(job: db.Job) -> list[str]:
+    """MethodConfig.warnings() of the job's settings. Recomputed rather than stored: they are a
+    pure function of the spec, so they need no column and can never disagree with it."""
+    hp = job.hyperparameters or {}
+    try:
+        method = MethodConfig(alpha=job.alpha, beta=job.beta, **{k: hp[k] for k in METHOD_FIELDS if k in hp})
+    except (ConfigError, TypeError):
+        return []
+    return method.warnings()
+
+
+def job_view(job: db.Job, *, model_path: str | None = None) -> api.Job:
+    total = job.progress_total or 0
+    done = job.progress_done or 0
+    error = api.JobErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return api.Job(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        stage=job.stage,
+        progress=api.Progress(
+            done=done,
+            total=total,
+            fraction=min(1.0, done / total) if total > 0 else None,
+            eta_seconds=finite(job.eta_seconds),
+        ),
+        teacher=job.teacher,
+        student=job.student,
+        dataset=job.dataset,
+        alpha=job.alpha,
+        beta=job.beta,
+        hyperparameters=job.hyperparameters or {},
+        metadata=job.user_metadata or {},
+        warnings=job_warnings(job),
+        error=error,
+        # `result` accumulates stage reports while the job runs; it is shown once it is final.
+        result=(job.result or None) if job.status == "succeeded" else None,
+        model_path=model_path,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def model_path_of(session: Session, job: db.Job) -> str | None:
+    """The model folder artifact of a succeeded job (one indexed query, only for those)."""
+    if job.status != "succeeded":
+        return None
+    return session.scalar(
+        select(db.Artifact.path).where(db.Artifact.job_id == job.id, db.Artifact.kind == "model")
+    )
+
+
+def job_response(session: Session, job: db.Job) -> api.Job:
+    return job_view(job, model_path=model_path_of(session, job))
+
+
+def jobs_response(session: Session, jobs: list[db.Job]) -> list[api.Job]:
+    succeeded = [j.id for j in jobs if j.status == "succeeded"]
+    paths: dict[str, str] = {}
+    if succeeded:
+        rows = session.execute(
+            select(db.Artifact.job_id, db.Artifact.path).where(
+                db.Artifact.job_id.in_(succeeded), db.Artifact.kind == "model"
+            )
+        )
+        paths = {job_id: path for job_id, path in rows}
+    return [job_view(j, model_path=paths.get(j.id)) for j in jobs]
+
+
+def event_view(e: db.JobEvent) -> api.Event:
+    return api.Event(
+        id=e.id, created_at=e.created_at, level=e.level, stage=e.stage, message=e.message, data=e.data or {}
+    )
+
+
+def metric_view(m: db.MetricPoint) -> api.MetricPoint:
+    return api.MetricPoint(
+        id=m.id, step=m.step, split=m.split, name=m.name, value=finite(m.value), created_at=m.created_at
+    )
+
+
+def checkpoint_view(c: db.Checkpoint) -> api.Checkpoint:
+    return api.Checkpoint(id=c.id, step=c.step, path=c.path, created_at=c.created_at)
+
+
+def dataset_view(d: db.Dataset) -> api.Dataset:
+    return api.Dataset(
+        id=d.id,
+        filename=d.filename,
+        bytes=d.bytes,
+        sha256=d.sha256,
+        rows=d.rows,
+        pairs=d.pairs,
+        created_at=d.created_at,
+    )
+
+
+def precompute_view(p: db.Precompute) -> api.Precompute:
+    fields: dict[str, Any] = p.fields or {}
+    return api.Precompute(
+        key=p.key,
+        status=p.status,
+        teacher=p.teacher,
+        path=p.path,
+        pairs=p.pairs,
+        tokens=p.tokens,
+        bytes=p.bytes,
+        fields=fields,
+        job_id=p.job_id,
+        created_at=p.created_at,
+        completed_at=p.completed_at,
+    )
