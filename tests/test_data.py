@@ -151,9 +151,7 @@ def test_conversational_plain_string_responses(tmp_path: Path) -> None:
 
 def test_hh_form(tmp_path: Path) -> None:
     prompt = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant:"
-    path = write_jsonl(
-        tmp_path / "hh.jsonl", [{"chosen": prompt + " Paris.", "rejected": prompt + " No."}]
-    )
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": prompt + " Paris.", "rejected": prompt + " No."}])
     (pair,), _ = load_pairs(path)
     assert pair == load_pairs(path, format="hh")[0][0]
     assert (pair.prompt, pair.chosen, pair.rejected) == (prompt, " Paris.", " No.")
@@ -175,9 +173,7 @@ def test_real_hh_file() -> None:
         *((row, "chosen", "empty_response") for row in (86, 516, 925, 1103)),
         *((row, "prompt", "template") for row in (1254, 1688, 1950, 1952, 2036)),
     }
-    assert all(
-        p.prompt.endswith("\n\nAssistant:") and p.prompt.startswith("\n\nHuman:") for p in pairs
-    )
+    assert all(p.prompt.endswith("\n\nAssistant:") and p.prompt.startswith("\n\nHuman:") for p in pairs)
     assert all(p.chosen.startswith(" ") and p.rejected.startswith(" ") for p in pairs)
 
 
@@ -432,9 +428,7 @@ def test_too_long(tiny_tokenizer: Any) -> None:
     with pytest.raises(DataError) as err:
         tokenize_pairs(tiny_tokenizer, [pair, short], max_length=n_prompt)
     assert issues_of(err.value.report) == {(0, "prompt", "too_long")}
-    out, report = tokenize_pairs(
-        tiny_tokenizer, [pair, short], max_length=n_prompt, on_error="drop"
-    )
+    out, report = tokenize_pairs(tiny_tokenizer, [pair, short], max_length=n_prompt, on_error="drop")
     assert [(t.index, t.row) for t in out] == [(1, 9)]
     assert (report.total_rows, report.kept, report.dropped) == (2, 1, 1)
 
@@ -498,9 +492,7 @@ def test_split_pairs() -> None:
 # CLI
 
 
-def test_cli_data_check(
-    tmp_path: Path, tiny_tokenizer: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_data_check(tmp_path: Path, tiny_tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:
     rows = [*TEXT_ROWS, {"prompt": "p", "chosen": "same", "rejected": "same"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert main(["data", "check", str(path)]) == 1

@@ -289,18 +289,14 @@ def _parse_jsonl_line(raw: _Raw, lineno: int, line: bytes) -> None:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raw.issues.append(
-            RowIssue(
-                lineno, "<row>", "not_utf8", f"line {lineno + 1}: invalid UTF-8 at byte {exc.start}"
-            )
+            RowIssue(lineno, "<row>", "not_utf8", f"line {lineno + 1}: invalid UTF-8 at byte {exc.start}")
         )
         return
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raw.issues.append(
-            RowIssue(
-                lineno, "<row>", "bad_json", f"line {lineno + 1}: {exc.msg} at column {exc.colno}"
-            )
+            RowIssue(lineno, "<row>", "bad_json", f"line {lineno + 1}: {exc.msg} at column {exc.colno}")
         )
         return
     raw.records.append((lineno, record))
@@ -322,9 +318,7 @@ def _read_json_list(path: Path, split: str, limit: int | None) -> _Raw:
     except UnicodeDecodeError as exc:
         raise _file_error(name, "not_utf8", f"invalid UTF-8 at byte {exc.start}") from exc
     except json.JSONDecodeError as exc:
-        raise _file_error(
-            name, "bad_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
+        raise _file_error(name, "bad_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     # {"train": [...], "test": [...]} is a common way to ship splits in one JSON file.
     if isinstance(document, dict) and isinstance(document.get(split), list):
         document = document[split]
@@ -366,9 +360,7 @@ def _read_hf_folder(path: Path, split: str, limit: int | None) -> _Raw:
         loaded = datasets.load_dataset(str(path), split=split)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise _file_error(
-                str(path), "missing_field", f"no split {split!r}; available: {sorted(loaded)}"
-            )
+            raise _file_error(str(path), "missing_field", f"no split {split!r}; available: {sorted(loaded)}")
         loaded = loaded[split]
     return _raw_from_dataset(str(path), loaded, limit)
 
@@ -404,9 +396,7 @@ def _resolve_form(format: str, raw: _Raw) -> _Form:
     the first value): a row that does not fit the source's form is a bad row, not a new form."""
     cols = raw.columns
     if raw.records and cols and not cols & {"chosen", "rejected"}:
-        raise _file_error(
-            raw.name, "missing_field", f"no 'chosen'/'rejected' columns (found {sorted(cols)})"
-        )
+        raise _file_error(raw.name, "missing_field", f"no 'chosen'/'rejected' columns (found {sorted(cols)})")
     if format == "text":
         return "text"
     if format == "hh":
@@ -422,9 +412,7 @@ def _resolve_form(format: str, raw: _Raw) -> _Form:
     return "hh"
 
 
-def _parse_record(
-    form: _Form, row: int, record: Any
-) -> tuple[PreferencePair | None, list[RowIssue]]:
+def _parse_record(form: _Form, row: int, record: Any) -> tuple[PreferencePair | None, list[RowIssue]]:
     if not isinstance(record, dict):
         kind = type(record).__name__
         return None, [RowIssue(row, "<row>", "bad_type", f"expected an object, got {kind}")]
@@ -447,9 +435,7 @@ def _get_str(record: Mapping[str, Any], row: int, name: str, issues: list[RowIss
         issues.append(RowIssue(row, name, "missing_field", f"missing field {name!r}"))
         return None
     if not isinstance(value, str):
-        issues.append(
-            RowIssue(row, name, "bad_type", f"expected a string, got {type(value).__name__}")
-        )
+        issues.append(RowIssue(row, name, "bad_type", f"expected a string, got {type(value).__name__}"))
         return None
     return value
 
@@ -518,9 +504,7 @@ def _parse_hh(
     return _finish(row, prompt, parts["chosen"][1], parts["rejected"][1], None, issues)
 
 
-def _as_messages(
-    value: Any, row: int, name: str, issues: list[RowIssue]
-) -> tuple[Message, ...] | None:
+def _as_messages(value: Any, row: int, name: str, issues: list[RowIssue]) -> tuple[Message, ...] | None:
     """Validate a message list; keep only role and content (extra keys such as `name` or the
     nulls `datasets` adds for ragged structs do not reach the template)."""
     if value is None:
@@ -537,17 +521,13 @@ def _as_messages(
             and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
         ):
-            issues.append(
-                RowIssue(row, f"{name}[{k}]", "bad_type", "expected {'role': str, 'content': str}")
-            )
+            issues.append(RowIssue(row, f"{name}[{k}]", "bad_type", "expected {'role': str, 'content': str}"))
             return None
         messages.append({"role": message["role"], "content": message["content"]})
     return tuple(messages)
 
 
-def _single_assistant(
-    messages: Sequence[Message], row: int, name: str, issues: list[RowIssue]
-) -> str | None:
+def _single_assistant(messages: Sequence[Message], row: int, name: str, issues: list[RowIssue]) -> str | None:
     """A response must be exactly one assistant message; several trailing assistant messages
     have no single content string to score, so they are a bad row rather than a guess."""
     if not messages:
@@ -565,16 +545,12 @@ def _single_assistant(
         return None
     if messages[0]["role"] != "assistant":
         role = messages[0]["role"]
-        issues.append(
-            RowIssue(row, name, "template", f"response role is {role!r}, not 'assistant'")
-        )
+        issues.append(RowIssue(row, name, "template", f"response role is {role!r}, not 'assistant'"))
         return None
     return messages[0]["content"]
 
 
-def _get_response(
-    record: Mapping[str, Any], row: int, name: str, issues: list[RowIssue]
-) -> str | None:
+def _get_response(record: Mapping[str, Any], row: int, name: str, issues: list[RowIssue]) -> str | None:
     value = record.get(name)
     if isinstance(value, str):
         return value
@@ -693,9 +669,7 @@ def tokenize_pair(
     prompt_ids = _encode_prompt(tokenizer, prompt_text)
     if not prompt_ids:
         # Without a single prompt token there is no state s_1 to predict y_1 from.
-        raise RowError(
-            RowIssue(pair.row, "prompt", "template", "the prompt has no tokens (and no BOS)")
-        )
+        raise RowError(RowIssue(pair.row, "prompt", "template", "the prompt has no tokens (and no BOS)"))
     if len(prompt_ids) >= max_length:
         raise RowError(
             RowIssue(
@@ -714,8 +688,7 @@ def tokenize_pair(
                     pair.row,
                     name,
                     "too_long",
-                    f"prompt {len(prompt_ids)} + {name} {len(ids)} tokens "
-                    f"> max_length {max_length}",
+                    f"prompt {len(prompt_ids)} + {name} {len(ids)} tokens > max_length {max_length}",
                 )
             )
         sides[name] = (ids, ends)
@@ -805,9 +778,7 @@ def _render(
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as exc:  # templates raise arbitrary errors (raise_exception, jinja errors)
-        raise RowError(
-            RowIssue(row, field_name, "template", f"chat template failed: {exc}")
-        ) from exc
+        raise RowError(RowIssue(row, field_name, "template", f"chat template failed: {exc}")) from exc
     if not isinstance(text, str):
         raise RowError(RowIssue(row, field_name, "template", "chat template did not render text"))
     return text
@@ -978,9 +949,7 @@ def split_pairs(
         n_eval = max(n_eval, 1)
     n_eval = min(n_eval, max(n - 1, 0))
     salt = f"{seed}\n".encode()
-    ranked = sorted(
-        range(n), key=lambda i: (hashlib.sha256(salt + _canonical(pairs[i])).digest(), i)
-    )
+    ranked = sorted(range(n), key=lambda i: (hashlib.sha256(salt + _canonical(pairs[i])).digest(), i))
     held_out = set(ranked[:n_eval])
     train = [p for i, p in enumerate(pairs) if i not in held_out]
     evaluation = [p for i, p in enumerate(pairs) if i in held_out]
