@@ -17,7 +17,17 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import REDIS_HOST, REDIS_PORT, Proc, WorkerPool, client, free_port, start_process, wait_for
+from conftest import (
+    ALICE,
+    REDIS_HOST,
+    REDIS_PORT,
+    Proc,
+    WorkerPool,
+    client,
+    free_port,
+    start_process,
+    wait_for,
+)
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -387,15 +397,26 @@ def test_a_worker_that_lost_its_lease_stops_without_writing(
 # The embedded broker (no Redis at all): one run is enough, on the embedded SQLite database.
 
 
-def test_embedded_broker_runs_a_job(
-    backend: str, service_env: dict[str, str], service_home: Path, tiny_assets: dict[str, str], tmp_path: Path
-) -> None:
-    if backend != "sqlite":
-        pytest.skip("the embedded setup (SQLite + filesystem broker) runs once, with the sqlite backend")
+def test_embedded_broker_runs_a_job(tmp_path: Path) -> None:
+    """Independent of the `backend` parameter (it uses neither Redis nor the run's database), so
+    it runs exactly once per test run."""
+    import os
+
+    from tvkd.models import build_tiny_model
+    from tvkd.tasks import generate, split, write_jsonl
+
     home = tmp_path / "home"
-    # Embedded defaults: no database URL, no broker URL, artifacts under TVKD_HOME.
-    env = {k: v for k, v in service_env.items() if k not in ("TVKD_DATABASE_URL", "TVKD_ARTIFACT_ROOT")}
-    env.update(TVKD_HOME=str(home), TVKD_BROKER_URL="")
+    build_tiny_model(home / "models" / "teacher", seed=1)
+    build_tiny_model(home / "models" / "student", seed=2)
+    train, held_out = split(generate(48, seed=0), eval_count=8)
+    write_jsonl(train + held_out, home / "data" / "tasks.jsonl")
+    assets = {"teacher": "teacher", "student": "student", "dataset": "tasks.jsonl"}
+    # Embedded defaults: no database, broker, artifact or root settings; everything under TVKD_HOME.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TVKD_")}
+    env.update(
+        TVKD_HOME=str(home), TVKD_API_KEYS=f"alice={ALICE}", TVKD_HEARTBEAT_SECONDS="0.5",
+        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+    )  # fmt: skip
     port = free_port()
     api = start_process("api-embedded", ["serve", "--port", str(port), "--no-access-log"], env, tmp_path)
     worker = start_process("worker-embedded", ["worker", "--hostname", "fs@%h"], env, tmp_path)
@@ -410,7 +431,7 @@ def test_embedded_broker_runs_a_job(
                 return False
 
         wait_for(healthy, timeout=60, what="the embedded API")
-        job_id = submit(url, tiny_assets)
+        job_id = submit(url, assets)
         try:
             wait_for(
                 lambda: get_job(url, job_id)["status"] in TERMINAL,

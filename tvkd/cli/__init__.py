@@ -9,7 +9,18 @@ import importlib
 import sys
 
 # Module names under tvkd.cli; each defines register(subparsers) -> None.
-COMMAND_MODULES = ("demo", "serve", "worker", "client", "models", "data", "precompute", "train", "inspect")
+COMMAND_MODULES = (
+    "demo",
+    "serve",
+    "worker",
+    "dashboard",
+    "client",
+    "models",
+    "data",
+    "precompute",
+    "train",
+    "inspect",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
