@@ -1,1 +1,2 @@
-"""Placeholder package; built by a later issue (see DESIGN.md)."""
+"""The TVKD dashboard: a Streamlit app (`tvkd dashboard`) that shows jobs, their curves and the
+per-token shaping signals, talking to the REST API over HTTP only (TVKD_API_URL, TVKD_API_KEY)."""

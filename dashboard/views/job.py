@@ -1,0 +1,216 @@
+"""Job: one job's state, stage timeline, metric curves, event log, checkpoints and model folder,
+with a cancel button; refreshed every few seconds while it runs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, connection
+from dashboard.api_client import ApiClient, ApiError
+from dashboard.formatting import badge, duration, is_active, number, progress_text, when
+from dashboard.paging import CursorPager
+from dashboard.widgets import INSPECTOR_PAGE, job_picker, live
+
+# Curves in the order an engineer reads a DPO run: is it learning (loss, margin), does it rank
+# pairs right, how do the two rewards move, what does the teacher's shaping contribute.
+REWARD_NOTE = (
+    "A falling `rewards/chosen` while `rewards/margins` grows is normal DPO behaviour: the loss only "
+    "asks chosen to beat rejected, and both log-ratios often fall, rejected faster."
+)
+CURVES: list[tuple[str, list[str], str | None]] = [
+    ("Loss", ["loss"], None),
+    ("Reward margin (chosen − rejected)", ["rewards/margins"], None),
+    ("Reward accuracy", ["rewards/accuracies"], None),
+    ("Rewards of chosen and rejected", ["rewards/chosen", "rewards/rejected"], REWARD_NOTE),
+]
+SHAPING_NOTE = (
+    "TVKD's teacher shaping: α·Σψ per response and how often Σψ alone ranks the pair as the data does."
+)
+EVENTS_PER_PAGE = 100
+
+
+def cell(text: str) -> str:
+    """A name as a markdown table cell: in code style, with what would break the table removed."""
+    return "`" + str(text).replace("`", "'").replace("|", "¦").replace("\n", " ") + "`"
+
+
+def header(job: dict[str, Any]) -> None:
+    st.markdown(f"### `{job['id']}` {badge(job['status'])}")
+    p = job.get("progress") or {}
+    if is_active(job):
+        st.progress(p.get("fraction") or 0.0, text=progress_text(job))
+    eta = duration(p.get("eta_seconds")) if is_active(job) else "—"
+    done = f"{p.get('done', 0)}/{p.get('total', 0)}" if p.get("total") else "—"
+    st.markdown(
+        "| stage | done | ETA | α | β | teacher | student | dataset |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {cell(job['stage'])} | {done} | {eta} | {job['alpha']:g} | {job['beta']:g} | "
+        f"{cell(job['teacher'])} | {cell(job['student'])} | {cell(job['dataset'])} |"
+    )
+    st.caption(
+        f"created {when(job.get('created_at'))} · started {when(job.get('started_at'))} · "
+        f"finished {when(job.get('finished_at'))}"
+    )
+    for warning in job.get("warnings") or []:
+        st.warning(warning)
+    if job.get("error"):
+        st.error(f"**{job['error']['code']}**: {job['error']['message']}")
+    if job.get("model_path"):
+        st.markdown("**Model folder** (a Hugging Face folder, relative to the API's artifact root):")
+        st.code(job["model_path"], language=None)
+
+
+def cancel_button(client: ApiClient, job: dict[str, Any]) -> None:
+    active = is_active(job) and job["status"] != "cancelling"
+    if st.button("Cancel job", key=f"cancel:{job['id']}", disabled=not active, type="secondary"):
+        try:
+            after = client.cancel_job(job["id"])
+            st.session_state[f"cancelled:{job['id']}"] = after["status"]
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            st.session_state[f"cancelled:{job['id']}"] = f"not cancelled: {exc.message}"
+        st.rerun()
+    outcome = st.session_state.get(f"cancelled:{job['id']}")
+    if outcome:
+        st.info(f"Cancel requested: {outcome}.")
+
+
+def timeline(client: ApiClient, job: dict[str, Any]) -> None:
+    events, truncated = client.all_events(job["id"])
+    spans = charts.stage_spans(events, job.get("finished_at"))
+    fig = charts.timeline_figure(spans)
+    if fig is None:
+        st.caption("No events yet.")
+        return
+    st.plotly_chart(fig, key="timeline", config={"displayModeBar": False})
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "stage": s.stage,
+                    "started": when(s.start.isoformat()),
+                    "took": duration((s.end - s.start).total_seconds()),
+                    "events": s.events,
+                    "worst level": s.level,
+                }
+                for s in spans
+            ]
+        ),
+        hide_index=True,
+    )
+    if truncated:
+        st.caption("The timeline shows the first 10,000 events.")
+
+
+def curves(client: ApiClient, job: dict[str, Any]) -> None:
+    series = charts.index_series(client.metric_series(job["id"]))
+    if not series:
+        st.caption("No metrics yet: they appear once training logs its first step.")
+        return
+    for i, (title, names, note) in enumerate(CURVES):
+        if i % 2 == 0:
+            row = st.columns(2)  # a row at a time, so the page reads left to right, top to bottom
+        fig = charts.metric_figure(series, names, title)
+        with row[i % 2]:
+            if fig is not None:
+                st.plotly_chart(fig, key=f"curve:{title}")
+            if note:
+                st.caption(note)
+    shaping = [n for n in charts.names_in(series) if n.startswith("tvkd/")]
+    if shaping:
+        st.markdown("**Teacher shaping (`tvkd/*`)**")
+        st.caption(SHAPING_NOTE)
+        left, right = st.columns(2)
+        sums = [n for n in shaping if "accuracy" not in n]
+        accs = [n for n in shaping if "accuracy" in n]
+        for column, names, title in ((left, sums, "α·Σψ per response"), (right, accs, "Shaping accuracy")):
+            fig = charts.metric_figure(series, names, title)
+            if fig is not None:
+                column.plotly_chart(fig, key=f"curve:{title}")
+    shown = {n for _, names, _ in CURVES for n in names} | set(shaping)
+    others = [n for n in charts.names_in(series) if n not in shown and n != "pairs"]
+    if others:
+        with st.expander("Other metrics (" + ", ".join(others) + ")"):
+            for name in others:
+                fig = charts.metric_figure(series, [name], name)
+                if fig is not None:
+                    st.plotly_chart(fig, key=f"curve:{name}")
+
+
+def event_log(client: ApiClient, job: dict[str, Any]) -> None:
+    pager = CursorPager(f"events:{job['id']}", EVENTS_PER_PAGE)
+    page = client.events(job["id"], after=pager.after, limit=EVENTS_PER_PAGE)
+    rows = [
+        {
+            "time": when(e["created_at"]),
+            "level": e["level"],
+            "stage": e.get("stage") or "",
+            "message": e["message"],
+            "data": json.dumps(e["data"], ensure_ascii=False) if e.get("data") else "",
+        }
+        for e in page["data"]
+    ]
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="events")
+    else:
+        st.caption("No events.")
+    pager.controls(page, noun="events")
+
+
+def checkpoint_list(client: ApiClient, job: dict[str, Any]) -> None:
+    pager = CursorPager(f"checkpoints:{job['id']}", 20)
+    page = client.checkpoints(job["id"], after=pager.after, limit=20)
+    if not page["data"]:
+        st.caption("No checkpoints yet (`save_every` sets how often they are written).")
+    else:
+        rows = [{"step": c["step"], "path": c["path"], "saved": when(c["created_at"])} for c in page["data"]]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="checkpoints")
+        st.caption("Paths are relative to the API's artifact root; older checkpoints may have been pruned.")
+    pager.controls(page, noun="checkpoints")
+
+
+def final_metrics(job: dict[str, Any]) -> None:
+    result = job.get("result") or {}
+    rows = []
+    for split, key in (("train (last step)", "metrics"), ("eval", "eval_metrics")):
+        for name, value in (result.get(key) or {}).items():
+            rows.append({"split": split, "metric": name, "value": number(value, 6)})
+    if rows:
+        with st.expander("Final metrics"):
+            st.dataframe(pd.DataFrame(rows), hide_index=True)
+
+
+def show(client: ApiClient, job_id: str) -> bool:
+    job = client.get_job(job_id)
+    header(job)
+    cancel_button(client, job)
+    final_metrics(job)
+    tabs = st.tabs(["Curves", "Timeline", "Events", "Checkpoints", "Settings"])
+    with tabs[0]:
+        curves(client, job)
+    with tabs[1]:
+        timeline(client, job)
+    with tabs[2]:
+        event_log(client, job)
+    with tabs[3]:
+        checkpoint_list(client, job)
+    with tabs[4]:
+        st.json({"hyperparameters": job["hyperparameters"], "metadata": job["metadata"]}, expanded=False)
+    return is_active(job)
+
+
+def main(client: ApiClient) -> None:
+    st.title("Job")
+    job = job_picker(client)
+    if job is None:
+        return
+    if st.button("Token inspector", icon=":material/manage_search:", key="to-inspector"):
+        st.switch_page(INSPECTOR_PAGE, query_params={"job": job["id"]})
+    live(is_active(job), lambda: show(client, job["id"]), key=f"job:{job['id']}")
+
+
+connection.run_page(main)

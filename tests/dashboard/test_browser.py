@@ -1,0 +1,126 @@
+"""End to end in a real browser: Debian's Chromium, driven by Playwright, opens a finished job's
+token inspector in a real `tvkd dashboard` (Streamlit) process that talks to the real API, checks
+that the tokens are coloured and the top-3 ψ tokens highlighted, and takes a screenshot under the
+test's temporary folder. With TVKD_UPDATE_SCREENSHOT=1 it also refreshes the README's
+docs/dashboard.png (off by default, so that a test run leaves the working tree clean)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from dashboard_helpers import ALICE, REPO, Jobs, free_port, service
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL_HINT = (
+    "Chromium is missing at /usr/bin/chromium. Install Debian's package: "
+    "`apt-get update && apt-get install -y chromium` (do not run `playwright install`: it downloads "
+    "a browser build, which this project's machines cannot fetch)."
+)
+SCREENSHOT = REPO / "docs" / "dashboard.png"
+SCREENSHOT_MAX_BYTES = 150_000
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+def chromium() -> Path:
+    if not CHROMIUM.is_file():
+        pytest.fail(INSTALL_HINT)
+    return CHROMIUM
+
+
+@pytest.fixture
+def dashboard_url(api: str, service_env: dict[str, str], service_home: Path) -> Any:
+    """A real `tvkd dashboard` process on a free loopback port."""
+    port = free_port()
+    args = ["dashboard", "--host", "127.0.0.1", "--port", str(port), "--api-url", api, "--api-key", ALICE]
+    proc = service.start_process("dashboard", args, service_env, service_home)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
+                break
+        except httpx.HTTPError:
+            pass
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            pytest.fail(f"tvkd dashboard did not start:\n{proc.tail()}")
+        time.sleep(0.25)
+    yield url
+    proc.stop()
+
+
+def small_png(source: Path, target: Path) -> None:
+    """A palette PNG of the screenshot: the README's copy stays small in the repository."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        small = image.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+        small.save(target, format="PNG", optimize=True)
+
+
+def test_token_inspector_in_chromium(jobs: Jobs, dashboard_url: str, tmp_path: Path) -> None:
+    executable = chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "Playwright is missing: pip install playwright (the driver only; the browser is Debian's)"
+        )
+
+    job_id = jobs.tvkd["id"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(f"{dashboard_url}/inspector?job={job_id}&k=1", wait_until="domcontentloaded")
+            page.wait_for_selector(".tvkd-response .tvkd-tok", timeout=60_000)
+            page.get_by_text("Rejected").first.wait_for(timeout=30_000)
+
+            sides = page.locator(".tvkd-response")
+            assert sides.count() == 2, "chosen and rejected side by side"
+            tokens = page.locator(".tvkd-tok")
+            n = tokens.count()
+            assert n > 6
+            colours = {tokens.nth(i).evaluate("e => getComputedStyle(e).backgroundColor") for i in range(n)}
+            assert len(colours) >= 3, f"tokens should be coloured by their ψ, got {colours}"
+
+            # The three largest-ψ tokens of each response: outlined and ranked 1..3.
+            for side in range(2):
+                top = sides.nth(side).locator(".tvkd-top")
+                assert top.count() == 3
+                outline = top.first.evaluate("e => getComputedStyle(e).outlineStyle")
+                assert outline == "solid"
+                ranks = sides.nth(side).locator(".tvkd-rank").all_inner_texts()
+                assert sorted(ranks) == ["1", "2", "3"]
+            title = tokens.first.get_attribute("title") or ""
+            assert "ψ_t:" in title and "V(s_t):" in title and "id:" in title
+
+            page.wait_for_timeout(500)  # let the last elements settle before the picture
+            shot = tmp_path / "inspector.png"
+            page.screenshot(path=str(shot), full_page=False)
+        finally:
+            browser.close()
+
+    assert shot.stat().st_size > 10_000
+    tmp_small = tmp_path / "dashboard.png"
+    small_png(shot, tmp_small)
+    assert tmp_small.stat().st_size <= SCREENSHOT_MAX_BYTES, tmp_small.stat().st_size
+    if os.environ.get("TVKD_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(tmp_small, SCREENSHOT)

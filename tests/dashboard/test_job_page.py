@@ -1,0 +1,84 @@
+"""The Job page against the real API: a finished job's header, stage timeline, curves (loss and
+rewards/margins first, the DPO note beside chosen/rejected, the tvkd/* shaping curves), event
+log, checkpoints and model folder; cancelling a waiting job; an unknown id."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dashboard_helpers import Jobs, client, job_body, no_exceptions, open_page, texts
+
+
+def figures(at: Any) -> list[dict[str, Any]]:
+    return [json.loads(e.proto.spec) for e in at.get("plotly_chart")]
+
+
+def title(fig: dict[str, Any]) -> str:
+    t = fig.get("layout", {}).get("title", {})
+    return t.get("text", "") if isinstance(t, dict) else str(t)
+
+
+def frame_with(at: Any, column: str) -> Any:
+    """The (first) table on the page that has `column`."""
+    return next(e.value for e in at.dataframe if column in e.value.columns)
+
+
+def test_finished_job(jobs: Jobs, dashboard_env: str) -> None:
+    job = jobs.tvkd
+    at = open_page("job", job=job["id"])
+    no_exceptions(at)
+    text = texts(at)
+    assert f"`{job['id']}` :green-badge[succeeded]" in text
+    assert "| `evaluate` | 1/1 | — | 0.7 | 0.1 | `teacher` | `student` | `tasks.jsonl` |" in text
+
+    figs = figures(at)
+    titles = [title(f) for f in figs]
+    # Curves in reading order: loss, then the reward margin first among the rewards.
+    assert titles[:4] == [
+        "Loss",
+        "Reward margin (chosen − rejected)",
+        "Reward accuracy",
+        "Rewards of chosen and rejected",
+    ]
+    traces = {t["name"]: t for f in figs for t in f["data"] if "name" in t}
+    assert traces["loss (train)"]["x"] == [1, 2, 3, 4]
+    assert {"rewards/chosen (train)", "rewards/rejected (train)", "rewards/margins (eval)"} <= set(traces)
+    assert any(name.startswith("tvkd/shaping_chosen") for name in traces)
+    assert any(name.startswith("tvkd/shaping_accuracy") for name in traces)
+    assert "falling `rewards/chosen` while `rewards/margins` grows is normal DPO behaviour" in text
+    # The stage timeline: a bar per stage, in the order they ran.
+    timeline = next(f for f in figs if f["layout"].get("xaxis", {}).get("type") == "date")
+    stages = [t["y"][0] for t in timeline["data"]]
+    assert stages[:2] == ["validate", "precompute"] and "train" in stages and stages[-1] == "evaluate"
+
+    events = frame_with(at, "message")
+    assert "job submitted" in list(events["message"])
+    assert set(events["stage"]) >= {"validate", "precompute", "reference", "train", "evaluate"}
+    assert list(frame_with(at, "path")["step"]) == [2, 4]
+    assert job["model_path"] in [c.value for c in at.code]
+    (cancel,) = [b for b in at.button if b.label == "Cancel job"]
+    assert cancel.disabled
+
+
+def test_cancel_a_waiting_job(jobs: Jobs, api: str, tiny_assets: dict[str, str], dashboard_env: str) -> None:
+    # No worker runs any more (the jobs fixture stopped them): this job waits until cancelled.
+    with client(api) as c:
+        job_id = c.post("/v1/jobs", json=job_body(tiny_assets, 0.7)).json()["id"]
+    at = open_page("job", job=job_id)
+    no_exceptions(at)
+    assert ":blue-badge[validating]" in texts(at)
+    assert at.get("progress"), "a running job shows its progress bar"
+    (cancel,) = [b for b in at.button if b.label == "Cancel job"]
+    assert not cancel.disabled
+    cancel.click().run()
+    no_exceptions(at)
+    assert "Cancel requested: cancelled" in texts(at)
+    with client(api) as c:
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_unknown_job(jobs: Jobs, dashboard_env: str) -> None:
+    at = open_page("job", job="job_000000000000000000000000")
+    no_exceptions(at)
+    assert "No job `job_000000000000000000000000` for this key" in texts(at)
