@@ -36,6 +36,17 @@ def table(cls: type, skip: tuple[str, ...] = ()) -> str:
     return "\n".join(rows)
 
 
+def settings_table() -> str:
+    from service.settings import Settings
+
+    rows = ["| environment variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = "(empty)" if default in ("", [], None) else str(default)
+        rows.append(f"| `TVKD_{name.upper()}` | `{shown}` | {info.description or ''} |")
+    return "\n".join(rows)
+
+
 def render() -> str:
     return "\n\n".join(
         [
@@ -46,6 +57,8 @@ def render() -> str:
             table(TrainConfig, skip=("method",)),
             "**Precompute** (`PrecomputeConfig`; `tvkd precompute`; derived from the method in a job)",
             table(PrecomputeConfig),
+            "**Service settings** (environment or `.env`; `service/settings.py`)",
+            settings_table(),
             END,
         ]
     )

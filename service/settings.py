@@ -38,10 +38,16 @@ class Settings(BaseSettings):
         default=None, description="Artifacts root; empty = TVKD_HOME/artifacts."
     )
     model_roots: PathList = Field(
-        default_factory=list, description="Folders teachers/students may be read from."
+        default_factory=list,
+        description="Folders models are read from (`:` or `,` separated); empty = TVKD_HOME/models.",
     )
-    data_roots: PathList = Field(default_factory=list, description="Folders datasets may be read from.")
-    api_keys: PathList = Field(default_factory=list, description="Bootstrap API keys (name=key or key).")
+    data_roots: PathList = Field(
+        default_factory=list, description="Folders datasets are read from; empty = TVKD_HOME/data."
+    )
+    api_keys: PathList = Field(
+        default_factory=list,
+        description="API keys created at start-up, `name=key` or `key`, comma separated (stored hashed).",
+    )
     api_url: str = Field(default="http://127.0.0.1:8000", description="API base URL for clients/dashboard.")
     api_key: str = Field(default="", description="API key used by the CLI client and the dashboard.")
     allow_hub: bool = Field(default=False, description="Accept Hugging Face hub ids (needs network).")
@@ -50,7 +56,10 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, description="How often a running job beats.")
     heartbeat_timeout: float = Field(default=60.0, description="A job silent this long is re-enqueued.")
     requeue_after: float = Field(default=120.0, description="A queued job untouched this long is re-sent.")
-    device: str = Field(default="cpu", description="Torch device of the workers (cpu, cuda, cuda:1).")
+    device: str = Field(
+        default="auto",
+        description="Torch device of the workers: auto (cuda when available), cpu, cuda, cuda:1.",
+    )
 
     @field_validator("artifact_root", mode="before")
     @classmethod
@@ -61,6 +70,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @property
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @cached_property
     def home_dir(self) -> Path:

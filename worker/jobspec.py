@@ -77,7 +77,7 @@ def build_spec(job: Job, settings: Settings, factory: sessionmaker[Session] | No
         train=cfg,
         output_dir=str(settings.artifacts / (job.output_dir or job_output_rel(job.id))),
         store_root=str(settings.artifacts / VALUES_DIR),
-        device=settings.device,
+        device=settings.torch_device,
         eval_dataset=resolve_dataset(eval_dataset, settings, factory, field="eval_dataset")
         if eval_dataset
         else None,
