@@ -3,5 +3,5 @@
 # Extra arguments go to `tvkd demo` (e.g. scripts/demo.sh --steps 200 --pairs 2000 on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh service,dashboard
 exec .venv/bin/tvkd demo "$@"

@@ -11,6 +11,7 @@ import sys
 # Module names under tvkd.cli; each defines register(subparsers) -> None.
 COMMAND_MODULES = (
     "demo",
+    "up",
     "serve",
     "worker",
     "dashboard",

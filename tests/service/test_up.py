@@ -1,0 +1,75 @@
+"""`tvkd up` starts the API, a worker and the dashboard on embedded defaults (no Redis, no
+database server), and Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from conftest import REPO, free_port, wait_for
+
+
+def processes_with_home(home: Path) -> list[int]:
+    """PIDs whose environment names this TVKD_HOME (the processes `tvkd up` started)."""
+    marker = f"TVKD_HOME={home}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TVKD_")}
+    env.update(TVKD_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    api_port, dash_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tvkd.cli", "up", "--port", str(api_port), "--dashboard-port", str(dash_port)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+
+        def ready() -> bool:
+            assert up.poll() is None, "tvkd up exited early"
+            try:
+                api_ok = httpx.get(f"http://127.0.0.1:{api_port}/readyz", timeout=2).status_code == 200
+                dash_ok = (
+                    httpx.get(f"http://127.0.0.1:{dash_port}/_stcore/health", timeout=2).status_code == 200
+                )
+                return api_ok and dash_ok
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=90, what="tvkd up's API and dashboard")
+        key = (home / "api_key").read_text().strip()
+        r = httpx.get(f"http://127.0.0.1:{api_port}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["object"] == "list"
+        assert (home / "tvkd.db").is_file()  # the embedded SQLite database
+        children = set(processes_with_home(home)) - {up.pid}
+        assert len(children) >= 3, children  # api, worker, dashboard (and their own children)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        wait_for(lambda: not processes_with_home(home), timeout=30, what="every started process to exit")
+        for port in (api_port, dash_port):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                raise AssertionError(f"port {port} still answers")
+            except httpx.HTTPError:
+                pass
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in processes_with_home(home):
+            os.kill(pid, signal.SIGKILL)
+        out = up.stdout.read().decode(errors="replace") if up.stdout else ""
+        print(out[-3000:])
