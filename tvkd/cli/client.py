@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -80,20 +79,12 @@ def register(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> tuple[str, str]:
-    url, key = args.api_url, args.api_key
-    if url is None or key is None:
-        try:
-            from service.settings import Settings  # reads .env as well as the environment
+    from tvkd.cli.api_settings import api_settings
 
-            settings = Settings()
-            url = url or settings.api_url
-            key = key if key is not None else settings.api_key
-        except ImportError:
-            url = url or os.environ.get("TVKD_API_URL", "http://127.0.0.1:8000")
-            key = key if key is not None else os.environ.get("TVKD_API_KEY", "")
+    url, key = api_settings(args.api_url, args.api_key)
     if not key:
         raise ClientError("no API key: set TVKD_API_KEY or pass --api-key", 2)
-    return url.rstrip("/"), key
+    return url, key
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tvkd.cli.api_settings import api_settings
+
 DEFAULT_PORT = 8501
 DASHBOARD_EXTRA_HINT = "the dashboard needs the dashboard extra: pip install 'tvkd[dashboard]'"
 
@@ -39,22 +41,6 @@ def app_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the dashboard package is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "app.py"
-
-
-def api_settings(url: str | None, key: str | None) -> tuple[str, str]:
-    """The flags, else the environment and `.env` (through the service's settings when installed),
-    else the embedded default URL."""
-    if url is None or key is None:
-        try:
-            from service.settings import Settings
-
-            settings = Settings()
-            url = url or settings.api_url
-            key = key if key is not None else settings.api_key
-        except ImportError:
-            url = url or os.environ.get("TVKD_API_URL", "http://127.0.0.1:8000")
-            key = key if key is not None else os.environ.get("TVKD_API_KEY", "")
-    return str(url).rstrip("/"), str(key or "")
 
 
 def streamlit_command(app: Path, host: str, port: int) -> list[str]:
