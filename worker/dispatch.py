@@ -108,13 +108,20 @@ def enqueue(settings: Settings, job_id: str) -> None:
     if stage is None:
         log.info("enqueue %s: no such job, or it is finished; nothing sent", job_id)
         return
+    publish(settings, job_id, stage)
+
+
+def publish(settings: Settings, job_id: str, stage: str) -> None:
+    """Publish the stage's message for a job whose `enqueued_at` the caller has already committed
+    (the API sets it in the INSERT of a new job, saving a transaction). A broker that stays down
+    through a short retry is logged and recorded as an event, not raised."""
     try:
         send_stage(get_app(settings), job_id, stage, retry_policy=API_PUBLISH_RETRY)
     except PUBLISH_ERRORS as exc:
         log.warning(
             "enqueue %s (%s): broker unavailable (%s); the reconciler will re-send it", job_id, stage, exc
         )
-        with transaction(factory) as session:
+        with transaction(sessions(settings)) as session:
             add_event(
                 session,
                 job_id,

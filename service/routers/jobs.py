@@ -106,14 +106,14 @@ def _replay(session: Session, owner: str, key: str, digest: str) -> db.Job | Non
 
 
 def _enqueue(settings: Settings, request: Request, job_id: str) -> None:
-    """Send the job to the workers (worker.dispatch.enqueue records `enqueued_at` and reports a
-    broker outage as an event itself). Nothing here fails the request once the job is stored: on
-    any other error the job is marked as sent, so that the reconciler re-sends it after
-    TVKD_REQUEUE_AFTER, and the error is recorded as an event."""
+    """Send the new job's first stage to the workers. Its `enqueued_at` was committed with the
+    job, so a message lost here is re-sent by the reconciler after TVKD_REQUEUE_AFTER;
+    worker.dispatch.publish reports a broker outage as an event itself. Nothing here fails the
+    request once the job is stored: any other error is recorded as an event."""
     try:
-        from worker.dispatch import enqueue  # the worker package pulls in Celery: import on use
+        from worker.dispatch import publish  # the worker package pulls in Celery: import on use
 
-        enqueue(settings, job_id)
+        publish(settings, job_id, "validate")
     except Exception as exc:
         logger.exception("could not enqueue job %s", job_id)
         with request.app.state.sessions() as session, session.begin():
@@ -192,6 +192,7 @@ def create_job(
         user_metadata=body.metadata,
         spec_hash=digest,
         idempotency_key=idempotency_key,
+        enqueued_at=db.utcnow(),  # committed before the publish: a lost message is re-sent
     )
     with request.app.state.write_lock:
         session.add(job)
@@ -212,7 +213,7 @@ def create_job(
                 raise
             response.status_code = 200
             return job_response(session, earlier)
-        _enqueue(settings, request, job.id)  # writes enqueued_at: inside the lock too
+    _enqueue(settings, request, job.id)  # outside the write lock: publishing writes nothing here
     return job_response(session, job)
 
 
