@@ -51,7 +51,11 @@ def _field(f: dataclasses.Field[Any], hint: Any, bounds: dict[str, float]) -> tu
     if f.default is not dataclasses.MISSING:
         default: dict[str, Any] = {"default": f.default}
     else:
-        default = {"default_factory": f.default_factory}
+        # A factory default would be missing from the OpenAPI document: show its value there.
+        default = {
+            "default_factory": f.default_factory,
+            "json_schema_extra": {"default": f.default_factory()},
+        }
     kw: dict[str, Any] = {**default, "description": help_text, **bounds}
     if hint is float:
         kw["allow_inf_nan"] = False

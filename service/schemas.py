@@ -272,14 +272,22 @@ class InspectRequest(_Strict):
         Annotated[str, StringConstraints(max_length=20_000, pattern=NoNul)]
         | Annotated[list[Message], Field(min_length=1, max_length=64)]
     ) = Field(description="Prompt text, or chat messages rendered with the teacher's chat template.")
-    response: Annotated[str, StringConstraints(min_length=1, max_length=8_000, pattern=NoNul)]
+    response: Annotated[str, StringConstraints(min_length=1, max_length=8_000, pattern=NoNul)] = Field(
+        description="The response to inspect (its tokens are the rows of the answer)."
+    )
     alpha: float = top_level_field("alpha")
     beta: float = top_level_field("beta")
     value_beta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, description="β_v of V.")
     gamma: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Discount γ of ψ.")
-    terminal: Literal["model", "zero"] = "model"
-    q_source: Literal["logits", "logprobs"] = "logits"
-    shaping: Literal["value", "logprob", "logit", "none"] = "value"
+    terminal: Literal["model", "zero"] = Field(
+        default="model", description="'model': V(s_{T+1}) from the teacher; 'zero': V(s_{T+1}) := 0."
+    )
+    q_source: Literal["logits", "logprobs"] = Field(
+        default="logits", description="Q = the teacher's logits, or its log-probabilities."
+    )
+    shaping: Literal["value", "logprob", "logit", "none"] = Field(
+        default="value", description="ψ_t: potential-based 'value' (default), or an ablation."
+    )
     max_length: int = Field(default=1024, ge=2, le=4096, description="Longest prompt+response in tokens.")
 
 

@@ -56,6 +56,8 @@ def test_every_field_with_the_api_defaults_and_help(jobs: Jobs, dashboard_env: s
             assert w.value == prop["default"], name
         elif prop["default"] is None:
             assert w.value == "", name
+        elif isinstance(prop["default"], list):  # a list is edited as comma-separated text
+            assert w.value == ", ".join(map(str, prop["default"])), name
         else:
             assert str(w.value) == str(prop["default"]), name
     for name in top:
