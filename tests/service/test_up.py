@@ -33,9 +33,10 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TVKD_")}
     env.update(TVKD_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     api_port, dash_port = free_port(), free_port()
+    out = tmp_path / "up.log"
     up = subprocess.Popen(
         [sys.executable, "-m", "tvkd.cli", "up", "--port", str(api_port), "--dashboard-port", str(dash_port)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
 
@@ -51,6 +52,8 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
                 return False
 
         wait_for(ready, timeout=90, what="tvkd up's API and dashboard")
+        # `tvkd up` says so once it is up (and watching its children): Ctrl-C from then on.
+        wait_for(lambda: "Ctrl-C stops everything" in out.read_text(), timeout=30, what="tvkd up's banner")
         key = (home / "api_key").read_text().strip()
         r = httpx.get(f"http://127.0.0.1:{api_port}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200 and r.json()["object"] == "list"
@@ -71,5 +74,28 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
             up.kill()
         for pid in processes_with_home(home):
             os.kill(pid, signal.SIGKILL)
-        out = up.stdout.read().decode(errors="replace") if up.stdout else ""
-        print(out[-3000:])
+        print(out.read_text(errors="replace")[-3000:])
+
+
+def test_ctrl_c_while_starting_leaves_nothing_behind(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TVKD_")}
+    env.update(TVKD_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "up.log"
+    ports = ["--port", str(free_port()), "--dashboard-port", str(free_port())]
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tvkd.cli", "up", *ports],
+        env=env, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        # Interrupt once `up` and its three children exist, before the API is ready (it takes seconds).
+        wait_for(lambda: len(processes_with_home(home)) >= 4, timeout=30, what="the children to start")
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) in (0, 130)
+        wait_for(lambda: not processes_with_home(home), timeout=30, what="every started process to exit")
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in processes_with_home(home):
+            os.kill(pid, signal.SIGKILL)
+        print(out.read_text(errors="replace")[-3000:])

@@ -123,18 +123,21 @@ def start_stack(
         )  # fmt: skip
         log.close()
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
-                return stack
-        except httpx.HTTPError:
-            pass
-        dead = [n for n, ok in stack.alive().items() if not ok]
-        if dead or time.monotonic() > deadline:
-            stack.stop()
-            why = f"{dead[0]} exited" if dead else f"the API was not ready within {timeout:.0f} s"
-            raise RuntimeError(f"{why}; its log:\n{stack.tail(dead[0] if dead else 'api')}")
-        time.sleep(0.3)
+    try:
+        while True:
+            try:
+                if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
+                    return stack
+            except httpx.HTTPError:
+                pass
+            dead = [n for n, ok in stack.alive().items() if not ok]
+            if dead or time.monotonic() > deadline:
+                why = f"{dead[0]} exited" if dead else f"the API was not ready within {timeout:.0f} s"
+                raise RuntimeError(f"{why}; its log:\n{stack.tail(dead[0] if dead else 'api')}")
+            time.sleep(0.3)
+    except BaseException:  # a failed start, or Ctrl-C while starting: leave nothing behind
+        stack.stop()
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         stack = start_stack(
             host=args.host, port=args.port, dashboard_port=None if args.no_dashboard else args.dashboard_port
         )
+    except KeyboardInterrupt:
+        print("\nstopped while starting", file=sys.stderr)
+        return 130
     except ImportError:
         print("tvkd up needs the service extras: pip install 'tvkd[service,dashboard]'", file=sys.stderr)
         return 2
