@@ -1,10 +1,11 @@
 """Ragged per-sequence arrays in one memory-mappable safetensors file.
 
-Each named field is a flat array holding the rows back to back, plus `<field>.offsets` (int64,
-n+1 entries): row i is `flat[offsets[i]:offsets[i+1]]`. Rows may carry trailing dimensions
-(top-k ids: [T+1, k]). Reading maps the file with numpy (the safetensors header gives each
-tensor's byte range), so opening a store of any size costs its header, and a row is a view.
-Writes go to a temporary name and are renamed into place, so a file that exists is complete.
+Each named field is a flat array holding the rows back to back, plus `<field>.offsets` (int32,
+or int64 past 2³¹ elements; n+1 entries): row i is `flat[offsets[i]:offsets[i+1]]`. Rows may
+carry trailing dimensions (top-k ids: [T+1, k]). Reading maps the file with numpy (the
+safetensors header gives each tensor's byte range), so opening a store of any size costs its
+header, and a row is a view. Writes go to a temporary name and are renamed into place, so a file
+that exists is complete.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def write_ragged(
         elif len(rows) != n_rows:
             raise ValueError(f"field {name!r} has {len(rows)} rows, expected {n_rows}")
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        # int32 offsets where they fit (always, for shards of a few hundred pairs): for short
+        # responses the offsets are a visible share of the store's bytes per token.
+        total = int(lengths.sum())
+        offsets = np.zeros(len(rows) + 1, dtype=np.int32 if total < 2**31 else np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tensors[name] = np.ascontiguousarray(np.concatenate(rows)) if rows else np.zeros(0, np.float32)
         tensors[name + OFFSETS] = offsets
