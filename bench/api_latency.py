@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import secrets
 import shutil
 import socket
 import statistics
@@ -76,22 +75,10 @@ def make_assets(home: Path) -> dict[str, str]:
 @contextmanager
 def redis_db() -> Iterator[str]:
     """A Redis database number of our own (claimed like the test fixtures claim theirs)."""
-    import redis
+    from service.scratch import redis_database
 
-    admin = redis.Redis(*REDIS, db=0)
-    token = f"bench-{os.getpid()}-{secrets.token_hex(4)}"
-    for number in range(1, 16):
-        if admin.set(f"tvkd:test-db-claim:{number}", token, nx=True, ex=3600):
-            break
-    else:
-        raise SystemExit("all Redis databases 1..15 are claimed")
-    redis.Redis(*REDIS, db=number).flushdb()
-    try:
+    with redis_database(*REDIS, hold_seconds=3600) as number:
         yield f"redis://{REDIS[0]}:{REDIS[1]}/{number}"
-    finally:
-        redis.Redis(*REDIS, db=number).flushdb()
-        if admin.get(f"tvkd:test-db-claim:{number}") == token.encode():
-            admin.delete(f"tvkd:test-db-claim:{number}")
 
 
 @contextmanager
@@ -99,18 +86,10 @@ def database(backend: str, home: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{home / 'bench.db'}"
         return
-    import sqlalchemy as sa
+    from service.scratch import postgres_schema
 
-    engine = sa.create_engine(PG_URL)
-    schema = f"tvkd_bench_{secrets.token_hex(6)}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
+    with postgres_schema(PG_URL, prefix="tvkd_bench") as url:
+        yield url
 
 
 def free_port() -> int:

@@ -42,22 +42,15 @@ def redis_db() -> Iterator[int]:
     """A Redis database number of our own for this test run."""
     import redis
 
-    admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    from service.scratch import redis_database
+
     try:
-        admin.ping()
+        with redis_database(REDIS_HOST, REDIS_PORT) as number:
+            yield number
     except redis.exceptions.ConnectionError as exc:
         pytest.fail(_services_hint("Redis", exc))
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    for number in range(1, 16):
-        if admin.set(f"tvkd:test-db-claim:{number}", token, nx=True, ex=3 * 3600):
-            break
-    else:
-        pytest.fail("all Redis databases 1..15 are claimed by other test runs")
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=number).flushdb()
-    yield number
-    redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=number).flushdb()
-    if admin.get(f"tvkd:test-db-claim:{number}") == token.encode():
-        admin.delete(f"tvkd:test-db-claim:{number}")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -73,28 +66,22 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def database_url(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh, migrated database for this run: a SQLite file or a PostgreSQL schema."""
+    import sqlalchemy as sa
+
     from service.migrate import upgrade
+    from service.scratch import postgres_schema
 
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'tvkd.db'}"
         upgrade(url)
         yield url
         return
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(PG_URL)
-    schema = f"tvkd_t_{secrets.token_hex(6)}"
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        with postgres_schema(PG_URL) as url:
+            upgrade(url)
+            yield url
     except sa.exc.OperationalError as exc:
         pytest.fail(_services_hint("PostgreSQL", exc))
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    upgrade(url)
-    yield url
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
 
 
 @pytest.fixture(scope="session")

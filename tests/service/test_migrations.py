@@ -4,7 +4,6 @@ migrations and the SQLAlchemy models (a model change without its migration fails
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from conftest import PG_URL
 from service.db import make_engine
 from service.migrate import alembic_config, downgrade, upgrade
 from service.models import Base
+from service.scratch import postgres_schema
 
 
 @pytest.fixture
@@ -26,16 +26,8 @@ def empty_url(backend: str, tmp_path: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrations.db'}"
         return
-    admin = sa.create_engine(PG_URL)
-    schema = f"tvkd_m_{secrets.token_hex(6)}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with postgres_schema(PG_URL, prefix="tvkd_m") as url:
+        yield url
 
 
 def _tables(url: str) -> set[str]:
