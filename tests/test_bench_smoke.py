@@ -6,7 +6,6 @@ print its table. Nothing here asserts a timing: the numbers of a smoke run mean 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,10 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
-needs_hh = pytest.mark.skipif(not HH.is_file(), reason=f"HH test file not found at {HH}")
+
+def _require_hh() -> None:
+    # A missing data file is a failure with a reason, never a silent skip.
+    assert HH.is_file(), f"the HH test file is missing at {HH} (the benches read ../shared/data)"
 
 
 def _run(script: str, *args: str, tmp_path: Path, timeout: int = 600) -> str:
+    _require_hh()
     env = {**os.environ, "OUT": str(tmp_path / "out"), "TQDM_DISABLE": "1"}
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *args],
@@ -36,20 +39,15 @@ def _run(script: str, *args: str, tmp_path: Path, timeout: int = 600) -> str:
 
 
 @pytest.mark.slow
-@needs_hh
 def test_step_time_smoke(tmp_path):
-    has_trl = importlib.util.find_spec("trl") is not None  # a dev extra; the bench can run without it
-    out = _run(
-        "step_time.py", "--smoke", "--threads", "1", *([] if has_trl else ["--skip-trl"]), tmp_path=tmp_path
-    )
+    out = _run("step_time.py", "--smoke", "--threads", "1", tmp_path=tmp_path)  # TRL: in the dev extra
     assert "| method" in out and "median step ms" in out
-    for name in ("TVKD (α=0.7)", "DPO (same step, α=0)", *(["TRL DPOTrainer"] if has_trl else [])):
+    for name in ("TVKD (α=0.7)", "DPO (same step, α=0)", "TRL DPOTrainer"):
         assert name in out
-    assert "TVKD ÷ DPO step" in out and (not has_trl or "TVKD ÷ TRL step" in out)
+    assert "TVKD ÷ DPO step" in out and "TVKD ÷ TRL step" in out
 
 
 @pytest.mark.slow
-@needs_hh
 def test_store_bytes_smoke(tmp_path):
     out = _run("store_bytes.py", "--smoke", "--threads", "1", tmp_path=tmp_path)
     assert "B/token" in out and "values only (default)" in out and "values + top-50" in out

@@ -14,6 +14,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from tvkd import models as M
 from tvkd.cli import main as cli_main
-
-gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(autouse=True)
