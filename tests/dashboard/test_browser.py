@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from dashboard_helpers import ALICE, REPO, Jobs, free_port, service
 
@@ -50,17 +48,7 @@ def dashboard_url(api: str, service_env: dict[str, str], service_home: Path) -> 
     args = ["dashboard", "--host", "127.0.0.1", "--port", str(port), "--api-url", api, "--api-key", ALICE]
     proc = service.start_process("dashboard", args, service_env, service_home)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok":
-                break
-        except httpx.HTTPError:
-            pass
-        if not proc.alive() or time.monotonic() > deadline:
-            proc.stop()
-            pytest.fail(f"tvkd dashboard did not start:\n{proc.tail()}")
-        time.sleep(0.25)
+    proc.wait_answering(f"{url}/_stcore/health", ok=lambda r: r.text.strip() == "ok")
     yield url
     proc.stop()
 

@@ -132,6 +132,20 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def wait_answering(self, url: str, *, timeout: float = 60, ok=lambda r: r.status_code == 200) -> None:  # type: ignore[no-untyped-def]
+        """Poll `url` until `ok(response)`; fail with this process's log if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ok(httpx.get(url, timeout=2)):
+                    return
+            except httpx.HTTPError:
+                pass
+            if not self.alive() or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"{self.name} did not start ({url}):\n{self.tail()}")
+            time.sleep(0.2)
+
     def tail(self, n: int = 60) -> str:
         lines = self.log.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
@@ -169,17 +183,7 @@ def api(service_env: dict[str, str], service_home: Path) -> Iterator[str]:
         "api", ["serve", "--host", "127.0.0.1", "--port", str(port)], service_env, service_home
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if not proc.alive() or time.monotonic() > deadline:
-            proc.stop()
-            pytest.fail(f"the API did not start:\n{proc.tail()}")
-        time.sleep(0.2)
+    proc.wait_answering(f"{url}/healthz")
     yield url
     proc.stop()
 

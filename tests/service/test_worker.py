@@ -422,15 +422,7 @@ def test_embedded_broker_runs_a_job(tmp_path: Path) -> None:
     worker = start_process("worker-embedded", ["worker", "--hostname", "fs@%h"], env, tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=60, what="the embedded API")
+        api.wait_answering(f"{url}/healthz")
         job_id = submit(url, assets)
         try:
             wait_for(
