@@ -275,6 +275,10 @@ class JobReporter(Callbacks):
         # database first (a kill between the checkpoint and a later flush would lose them).
         at_checkpoint = stage == "train" and self.checkpoint_every and done % self.checkpoint_every == 0
         if done >= total or at_checkpoint:
+            if self.flags.lease_lost:
+                # The flush below would drop these points, and the checkpoint that follows would
+                # let the new holder resume past them: stop before the trainer writes it.
+                raise LeaseLost(self.job_id)
             self.flush()
         else:
             self._maybe_flush()

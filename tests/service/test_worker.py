@@ -485,3 +485,27 @@ def test_error_codes() -> None:
     assert classify(ModelError("x"), "precompute") == "model_error"
     assert classify(RuntimeError("CUDA out of memory"), "train") == "out_of_memory"
     assert classify(KeyError("x"), "train") == "internal_error"
+
+
+def test_a_lost_lease_stops_the_stage_before_a_checkpoint(tmp_path: Path) -> None:
+    """The flush before a checkpoint would drop the buffered points of a worker whose lease is
+    gone; the checkpoint after it would let the new holder resume past them (a gap in the curve).
+    So the reporter stops the stage there instead. No database is touched on that path."""
+    from worker.reporting import JobReporter, LeaseLost, StopFlags
+
+    flags = StopFlags()
+    reporter = JobReporter(
+        None,  # type: ignore[arg-type]  # no database: this path must not need one
+        "job_x",
+        "token",
+        "train",
+        flags,
+        artifact_root=tmp_path,
+        checkpoint_every=5,
+        flush_seconds=1e9,  # no time-based flush: the buffered points stay buffered
+    )
+    reporter.on_metrics(4, {"loss": 0.5}, "train")  # buffered, not yet written
+    flags.lease_lost = True
+    reporter.on_progress("train", 4, 100, None)  # not a checkpoint step: nothing to protect
+    with pytest.raises(LeaseLost):
+        reporter.on_progress("train", 5, 100, None)
