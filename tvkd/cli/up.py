@@ -115,15 +115,25 @@ def start_stack(
         commands["dashboard"] = ["dashboard", "--host", host, "--port", str(dashboard_port)]
         dashboard_url = f"http://{host}:{dashboard_port}"
     stack = Stack(home, api_url, key, dashboard_url, logs=logs)
-    for name, args in commands.items():
-        log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        stack.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "tvkd.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() ends it and its children
-        )  # fmt: skip
-        log.close()
     deadline = time.monotonic() + timeout
     try:
+        # Ctrl-C is held back while the children are made and recorded, so that stop() below
+        # knows every child that exists (an interrupt between a fork and its record would orphan
+        # one); it takes effect right after. (A caught signal is reset to default in the children.)
+        interrupted: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+        try:
+            for name, args in commands.items():
+                with open(logs / f"{name}.log", "ab") as log:
+                    stack.procs[name] = subprocess.Popen(
+                        [sys.executable, "-m", "tvkd.cli", *args], env=env, stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # its own process group: stop() ends it and its children
+                    )  # fmt: skip
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
         while True:
             try:
                 if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
