@@ -11,28 +11,26 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tvkd.config import MethodConfig, PrecomputeConfig, TrainConfig
+from tvkd.config import ConfigField, MethodConfig, PrecomputeConfig, TrainConfig, config_fields
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- CONFIG-REFERENCE:BEGIN -->", "<!-- CONFIG-REFERENCE:END -->"
 
 
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-        return "(see below)" if dataclasses.is_dataclass(value) else repr(value)
-    return "required"
+def _default(f: ConfigField) -> str:
+    return "(see below)" if dataclasses.is_dataclass(f.default) else repr(f.default)
 
 
 def table(cls: type, skip: tuple[str, ...] = ()) -> str:
-    rows = ["| field | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(cls):
+    """Every declared field of a config dataclass: default, allowed values and help, all read from
+    the field's declaration (`config_fields`), the one the dataclass checks itself against."""
+    rows = ["| field | default | allowed | meaning |", "|---|---|---|---|"]
+    for f in config_fields(cls):
         if f.name in skip:
             continue
-        text = f.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| `{f.name}` | `{_default(f)}` | {text} |")
+        text = f.help.replace("|", "\\|")
+        allowed = f.range_text().replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{_default(f)}` | {allowed} | {text} |")
     return "\n".join(rows)
 
 

@@ -2,61 +2,41 @@
 
 Every field of `TrainConfig` and `MethodConfig` (except `alpha`/`beta`, which are top-level in the
 request, and `method`, which is flattened) becomes a pydantic field with the dataclass's type,
-default and help string (the OpenAPI description). Ranges come from the dataclasses' own
-`__post_init__` checks (`_check_range("lr", ..., gt=0.0)`), read with `ast`, so the documented
-constraints cannot drift from the checks that tvkd runs; the request is still validated by the
+default, help string (the OpenAPI description) and bounds, all read from the field's declaration
+(`tvkd.config.config_fields`), the same one the dataclass checks itself against; so the documented
+constraints cannot drift from the checks that tvkd runs. The request is still validated by the
 dataclasses too (service.validation), which stay the source of truth.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import textwrap
 import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-from tvkd.config import MethodConfig, TrainConfig
+from tvkd.config import ConfigField, MethodConfig, TrainConfig, config_fields
 
 # Sanity cap of integer settings (none needs more): the largest integer a float64 (and so a JSON
 # number in most clients, and the OpenAPI bound itself) holds exactly; inside int64 everywhere.
 INT_MAX = 2**53 - 1
 TOP_LEVEL = frozenset({"alpha", "beta"})
-BOUND_KEYS = ("ge", "gt", "le", "lt")
 SafeStr = typing.Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
 
 
-def dataclass_ranges(cls: type) -> dict[str, dict[str, float]]:
-    """Field → {ge/gt/le/lt: bound} from the `_check_range`/`_check_int` calls of `cls.__post_init__`."""
-    source = textwrap.dedent(inspect.getsource(cls.__post_init__))  # type: ignore[attr-defined]
-    out: dict[str, dict[str, float]] = {}
-    for node in ast.walk(ast.parse(source)):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-            continue
-        if node.func.id not in ("_check_range", "_check_int") or not node.args:
-            continue
-        name = node.args[0]
-        if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
-            continue
-        bounds = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg in BOUND_KEYS}
-        out.setdefault(name.value, {}).update(bounds)
-    return out
-
-
-def _field(f: dataclasses.Field[Any], hint: Any, bounds: dict[str, float]) -> tuple[Any, Any]:
-    help_text = f.metadata.get("help", "")
-    if f.default is not dataclasses.MISSING:
-        default: dict[str, Any] = {"default": f.default}
-    else:
-        # A factory default would be missing from the OpenAPI document: show its value there.
-        default = {
-            "default_factory": f.default_factory,
-            "json_schema_extra": {"default": f.default_factory()},
+def _field(f: ConfigField) -> tuple[Any, Any]:
+    hint: Any = f.type
+    if isinstance(f.default, list):
+        # A factory default: a fresh list per request, and its value shown in the OpenAPI document.
+        default: dict[str, Any] = {
+            "default_factory": lambda: list(f.default),
+            "json_schema_extra": {"default": f.default},
         }
-    kw: dict[str, Any] = {**default, "description": help_text, **bounds}
+    else:
+        default = {"default": f.default}
+    kw: dict[str, Any] = {**default, "description": f.help, **f.bounds}
+    if f.choices is not None and typing.get_origin(hint) is not typing.Literal:
+        hint = typing.Literal[f.choices]
     if hint is float:
         kw["allow_inf_nan"] = False
     elif hint is int:
@@ -94,12 +74,10 @@ JOB_OPTIONS: dict[str, tuple[Any, Any]] = {
 def _hyperparameter_fields() -> dict[str, tuple[Any, Any]]:
     fields: dict[str, tuple[Any, Any]] = {}
     for cls in (MethodConfig, TrainConfig):
-        hints = typing.get_type_hints(cls)
-        ranges = dataclass_ranges(cls)
-        for f in dataclasses.fields(cls):
+        for f in config_fields(cls):
             if f.name in TOP_LEVEL or f.name == "method":
                 continue
-            fields[f.name] = _field(f, hints[f.name], ranges.get(f.name, {}))
+            fields[f.name] = _field(f)
     return {**fields, **JOB_OPTIONS}
 
 
@@ -120,6 +98,5 @@ Hyperparameters: type[BaseModel] = create_model(  # type: ignore[call-overload]
 
 def top_level_field(name: str) -> Any:
     """`alpha`/`beta` of the request, with MethodConfig's default, help and range."""
-    f = next(f for f in dataclasses.fields(MethodConfig) if f.name == name)
-    bounds = dataclass_ranges(MethodConfig).get(name, {})
-    return Field(default=f.default, description=f.metadata.get("help", ""), allow_inf_nan=False, **bounds)
+    f = next(f for f in config_fields(MethodConfig) if f.name == name)
+    return Field(default=f.default, description=f.help, allow_inf_nan=False, **f.bounds)

@@ -4,11 +4,20 @@
 `TrainConfig` the student training job (it embeds a `MethodConfig`). Each validates itself in
 `__post_init__` and raises `ConfigError` naming the offending field, so bad settings fail before
 any model is loaded.
+
+Every field is declared once, with `_help(text, default=..., ge=/gt=/le=/lt=..., choices=...)`:
+the help string, the bounds and the choices live in the field's metadata (a `Literal` type gives
+the choices too). `config_fields(cls)` reads them back; the same declaration feeds the dataclass
+check (`check_fields`, run by every `__post_init__`), the API schema (service/hyperparams.py), the
+CLI flags (tvkd/cli/train.py), the README table (scripts/config_reference.py) and, through the
+OpenAPI document, the dashboard's form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,9 +25,11 @@ QSource = Literal["logits", "logprobs"]
 Terminal = Literal["model", "zero"]
 Shaping = Literal["value", "logprob", "logit", "none"]
 
-Q_SOURCES = ("logits", "logprobs")
-TERMINALS = ("model", "zero")
-SHAPINGS = ("value", "logprob", "logit", "none")
+Q_SOURCES: tuple[str, ...] = typing.get_args(QSource)
+TERMINALS: tuple[str, ...] = typing.get_args(Terminal)
+SHAPINGS: tuple[str, ...] = typing.get_args(Shaping)
+
+BOUND_KEYS = ("ge", "gt", "le", "lt")
 
 
 class ConfigError(ValueError):
@@ -30,8 +41,104 @@ class ConfigError(ValueError):
         self.message = message
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(
+    text: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    **kw: Any,
+) -> Any:
+    """A config field: its help string, and the bounds (`ge`/`gt`/`le`/`lt`) or `choices` that
+    `check_fields` enforces and the API schema, CLI and README show."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta: dict[str, Any] = {"help": text, "bounds": bounds}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One declared setting, as `config_fields` reads it back from a config dataclass."""
+
+    name: str
+    type: Any  # int, float, bool, str, list[str], a Literal[...] or a nested config dataclass
+    default: Any  # the default value (a factory's value for list/dataclass fields)
+    help: str
+    bounds: dict[str, float]  # any of ge, gt, le, lt
+    choices: tuple[str, ...] | None  # from `choices=` or the Literal type
+
+    def check(self, value: Any) -> None:
+        """Raise ConfigError naming this field when `value` has the wrong type or is out of range."""
+        if self.choices is not None:
+            _check_choice(self.name, value, self.choices)
+        elif self.type is int:
+            _check_int(self.name, value, **self.bounds)
+        elif self.type is float:
+            _check_range(self.name, value, **self.bounds)
+        elif not _is_a(value, self.type):
+            what = getattr(self.type, "__name__", str(self.type))
+            raise ConfigError(self.name, f"must be a {what}; got {value!r}")
+
+    def range_text(self) -> str:
+        """The allowed values in words: `> 0`, `[0, 1)`, `model | zero`, or '' when unrestricted."""
+        if self.choices is not None:
+            return " | ".join(self.choices)
+        b = {k: f"{v:g}" for k, v in self.bounds.items()}
+        low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+        high = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
+        if low and high:
+            return f"{low[0]}{low[1]}, {high[0]}{high[1]}"
+        if low:
+            return f"{'≥' if low[0] == '[' else '>'} {low[1]}"
+        if high:
+            return f"{'≤' if high[1] == ']' else '<'} {high[0]}"
+        return ""
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind == list[str]:  # a tuple of names is taken too
+        return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+@functools.cache
+def config_fields(cls: type) -> tuple[ConfigField, ...]:
+    """The declared fields of a config dataclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        choices = f.metadata.get("choices")
+        if choices is None and typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        out.append(
+            ConfigField(
+                name=f.name,
+                type=hint,
+                default=default,
+                help=f.metadata.get("help", ""),
+                bounds=dict(f.metadata.get("bounds", {})),
+                choices=tuple(choices) if choices is not None else None,
+            )
+        )
+    return tuple(out)
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of a config dataclass against its declaration (type, bounds, choices),
+    in declaration order; the first problem raises ConfigError naming the field."""
+    for f in config_fields(type(config)):
+        f.check(getattr(config, f.name))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -62,23 +169,24 @@ def _check_range(
         raise ConfigError(name, f"must be < {lt}; got {value}")
 
 
-def _check_int(name: str, value: int, *, ge: int) -> None:
+def _check_int(name: str, value: int, **bounds: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"must be an integer; got {value!r}")
-    if value < ge:
-        raise ConfigError(name, f"must be >= {ge}; got {value}")
+    _check_range(name, value, **bounds)
 
 
 @dataclass
 class MethodConfig:
     """The TVKD objective of MATH.md (loss and shaping options)."""
 
-    alpha: float = _help("Weight α of the teacher shaping term ψ in the DPO margin. 0 = DPO.", default=0.7)
-    beta: float = _help("DPO temperature β on the student/reference log-ratio.", default=0.1)
-    value_beta: float = _help(
-        "Temperature β_v of the teacher soft value V = β_v·logsumexp(Q/β_v).", default=1.0
+    alpha: float = _help(
+        "Weight α of the teacher shaping term ψ in the DPO margin. 0 = DPO.", default=0.7, ge=0.0
     )
-    gamma: float = _help("Discount γ in ψ_t = γ·V(s_{t+1}) − V(s_t).", default=1.0)
+    beta: float = _help("DPO temperature β on the student/reference log-ratio.", default=0.1, gt=0.0)
+    value_beta: float = _help(
+        "Temperature β_v of the teacher soft value V = β_v·logsumexp(Q/β_v).", default=1.0, gt=0.0
+    )
+    gamma: float = _help("Discount γ in ψ_t = γ·V(s_{t+1}) − V(s_t).", default=1.0, ge=0.0, le=1.0)
     terminal: Terminal = _help(
         "'model': V(s_{T+1}) is the teacher's value after the last token; 'zero': V(s_{T+1}) := 0.",
         default="model",
@@ -97,13 +205,7 @@ class MethodConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_range("alpha", self.alpha, ge=0.0)
-        _check_range("beta", self.beta, gt=0.0)
-        _check_range("value_beta", self.value_beta, gt=0.0)
-        _check_range("gamma", self.gamma, ge=0.0, le=1.0)
-        _check_choice("terminal", self.terminal, TERMINALS)
-        _check_choice("q_source", self.q_source, Q_SOURCES)
-        _check_choice("shaping", self.shaping, SHAPINGS)
+        check_fields(self)
 
     def warnings(self) -> list[str]:
         """Settings that are legal but almost certainly not what the user meant."""
@@ -132,33 +234,29 @@ class PrecomputeConfig:
     """The teacher pass that produces the value store (its fields are part of the content key)."""
 
     q_source: QSource = _help("See MethodConfig.q_source.", default="logits")
-    value_beta: float = _help("See MethodConfig.value_beta.", default=1.0)
-    topk: int = _help("Also store the top-k teacher logits and ids per state (0 = off).", default=0)
+    value_beta: float = _help("See MethodConfig.value_beta.", default=1.0, gt=0.0)
+    topk: int = _help("Also store the top-k teacher logits and ids per state (0 = off).", default=0, ge=0)
     token_stats: bool = _help(
         "Also store the teacher's log-prob and logit of each response token (needed by the "
         "'logprob'/'logit' shaping modes).",
         default=False,
     )
     max_length: int = _help(
-        "Longest prompt+response in teacher tokens; longer rows are bad rows.", default=1024
+        "Longest prompt+response in teacher tokens; longer rows are bad rows.", default=1024, ge=2
     )
-    batch_tokens: int = _help("Token budget of one teacher batch (rows are batched by length).", default=8192)
-    chunk_size: int = _help("Positions per chunk of the vocabulary-wide logsumexp.", default=256)
+    batch_tokens: int = _help(
+        "Token budget of one teacher batch (rows are batched by length).", default=8192, ge=1
+    )
+    chunk_size: int = _help("Positions per chunk of the vocabulary-wide logsumexp.", default=256, ge=1)
     bf16: bool = _help(
         "Run the teacher's transformer under bf16 autocast (values stay float32).", default=False
     )
     shard_size: int = _help(
-        "Pairs per store shard; a killed precompute resumes at shard granularity.", default=256
+        "Pairs per store shard; a killed precompute resumes at shard granularity.", default=256, ge=1
     )
 
     def __post_init__(self) -> None:
-        _check_choice("q_source", self.q_source, Q_SOURCES)
-        _check_range("value_beta", self.value_beta, gt=0.0)
-        _check_int("topk", self.topk, ge=0)
-        _check_int("max_length", self.max_length, ge=2)
-        _check_int("batch_tokens", self.batch_tokens, ge=1)
-        _check_int("chunk_size", self.chunk_size, ge=1)
-        _check_int("shard_size", self.shard_size, ge=1)
+        check_fields(self)
 
 
 @dataclass
@@ -166,36 +264,42 @@ class TrainConfig:
     """One TVKD training job of a student on preference pairs with precomputed teacher values."""
 
     method: MethodConfig = _help("The TVKD objective.", default_factory=MethodConfig)
-    epochs: float = _help("Passes over the training pairs (fractions allowed).", default=1.0)
-    max_steps: int = _help("Stop after this many optimizer steps (0 = from epochs).", default=0)
-    batch_size: int = _help("Pairs per micro-batch.", default=8)
-    grad_accum: int = _help("Micro-batches per optimizer step.", default=1)
-    learning_rate: float = _help("Peak AdamW learning rate.", default=5e-6)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    adam_beta1: float = _help("AdamW β1.", default=0.9)
-    adam_beta2: float = _help("AdamW β2.", default=0.999)
-    warmup_ratio: float = _help("Fraction of steps of linear warm-up before the cosine decay.", default=0.1)
-    min_lr_ratio: float = _help("Cosine floor as a fraction of the peak learning rate.", default=0.0)
-    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+    epochs: float = _help("Passes over the training pairs (fractions allowed).", default=1.0, gt=0.0)
+    max_steps: int = _help("Stop after this many optimizer steps (0 = from epochs).", default=0, ge=0)
+    batch_size: int = _help("Pairs per micro-batch.", default=8, ge=1)
+    grad_accum: int = _help("Micro-batches per optimizer step.", default=1, ge=1)
+    learning_rate: float = _help("Peak AdamW learning rate.", default=5e-6, gt=0.0, le=1.0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0, ge=0.0)
+    adam_beta1: float = _help("AdamW β1.", default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = _help("AdamW β2.", default=0.999, ge=0.0, lt=1.0)
+    warmup_ratio: float = _help(
+        "Fraction of steps of linear warm-up before the cosine decay.", default=0.1, ge=0.0, le=1.0
+    )
+    min_lr_ratio: float = _help(
+        "Cosine floor as a fraction of the peak learning rate.", default=0.0, ge=0.0, le=1.0
+    )
+    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0, ge=0.0)
     max_length: int = _help(
-        "Longest prompt+response in student tokens; longer rows are bad rows.", default=1024
+        "Longest prompt+response in student tokens; longer rows are bad rows.", default=1024, ge=2
     )
     bf16: bool = _help(
         "bf16 autocast for the student forward/backward (log-probs stay float32).", default=False
     )
-    seed: int = _help("Seed of weights' dropout, data order and everything random.", default=0)
-    save_every: int = _help("Checkpoint every N optimizer steps (0 = only at the end).", default=0)
-    keep_checkpoints: int = _help("Checkpoints kept on disk (the newest ones).", default=2)
-    eval_every: int = _help("Evaluate on the held-out pairs every N steps (0 = only at the end).", default=0)
-    eval_fraction: float = _help(
-        "Held-out fraction of the pairs when no eval dataset is given.", default=0.05
+    seed: int = _help("Seed of weights' dropout, data order and everything random.", default=0, ge=0)
+    save_every: int = _help("Checkpoint every N optimizer steps (0 = only at the end).", default=0, ge=0)
+    keep_checkpoints: int = _help("Checkpoints kept on disk (the newest ones).", default=2, ge=1)
+    eval_every: int = _help(
+        "Evaluate on the held-out pairs every N steps (0 = only at the end).", default=0, ge=0
     )
-    num_samples: int = _help("Held-out pairs written as per-token samples for inspection.", default=4)
-    log_every: int = _help("Report training metrics every N optimizer steps.", default=1)
+    eval_fraction: float = _help(
+        "Held-out fraction of the pairs when no eval dataset is given.", default=0.05, ge=0.0, lt=1.0
+    )
+    num_samples: int = _help("Held-out pairs written as per-token samples for inspection.", default=4, ge=0)
+    log_every: int = _help("Report training metrics every N optimizer steps.", default=1, ge=1)
     lora: bool = _help("Train LoRA adapters (peft) instead of all weights.", default=False)
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: float = _help("LoRA scaling α.", default=32.0)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_r: int = _help("LoRA rank.", default=16, ge=1)
+    lora_alpha: float = _help("LoRA scaling α.", default=32.0, gt=0.0)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0, ge=0.0, lt=1.0)
     lora_target_modules: list[str] = _help(
         "Module names to adapt (default: all linear projections of attention and MLP).",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -205,28 +309,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):
             self.method = MethodConfig(**self.method)
-        _check_range("epochs", self.epochs, gt=0.0)
-        _check_int("max_steps", self.max_steps, ge=0)
-        _check_int("batch_size", self.batch_size, ge=1)
-        _check_int("grad_accum", self.grad_accum, ge=1)
-        _check_range("learning_rate", self.learning_rate, gt=0.0, le=1.0)
-        _check_range("weight_decay", self.weight_decay, ge=0.0)
-        _check_range("adam_beta1", self.adam_beta1, ge=0.0, lt=1.0)
-        _check_range("adam_beta2", self.adam_beta2, ge=0.0, lt=1.0)
-        _check_range("warmup_ratio", self.warmup_ratio, ge=0.0, le=1.0)
-        _check_range("min_lr_ratio", self.min_lr_ratio, ge=0.0, le=1.0)
-        _check_range("max_grad_norm", self.max_grad_norm, ge=0.0)
-        _check_int("max_length", self.max_length, ge=2)
-        _check_int("seed", self.seed, ge=0)
-        _check_int("save_every", self.save_every, ge=0)
-        _check_int("keep_checkpoints", self.keep_checkpoints, ge=1)
-        _check_int("eval_every", self.eval_every, ge=0)
-        _check_range("eval_fraction", self.eval_fraction, ge=0.0, lt=1.0)
-        _check_int("num_samples", self.num_samples, ge=0)
-        _check_int("log_every", self.log_every, ge=1)
-        _check_int("lora_r", self.lora_r, ge=1)
-        _check_range("lora_alpha", self.lora_alpha, gt=0.0)
-        _check_range("lora_dropout", self.lora_dropout, ge=0.0, lt=1.0)
+        check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,4 +335,4 @@ class TrainConfig:
 
 def field_help(cls: type) -> dict[str, str]:
     """Field name → help string, for CLIs, the API schema and the dashboard."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    return {f.name: f.help for f in config_fields(cls)}

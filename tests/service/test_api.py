@@ -26,8 +26,7 @@ import httpx
 import pytest
 from conftest import ALICE, BOB, client, free_port, start_process, wait_for
 
-from service.hyperparams import dataclass_ranges
-from tvkd.config import MethodConfig, TrainConfig
+from tvkd.config import MethodConfig, TrainConfig, config_fields
 
 CREATED: list[tuple[str, str]] = []  # (api url, job id) of every job made here; cancelled at the end
 
@@ -276,7 +275,7 @@ def _range_cases() -> list[Any]:
     cases = []
     for cls in (MethodConfig, TrainConfig):
         hints = typing.get_type_hints(cls)
-        for name, bounds in dataclass_ranges(cls).items():
+        for name, bounds in ((f.name, f.bounds) for f in config_fields(cls) if f.bounds):
             for kind, value in _out_of_range(hints[name], bounds):
                 field = name if name in ("alpha", "beta") else f"hyperparameters.{name}"
                 patch = {name: value} if name in ("alpha", "beta") else {"hyperparameters": {name: value}}

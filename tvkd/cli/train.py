@@ -19,37 +19,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tvkd.config import Q_SOURCES, SHAPINGS, TERMINALS, ConfigError, MethodConfig, TrainConfig
-
-CHOICES = {"terminal": TERMINALS, "q_source": Q_SOURCES, "shaping": SHAPINGS}
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
+from tvkd.config import ConfigError, MethodConfig, TrainConfig, config_fields
 
 
 def add_config_flags(parser: argparse._ActionsContainer, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per dataclass field, typed from its default; absent flags leave the namespace
-    untouched (argparse.SUPPRESS), so only what the user typed overrides the config file."""
-    for f in dataclasses.fields(cls):
+    """One `--flag` per dataclass field, typed, with choices, range and help from its declaration
+    (`config_fields`); absent flags leave the namespace untouched (argparse.SUPPRESS), so only
+    what the user typed overrides the config file. Values are checked by the dataclass itself."""
+    for f in config_fields(cls):
         if f.name in skip:
             continue
-        default = _default(f)
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        allowed = f"{f.range_text()}; " if f.bounds else ""
+        text = f"{f.help} ({allowed}default: {f.default})".replace("%", "%%")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-        if isinstance(default, bool):
+        if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
+        elif f.type == list[str]:
             kw.update(nargs="+", metavar="NAME")
+        elif f.choices is not None:
+            kw.update(type=str, choices=f.choices)
         else:
-            kw.update(
-                type=type(default),
-                choices=CHOICES.get(f.name),
-                metavar=None if f.name in CHOICES else f.name.upper(),
-            )
+            kw.update(type=f.type, metavar=f.name.upper())
         parser.add_argument(flag, **kw)
 
 
