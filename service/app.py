@@ -26,12 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import KeyCache, bootstrap_keys
-from service.db import make_engine, session_factory
-from service.errors import APIError
+from service.db import is_transient, make_engine, session_factory
+from service.errors import APIError, unavailable
 from service.routers import datasets, health, inspect, jobs, models, precomputes
+from service.schemas import error_responses
 from service.settings import Settings
 from service.uploads import prune_incoming
 from service.validation import ModelChecks
@@ -128,9 +130,20 @@ def _install_handlers(app: FastAPI) -> None:
         body = APIError(exc.status_code, code, str(exc.detail)).body()
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(sa_exc.SQLAlchemyError)
+    async def database_error(request: Request, exc: sa_exc.SQLAlchemyError) -> JSONResponse:
+        # The database unreachable, restarting or busy: 503 with Retry-After, not a 500; the
+        # log has the driver's message (it names hosts and SQL, so the answer does not).
+        if is_transient(exc):
+            reason = str(exc).splitlines()[0]
+            logger.warning("database unavailable in %s %s: %s", request.method, request.url.path, reason)
+            error = unavailable()
+            return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return await internal_error(request, exc)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
         body = APIError(500, "internal_error", "internal server error; the API log has the details").body()
         return JSONResponse(body, status_code=500)
 
@@ -203,8 +216,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyCache()
     app.state.model_checks = ModelChecks(trust_remote_code=settings.trust_remote_code)
     app.state.head_revision = health.head_revision()
-    for module in (health, jobs, datasets, models, precomputes, inspect):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    for module in (jobs, datasets, models, precomputes, inspect):
+        app.include_router(module.router, responses=error_responses(503))
     _install_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

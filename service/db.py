@@ -2,6 +2,13 @@
 
 SQLite (the embedded default) is shared by the API and worker processes: WAL mode lets readers
 run beside one writer, and a busy timeout makes a second writer wait instead of failing.
+PostgreSQL connections are checked before use (pool pre-ping: a connection the server or the
+network dropped is replaced instead of failing a request) and give up connecting after
+CONNECT_TIMEOUT seconds, so an unreachable server is an error, not a hang.
+
+`is_transient(exc)` tells a database error that may succeed when retried (the server is
+unreachable or restarting, a connection was reset, a serialization failure or deadlock) from one
+that will not (a constraint, a bad query): the API answers the first with 503 and Retry-After.
 """
 
 from __future__ import annotations
@@ -11,8 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+CONNECT_TIMEOUT = 5  # seconds a new PostgreSQL connection may take
+# SQLSTATEs worth a retry: connection exceptions (class 08), the server shutting down or starting
+# (57P01-57P03), too many connections (53300), serialization failure and deadlock (40001, 40P01).
+TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+# sqlite3 errors that pass: another writer holds the lock past the busy timeout, the file is
+# briefly unavailable.
+TRANSIENT_SQLITE = ("database is locked", "database table is locked", "unable to open database file",
+                    "disk i/o error")  # fmt: skip
 
 
 def make_engine(url: str) -> Engine:
@@ -36,7 +53,36 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.drivername in ("postgresql", "postgres"):
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT} if parsed.drivername.startswith("postgres") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database error that a retry after a pause may cure: the server unreachable,
+    restarting or out of connections, a connection reset or terminated by an administrator, a
+    serialization failure or deadlock, SQLite's lock held past the busy timeout, the pool's own
+    timeout. False for errors of the request or the schema (constraints, syntax, missing table)."""
+    if isinstance(exc, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    sqlstate = getattr(exc, "sqlstate", None)  # psycopg 3
+    if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES):
+        return True
+    module = type(exc).__module__
+    if module.startswith("psycopg"):
+        # Failures to connect or of the connection itself carry no SQLSTATE.
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError) and sqlstate is None
+    if module == "sqlite3":
+        import sqlite3
+
+        text = str(exc).lower()
+        return isinstance(exc, sqlite3.OperationalError) and any(t in text for t in TRANSIENT_SQLITE)
+    return False
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -50,3 +50,16 @@ def not_found(what: str, ident: str) -> APIError:
 
 def invalid(field: str, message: str, code: str = "invalid_value", **kw: Any) -> APIError:
     return APIError(422, code, message, field=field, **kw)
+
+
+RETRY_AFTER_SECONDS = 5
+
+
+def unavailable(what: str = "the database") -> APIError:
+    """503 with Retry-After: a dependency is down for now; the same request may succeed later."""
+    return APIError(
+        503,
+        "service_unavailable",
+        f"{what} is unavailable right now; retry in a few seconds",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )

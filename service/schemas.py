@@ -59,7 +59,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "The request conflicts with the object's state.",
         413: "The upload is larger than TVKD_MAX_UPLOAD_BYTES.",
         422: "Invalid request; `error.field` names the field.",
-        503: "Not ready.",
+        503: "Unavailable for now (the database cannot be reached): retry after `Retry-After` seconds.",
     }
     return {code: {"model": ErrorBody, "description": words.get(code, "Error.")} for code in codes}
 

@@ -1,5 +1,7 @@
 """/healthz (the process answers) and /readyz (it can do its work: the database is reachable and
-migrated to the head revision, the broker is reachable). No auth: these are for probes."""
+migrated to the head revision, the broker is reachable). No auth: these are for probes, so the
+answer says which check fails but never why in the driver's words (those name hosts, ports and
+users): the API log has that."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.errors import APIError
+from service.errors import RETRY_AFTER_SECONDS, APIError
 from service.schemas import Health, Readiness, error_responses
 from service.settings import Settings
 
@@ -39,7 +41,8 @@ def check_database(request: Request) -> tuple[str, str]:
             except SQLAlchemyError:
                 return "ok", "not migrated: no alembic_version table (run `tvkd serve` or alembic upgrade)"
     except SQLAlchemyError as exc:
-        return f"unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", "unknown"
+        logger.warning("readyz: the database is unreachable: %s", str(exc).splitlines()[0][:500])
+        return "unreachable", "unknown"
     current = ",".join(sorted(rows))
     head = request.app.state.head_revision
     if current != head:
@@ -52,7 +55,10 @@ def check_broker(settings: Settings) -> str:
     try:
         if not url:
             broker = Path(settings.embedded_broker_dir)
-            return "ok" if broker.parent.is_dir() else f"embedded broker folder {broker.parent} is missing"
+            if broker.parent.is_dir():
+                return "ok"
+            logger.warning("readyz: the embedded broker's folder %s is missing", broker.parent)
+            return "embedded broker folder is missing"
         if url.startswith(("redis://", "rediss://", "unix://")):
             import redis
 
@@ -70,7 +76,8 @@ def check_broker(settings: Settings) -> str:
             conn.ensure_connection(max_retries=1)
         return "ok"
     except Exception as exc:  # any client error means "not reachable"
-        return f"unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+        logger.warning("readyz: the broker is unreachable: %s: %s", type(exc).__name__, str(exc)[:500])
+        return "unreachable"
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")
@@ -93,5 +100,7 @@ def readyz(request: Request) -> Readiness:
         logger.warning("not ready: %s", failing)
         message = "; ".join(f"{name}: {status}" for name, status in failing.items())
         details = [{"check": name, "status": status} for name, status in checks.items()]
-        raise APIError(503, "not_ready", message, details=details)
+        raise APIError(
+            503, "not_ready", message, details=details, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
     return Readiness(status="ready", checks=checks)
