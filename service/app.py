@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import KeyCache, bootstrap_keys
+from service.auth import KeyCache, bootstrap_entries, bootstrap_keys, server_secret
 from service.db import is_transient, make_engine, session_factory
 from service.errors import APIError, unavailable
 from service.routers import datasets, health, inspect, jobs, models, precomputes
@@ -183,11 +183,14 @@ def _warm_broker(settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # Refuse to start with an unusable key setting (a placeholder secret, a short bootstrap key).
+    bootstrap_entries(settings.api_keys)
+    secret = server_secret(settings)
     engine = make_engine(settings.resolved_database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bootstrap_keys(app.state.sessions, settings.api_keys)
+        bootstrap_keys(app.state.sessions, settings.api_keys, secret)
         prune_incoming(settings.artifacts)
         # Open the broker connection now so the first job create does not pay for it; in the
         # background, so that a broker that is down does not delay start-up (readyz reports it).
@@ -213,7 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # 5 … 100 ms naps), which under concurrent creates gave seconds of tail latency. Writers of
     # this process queue on a lock instead; PostgreSQL needs none (row locks).
     app.state.write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-    app.state.keys = KeyCache()
+    app.state.keys = KeyCache(secret)
     app.state.model_checks = ModelChecks(trust_remote_code=settings.trust_remote_code)
     app.state.head_revision = health.head_revision()
     app.include_router(health.router)

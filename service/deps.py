@@ -25,7 +25,8 @@ ID_RE = re.compile(r"^[a-z]{1,8}_[0-9a-f]{1,64}$")
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
-    description="An API key: `Authorization: Bearer <key>`. Keys come from TVKD_API_KEYS.",
+    description="An API key: `Authorization: Bearer <key>`. Keys come from `tvkd keys create` or "
+    "TVKD_API_KEYS.",
 )
 
 

@@ -86,10 +86,9 @@ class ApiKey(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
     name: Mapped[str] = mapped_column(String(200))
-    key_hash: Mapped[str] = mapped_column(
-        String(64), unique=True
-    )  # sha256 hex; the key itself is never stored
-    prefix: Mapped[str] = mapped_column(String(12))  # first characters, to tell keys apart in listings
+    # HMAC-SHA256(server secret, key) in hex (service.auth); neither the key nor a part of it is stored.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash_scheme: Mapped[str] = mapped_column(String(16))  # "hmac-sha256", or "sha256" (legacy, until used)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 

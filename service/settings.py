@@ -46,7 +46,13 @@ class Settings(BaseSettings):
     )
     api_keys: PathList = Field(
         default_factory=list,
-        description="API keys created at start-up, `name=key` or `key`, comma separated (stored hashed).",
+        description="API keys created at start-up, `name=key` or `key`, comma separated, each at least 32 "
+        "characters (stored as HMAC digests).",
+    )
+    secret_key: str = Field(
+        default="",
+        description="Server secret of the API-key digests (HMAC-SHA256), at least 32 characters; empty = "
+        "generated once into TVKD_HOME/secret_key (0600). Every API process and `tvkd keys` need the same.",
     )
     api_url: str = Field(default="http://127.0.0.1:8000", description="API base URL for clients/dashboard.")
     api_key: str = Field(default="", description="API key used by the CLI client and the dashboard.")

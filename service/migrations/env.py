@@ -20,6 +20,12 @@ def run() -> None:
         return
     engine = make_engine(url)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by copy, drop and rename: with foreign keys enforced the
+            # drop of a referenced table (api_keys, jobs) fails. Off for the migration only (the
+            # pragma must be set outside a transaction, so before Alembic opens one).
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
         with context.begin_transaction():

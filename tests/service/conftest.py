@@ -25,7 +25,9 @@ import pytest
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 PG_URL = os.environ.get("TVKD_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
-ALICE, BOB = "sk-alice-" + "a" * 24, "sk-bob-" + "b" * 24
+ALICE, BOB = "sk-alice-" + "a" * 24, "sk-bob-" + "b" * 26
+# The API's server secret (service.auth): tests that store keys themselves hash them with it.
+SECRET = "test-secret-" + secrets.token_hex(16)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -104,6 +106,7 @@ def service_env(service_home: Path, database_url: str, redis_url: str) -> dict[s
         TVKD_MODEL_ROOTS=str(service_home / "models"),
         TVKD_DATA_ROOTS=str(service_home / "data"),
         TVKD_API_KEYS=f"alice={ALICE},bob={BOB}",
+        TVKD_SECRET_KEY=SECRET,
         TVKD_HEARTBEAT_SECONDS="0.5",
         TVKD_HEARTBEAT_TIMEOUT="6",
         TVKD_REQUEUE_AFTER="4",

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ALICE, BOB, client, free_port, start_process, wait_for
+from conftest import ALICE, BOB, SECRET, client, free_port, start_process, wait_for
 
 from tvkd.config import MethodConfig, TrainConfig, config_fields
 
@@ -204,16 +204,17 @@ def test_key_bootstrap_is_idempotent(db: Any) -> None:
     from service.auth import bootstrap_keys, hash_key, parse_key_entry
     from service.models import ApiKey
 
+    secret = SECRET.encode()
     assert parse_key_entry("ops=sk-1") == ("ops", "sk-1")
-    assert parse_key_entry("sk-bare") == ("key-sk-bare", "sk-bare")
-    assert parse_key_entry("abc==") == ("key-abc==", "abc==")  # base64 padding, not name=key
-    key = f"sk-boot-{secrets.token_hex(8)}"
+    assert parse_key_entry("sk-bare") == ("bootstrap", "sk-bare")  # no part of the key in its name
+    assert parse_key_entry("abc==") == ("bootstrap", "abc==")  # base64 padding, not name=key
+    key = f"sk-boot-{secrets.token_hex(16)}"
     entries = [f"boot={key}", " ", key]  # the same key twice (named and bare): stored once
-    assert bootstrap_keys(db, entries) == 1
-    assert bootstrap_keys(db, entries) == 0
+    assert bootstrap_keys(db, entries, secret) == 1
+    assert bootstrap_keys(db, entries, secret) == 0
     with db() as session:
-        rows = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).all()
-        assert [(r.name, r.prefix) for r in rows] == [("boot", key[:8])]
+        rows = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(key, secret))).all()
+        assert [(r.name, r.hash_scheme) for r in rows] == [("boot", "hmac-sha256")]
         assert session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.key_hash == key)) == 0
 
 
@@ -480,13 +481,9 @@ def test_concurrent_identical_requests_make_one_job(api: str, body: dict[str, An
 @pytest.fixture
 def carol(api: str, db: Any) -> Iterator[httpx.Client]:
     """A fresh API key with no jobs, so its listings hold exactly what a test makes."""
-    from service.auth import hash_key
-    from service.models import ApiKey
+    from service.auth import create_key
 
-    key = f"sk-carol-{secrets.token_hex(12)}"
-    with db() as session:
-        session.add(ApiKey(name="carol", key_hash=hash_key(key), prefix=key[:8]))
-        session.commit()
+    _, key = create_key(db, "carol", SECRET.encode())
     with client(api, key) as http:
         yield http
 

@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "demo",
     "up",
     "serve",
+    "keys",
     "worker",
     "dashboard",
     "client",

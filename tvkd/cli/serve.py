@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _migrate(url: str) -> None:
+def migrate(url: str) -> None:
     """Alembic upgrade to head. On PostgreSQL under an advisory lock, so that several API
     processes starting at once do not race to create the same tables."""
     from sqlalchemy import text
@@ -71,10 +71,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from service.auth import KeyConfigError, bootstrap_entries, server_secret
+
     settings = Settings()
+    try:
+        bootstrap_entries(settings.api_keys)
+        server_secret(settings)
+    except KeyConfigError as exc:
+        print(f"tvkd serve: {exc}", file=sys.stderr)
+        return 2
     if not args.no_migrate:
         try:
-            _migrate(settings.resolved_database_url)
+            migrate(settings.resolved_database_url)
         except Exception as exc:
             print(f"tvkd serve: cannot migrate the database: {exc}", file=sys.stderr)
             return 1
