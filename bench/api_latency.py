@@ -60,7 +60,7 @@ TARGETS_MS = {"create": 50.0, "get": 20.0}
 
 
 def make_assets(home: Path) -> dict[str, str]:
-    from tvkd.models import build_tiny_model
+    from tvkd.model_prep import build_tiny_model
     from tvkd.tasks import generate, split, write_jsonl
 
     for sub in ("models", "data", "artifacts"):

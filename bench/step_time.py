@@ -60,7 +60,8 @@ import tvkd.trainer as trainer_module
 from tvkd.config import MethodConfig, PrecomputeConfig, TrainConfig
 from tvkd.data import PreferencePair, load_pairs
 from tvkd.losses import tvkd_loss
-from tvkd.models import build_tiny_model, load_causal_lm, load_tokenizer
+from tvkd.model_prep import build_tiny_model
+from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.precompute import precompute_values
 
 TVKD, DPO, TRL = "TVKD (α=0.7)", "DPO (same step, α=0)", "TRL DPOTrainer"

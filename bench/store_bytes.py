@@ -33,7 +33,7 @@ from _common import default_hh_path, environment_line, hh_corpus, markdown_table
 
 from tvkd.config import PrecomputeConfig
 from tvkd.data import load_pairs
-from tvkd.models import build_tiny_model
+from tvkd.model_prep import build_tiny_model
 from tvkd.precompute import precompute_values
 
 RESEARCH_TOP50_BYTES_PER_TOKEN = 808.0

@@ -88,13 +88,13 @@ def tiny_tokenizer_factory() -> Callable[..., PreTrainedTokenizerFast]:
 
 # --------------------------------------------------------------------------------------------
 # Tiny teacher (tests of tvkd.store / tvkd.precompute): one tiny Llama folder per session, built
-# offline by tvkd.models.build_tiny_model (vocab 512, hidden 64, 2 layers, untied head). Returned
+# offline by tvkd.model_prep.build_tiny_model (vocab 512, hidden 64, 2 layers, untied head). Returned
 # as a str path, the form jobs pass teachers in.
 
 
 @pytest.fixture(scope="session")
 def precompute_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tvkd.models import build_tiny_model
+    from tvkd.model_prep import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("precompute-teacher") / "teacher", seed=1))
 
@@ -137,7 +137,7 @@ def arithmetic_rows(n: int = ARITH_PAIRS, seed: int = 0) -> list[dict[str, str]]
 @pytest.fixture(scope="session")
 def train_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """{"student", "teacher", "other"} model folders (str). student/teacher share a tokenizer."""
-    from tvkd.models import build_tiny_model
+    from tvkd.model_prep import build_tiny_model
 
     root = tmp_path_factory.mktemp("train-models")
     return {

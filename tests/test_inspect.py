@@ -23,7 +23,8 @@ from tvkd.inspect import (
     render_table,
     visible,
 )
-from tvkd.models import build_tiny_model, load_causal_lm, load_tokenizer
+from tvkd.model_prep import build_tiny_model
+from tvkd.models import load_causal_lm, load_tokenizer
 
 PROMPT = "Human: What is 2+3?\n\nAssistant:"
 RESPONSE = " The answer is 5. Thank you for asking!"

