@@ -122,7 +122,8 @@ def select_by_length(
 ) -> list[PreferencePair]:
     """The first `count` pairs whose longer side (prompt + response, EOS included) has between
     `min_length` and `max_length` tokens: batches of realistic, similar lengths."""
-    from tvkd.data import RowError, tokenize_pair
+    from tvkd.data import RowError
+    from tvkd.tokenize import tokenize_pair
 
     chosen = []
     for p in pairs:

@@ -19,13 +19,11 @@ from tvkd.data import (
     DataReport,
     PreferencePair,
     RowError,
-    TokenizedPair,
     dataset_fingerprint,
     load_pairs,
     split_pairs,
-    tokenize_pair,
-    tokenize_pairs,
 )
+from tvkd.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs
 
 TEXT_ROWS = [
     {"prompt": "Human: hi\n\nAssistant:", "chosen": " Hello there.", "rejected": " Go away."},

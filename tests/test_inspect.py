@@ -14,7 +14,7 @@ import torch
 
 from tvkd.cli import main
 from tvkd.config import MethodConfig
-from tvkd.data import PreferencePair, tokenize_pair
+from tvkd.data import PreferencePair
 from tvkd.inspect import (
     TOP_MARK,
     InspectResult,
@@ -25,6 +25,7 @@ from tvkd.inspect import (
 )
 from tvkd.model_prep import build_tiny_model
 from tvkd.models import load_causal_lm, load_tokenizer
+from tvkd.tokenize import tokenize_pair
 
 PROMPT = "Human: What is 2+3?\n\nAssistant:"
 RESPONSE = " The answer is 5. Thank you for asking!"

@@ -19,7 +19,7 @@ import torch
 
 from tvkd.cli import main
 from tvkd.config import PrecomputeConfig
-from tvkd.data import DataError, PreferencePair, load_pairs, tokenize_pair
+from tvkd.data import DataError, PreferencePair, load_pairs
 from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.precompute import (
     PrecomputeStopped,
@@ -29,6 +29,7 @@ from tvkd.precompute import (
     precompute_values,
 )
 from tvkd.store import MANIFEST, ValueStore, shard_name
+from tvkd.tokenize import tokenize_pair
 
 HH_TEST = Path("/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")
 _SENTENCE = (

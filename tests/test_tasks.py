@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tvkd.cli import main
-from tvkd.data import load_pairs, tokenize_pairs
+from tvkd.data import load_pairs
 from tvkd.tasks import FAMILIES, Example, check_answer, generate, read_examples, spell, split
+from tvkd.tokenize import tokenize_pairs
 
 
 def test_deterministic_distinct_and_balanced():

@@ -26,9 +26,11 @@ from typing import Any, Literal
 import torch
 
 from tvkd.config import MethodConfig, PrecomputeConfig
-from tvkd.data import PreferencePair, TokenizedPair, tokenize_pair
+from tvkd.data import PreferencePair
 from tvkd.logps import logits_logps
 from tvkd.losses import shaping_terms
+from tvkd.modeling import model_device
+from tvkd.tokenize import TokenizedPair, tokenize_pair
 from tvkd.values import map_boundary_values
 
 SIGNALS = ("psi", "value", "logratio", "teacher_logp")
@@ -175,17 +177,13 @@ def _token_texts(tokenizer: Any, response: str, ids: Sequence[int], ends: Sequen
     return out
 
 
-def _model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _response_logps(model: Any, tp: TokenizedPair) -> torch.Tensor:
     """log π(y_t | s_t) of the chosen side's response tokens (float32, [T]) from one forward."""
     was_training = model.training
     model.eval()
     try:
-        ids = torch.tensor([tp.prompt_ids + tp.chosen_ids], device=_model_device(model))
+        ids = torch.tensor([tp.prompt_ids + tp.chosen_ids], device=model_device(model))
         logits = model(input_ids=ids, use_cache=False).logits[0]
         p, t = len(tp.prompt_ids), len(tp.chosen_ids)
         # logits at position i predict token i+1: response token k is predicted at P−1+k.

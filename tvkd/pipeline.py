@@ -101,8 +101,8 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
     Raises ConfigError (a setting), DataError (the data) or ModelError (a model folder) before any
     expensive work.
     """
-    from tvkd.data import tokenize_pairs
     from tvkd.models import load_config, load_tokenizer
+    from tvkd.tokenize import tokenize_pairs
 
     cb = callbacks or Callbacks()
     t0 = time.perf_counter()

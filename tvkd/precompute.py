@@ -28,16 +28,8 @@ import torch
 from torch import Tensor
 
 from tvkd.config import PrecomputeConfig
-from tvkd.data import (
-    DataError,
-    DataReport,
-    PreferencePair,
-    RowError,
-    RowIssue,
-    TokenizedPair,
-    dataset_fingerprint,
-    tokenize_pair,
-)
+from tvkd.data import DataError, DataReport, PreferencePair, RowError, RowIssue, dataset_fingerprint
+from tvkd.modeling import decoder_hidden, head_problem, model_device, output_head, pad_token_id, softcap_of
 from tvkd.store import (
     SIDES,
     PairValues,
@@ -48,11 +40,9 @@ from tvkd.store import (
     key_fields,
     store_arrays,
 )
+from tvkd.tokenize import TokenizedPair, check_chat_template, tokenize_pair
 from tvkd.values import TeacherSignals, teacher_signals
 
-# Config attributes of heads that are not a plain linear layer (+ optional soft-cap), which the
-# hidden-state path would silently get wrong.
-_UNSUPPORTED_HEAD_ATTRS = ("logit_scale", "logits_scaling", "output_logits_scale", "mup_width_multiplier")
 # Relative tolerance of the one-off check that our head reproduces the model's own logits.
 _HEAD_CHECK_RTOL = 1e-3
 _HEAD_CHECK_TOKENS = 16
@@ -95,27 +85,12 @@ class _Sequence:
 
 def _decoder_and_head(model: Any) -> tuple[Any, Tensor, Tensor | None, float | None]:
     """(decoder module, head weight [V, H], head bias or None, soft-cap or None)."""
-    cfg = getattr(model, "config", None)
-    for attr in _UNSUPPORTED_HEAD_ATTRS:
-        value = getattr(cfg, attr, None)
-        if value not in (None, 1, 1.0):
-            raise UnsupportedTeacher(
-                f"teacher config has {attr}={value!r}: its logits are not a plain linear head, "
-                "which the precompute does not reproduce"
-            )
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise UnsupportedTeacher(f"teacher output head is {type(head).__name__}, not nn.Linear")
-    decoder = model.get_decoder()
-    if decoder is model:
-        raise UnsupportedTeacher(f"cannot find the decoder of {type(model).__name__}")
-    softcap = getattr(cfg, "final_logit_softcapping", None) or None
-    return decoder, head.weight, head.bias, softcap
-
-
-def _last_hidden(decoder: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    problem = head_problem(model, softcap_ok=True)
+    if problem is not None:
+        raise UnsupportedTeacher(
+            f"teacher {type(model).__name__}: {problem}, which the precompute does not reproduce"
+        )
+    return (*output_head(model), softcap_of(model))
 
 
 # Models whose head verify_head has accepted (weakly held: a dropped model is forgotten).
@@ -134,7 +109,7 @@ def verify_head(model: Any, input_ids: Tensor) -> None:
     mask = torch.ones_like(ids)
     with torch.autocast(ids.device.type, enabled=False):
         want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
-        hidden = _last_hidden(decoder, ids, mask)[0]
+        hidden = decoder_hidden(decoder, ids, mask)[0]
     got = hidden.float() @ w.float().T
     if b is not None:
         got = got + b.float()
@@ -152,7 +127,7 @@ def verify_head(model: Any, input_ids: Tensor) -> None:
 
 def _verify_once(model: Any, ids: Sequence[int]) -> None:
     if model not in _VERIFIED:
-        verify_head(model, torch.tensor([list(ids)], device=_model_device(model)))
+        verify_head(model, torch.tensor([list(ids)], device=model_device(model)))
 
 
 @torch.inference_mode()
@@ -167,7 +142,7 @@ def _forward_flat(
     decoder, w, b, softcap = _decoder_and_head(model)
     dev = input_ids.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.bf16):
-        hidden = _last_hidden(decoder, input_ids, attention_mask)
+        hidden = decoder_hidden(decoder, input_ids, attention_mask)
     counts = torch.tensor([n for _, n in spans], device=dev)
     rows = torch.repeat_interleave(torch.arange(len(spans), device=dev), counts)
     starts = torch.repeat_interleave(torch.tensor([s for s, _ in spans], device=dev), counts)
@@ -275,18 +250,6 @@ def _sequences(slot: int, tp: TokenizedPair) -> list[_Sequence]:
     ]
 
 
-def _model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0  # any id: padded positions are masked and never read
-
-
 def compute_pair_signals(
     model: Any, tokenizer: Any, pair: PreferencePair, config: PrecomputeConfig
 ) -> tuple[TokenizedPair, PairValues]:
@@ -294,7 +257,7 @@ def compute_pair_signals(
     tp = tokenize_pair(tokenizer, pair, max_length=config.max_length)
     with _eval_mode(model):
         _verify_once(model, tp.prompt_ids + tp.chosen_ids)
-        sides = _run_batch(model, _sequences(0, tp), config, _pad_id(tokenizer), _model_device(model))
+        sides = _run_batch(model, _sequences(0, tp), config, pad_token_id(tokenizer), model_device(model))
     return tp, PairValues(**sides[0], **sides[1])
 
 
@@ -345,15 +308,6 @@ def _check_all_rows(tokenizer: Any, pairs: Sequence[PreferencePair], source: str
         raise DataError(_report(source, len(pairs), issues))
 
 
-def _check_template(tokenizer: Any, pairs: Sequence[PreferencePair], source: str) -> None:
-    # Like tokenize_pairs: conversational data without a chat template is a setup mistake, not
-    # a reason to drop every row.
-    first = next((p for p in pairs if p.conversational), None)
-    if first is not None and getattr(tokenizer, "chat_template", None) is None:
-        issue = RowIssue(first.row, "prompt", "template", "conversational data needs a chat template")
-        raise DataError(DataReport(source, len(pairs), 0, len(pairs), [issue]))
-
-
 @dataclass
 class _Run:
     """Counters of one precompute call."""
@@ -379,7 +333,7 @@ def _compute_shard(
     run.done += sum(tp is None for tp in tokenized)  # missing pairs are done at once
     if not seqs and progress is not None:  # a shard of missing pairs only: no batch reports it
         progress(run.done, run.total)
-    device = _model_device(model)
+    device = model_device(model)
     for batch in _batches(seqs, config.batch_tokens):
         if should_stop is not None and should_stop():
             raise PrecomputeStopped("precompute stopped on request; finished shards are kept")
@@ -409,7 +363,7 @@ def _fill_store(
     run.done = sum(len(writer.shard_range(i)) for i in done)
     if progress is not None:
         progress(run.done, run.total)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     for i in range(writer.num_shards):
         if i in done:
             continue
@@ -487,7 +441,7 @@ def precompute_values(
     found = ValueStore.find(store_root, key)
     if found is not None:
         return result(found, None)
-    _check_template(tokenizer, pairs, source)
+    check_chat_template(tokenizer, pairs, source)
     if on_error == "raise":
         _check_all_rows(tokenizer, pairs, source, config.max_length)
     writer = StoreWriter(
@@ -515,7 +469,7 @@ def precompute_values(
                     "seconds": round(time.perf_counter() - start, 3),
                     "forward_seconds": round(run.forward_seconds, 3),
                     "teacher_tokens_this_run": run.tokens,
-                    "device": str(_model_device(model)),
+                    "device": str(model_device(model)),
                 }
             )
             return result(store, run, waited)

@@ -41,12 +41,13 @@ from torch import Tensor
 
 from tvkd.callbacks import Callbacks
 from tvkd.config import ConfigError, MethodConfig, TrainConfig
-from tvkd.data import PreferencePair, RowError, dataset_fingerprint, tokenize_pair
+from tvkd.data import PreferencePair, RowError, dataset_fingerprint
 from tvkd.logps import linear_logps, response_positions
 from tvkd.losses import tvkd_loss
 from tvkd.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
 from tvkd.ragged import RaggedFile, write_ragged
 from tvkd.store import ValueStore
+from tvkd.tokenize import needs_chat_template, tokenize_pair
 from tvkd.values import map_boundary_values
 
 ACTION_SHAPINGS = ("logprob", "logit")  # ψ needs the teacher's score of each student token
@@ -74,9 +75,9 @@ def check_alignment(
     Returns whether teacher and student tokenizers are identical (False without a teacher).
     Cheap: tokenizers and the store's manifest only, so it runs before any weights are loaded.
     """
-    conv = next((p for p in pairs if p.conversational), None)
     for name, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
-        if conv is not None and tok is not None and getattr(tok, "chat_template", None) is None:
+        conv = needs_chat_template(tok, pairs) if tok is not None else None
+        if conv is not None:
             raise ConfigError(
                 name,
                 f"the dataset is conversational (row {conv.row} holds messages) but the {name} "

@@ -21,9 +21,9 @@ from tvkd.data import (
     DataReport,
     PreferencePair,
     load_pairs,
-    tokenize_pairs,
 )
 from tvkd.tasks import FAMILIES, generate, split, write_jsonl
+from tvkd.tokenize import tokenize_pairs
 
 # Same default as PrecomputeConfig.max_length.
 DEFAULT_MAX_LENGTH = 1024
