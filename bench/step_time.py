@@ -254,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer.setup()  # includes the one-off reference pass, which is not part of a step
         ours = [
-            trainer.train_examples[k * args.batch_size : (k + 1) * args.batch_size]
-            for k in range(args.batches)
+            trainer.train_set[k * args.batch_size : (k + 1) * args.batch_size] for k in range(args.batches)
         ]
         cache = {id(b): trainer_module.collate(b, trainer.pad_id, trainer.device) for b in ours}
         tokens = {id(b): cache[id(b)].tokens for b in ours}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tvkd.alignment import check_alignment
 from tvkd.config import ConfigError, MethodConfig, TrainConfig
 from tvkd.data import PreferencePair
 from tvkd.pipeline import JobSpec, precompute, run_job, validate
-from tvkd.trainer import check_alignment
 
 TOKEN_KEYS = {"text", "id", "logratio", "value", "psi", "teacher_logp"}
 

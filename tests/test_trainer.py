@@ -11,19 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tvkd.alignment import check_alignment
+from tvkd.batch import collate, policy_logps
+from tvkd.checkpoint import latest_checkpoint, list_checkpoints
 from tvkd.config import ConfigError, MethodConfig, PrecomputeConfig, TrainConfig
 from tvkd.evaluate import evaluate
 from tvkd.losses import tvkd_loss
 from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.ragged import RaggedFile
-from tvkd.trainer import (
-    Trainer,
-    check_alignment,
-    collate,
-    latest_checkpoint,
-    list_checkpoints,
-    policy_logps,
-)
+from tvkd.trainer import Trainer
 from tvkd.values import shaping_from_values
 
 METHOD_FIELDS = {f.name for f in dataclasses.fields(MethodConfig)}
@@ -89,7 +85,7 @@ def test_step_loss_matches_plain_path(train_models, arith_store, tmp_path):
     # The reference file holds the initial student's log-probs, the plain way.
     initial = load_causal_lm(train_models["student"])
     ref = RaggedFile(tmp_path / "reference.safetensors")
-    examples = sorted(trainer.train_examples + trainer.eval_examples, key=lambda e: e.index)
+    examples = sorted(trainer.train_set + trainer.eval_set, key=lambda e: e.index)
     with torch.no_grad():
         for r in (0, 5, len(examples) - 1):
             for side in ("chosen", "rejected"):
@@ -101,7 +97,7 @@ def test_step_loss_matches_plain_path(train_models, arith_store, tmp_path):
     trainer.step = 2
 
     # Pairs of different lengths, so padding and the flat scatter are exercised.
-    batch_examples = sorted(trainer.train_examples, key=lambda e: len(e.chosen_ids) + len(e.prompt_ids))
+    batch_examples = sorted(trainer.train_set, key=lambda e: len(e.chosen_ids) + len(e.prompt_ids))
     batch_examples = batch_examples[:3] + batch_examples[-3:]
     assert (
         len({len(e.chosen_ids) for e in batch_examples} | {len(e.rejected_ids) for e in batch_examples}) > 1
@@ -200,7 +196,7 @@ def test_different_tokenizers_map_values(train_models, arith_store, tmp_path):
     assert trainer.same_tokenizer is False
     teacher_tok = load_tokenizer(train_models["other"])
     differs = 0
-    for e in trainer.train_examples + trainer.eval_examples:
+    for e in trainer.train_set + trainer.eval_set:
         v = other.pair(e.index)
         for side in ("chosen", "rejected"):
             values = torch.as_tensor(getattr(e, f"{side}_values"), dtype=torch.float64)[None]
@@ -225,7 +221,7 @@ def test_different_tokenizers_map_values(train_models, arith_store, tmp_path):
     same = make_trainer(train_models, pairs, same_store, tmp_path / "same", max_steps=1)
     same.setup()
     assert same.same_tokenizer is True
-    for e in same.train_examples[:5]:
+    for e in same.train_set[:5]:
         np.testing.assert_array_equal(e.chosen_values, same_store.pair(e.index).chosen_values)
     same.cleanup()
 
@@ -307,7 +303,7 @@ def test_evaluate_weights_pairs_not_batches(train_models, arith_store, tmp_path)
     trainer = make_trainer(train_models, pairs, store, tmp_path, max_steps=1)
     trainer.setup()
     trainer.train_step(trainer.step_batches(0))  # so that the log-ratios are not all zero
-    examples = trainer.train_examples[:8]
+    examples = trainer.train_set[:8]
     whole = evaluate(trainer.model, [collate(examples, trainer.pad_id)], trainer.loss_options)
     parts = [collate(examples[:3], trainer.pad_id), collate(examples[3:], trainer.pad_id)]
     split = evaluate(trainer.model, parts, trainer.loss_options)

@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tvkd.batch import Batch, TrainPair, collate, policy_logps
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair, RowError
 from tvkd.losses import PairTerms, loss_and_metrics, pair_terms, shaping_terms
-from tvkd.trainer import Batch, Example, collate, policy_logps
+from tvkd.modeling import pad_token_id
 
 SIDES = ("chosen", "rejected")
 
@@ -47,7 +48,7 @@ def evaluate(
 ) -> dict[str, float]:
     """The MATH.md metrics (and "loss") over every pair of `batches`, plus "pairs" (their count).
 
-    `loss_options` are the keyword options of `tvkd_loss` (see `tvkd.trainer.loss_options`).
+    `loss_options` are the keyword options of `tvkd_loss` (see `tvkd.losses.loss_options`).
     """
     opts = dict(loss_options)
     alpha, beta = opts.pop("alpha"), opts.pop("beta")
@@ -80,13 +81,28 @@ def evaluate(
     return metrics
 
 
+def evaluate_pairs(
+    model: Any,
+    pairs: Sequence[TrainPair],
+    loss_options: Mapping[str, Any],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """`evaluate` over `pairs` collated `batch_size` at a time on `device`."""
+    batches = (collate(pairs[k : k + batch_size], pad_id, device) for k in range(0, len(pairs), batch_size))
+    return evaluate(model, batches, loss_options, bf16=bf16)
+
+
 def _f64(x: np.ndarray | None) -> torch.Tensor:
     # A copy: store rows are read-only views of a memory-mapped file.
     return torch.from_numpy(np.array(x, dtype=np.float64))
 
 
 def _teacher_logps(
-    examples: Sequence[Example],
+    train_pairs: Sequence[TrainPair],
     pairs: Sequence[PreferencePair],
     *,
     teacher: str | None,
@@ -95,7 +111,7 @@ def _teacher_logps(
     device: torch.device,
 ) -> tuple[list[dict[str, np.ndarray | None]], str | None, str | None]:
     """Per example and side, the teacher's log-prob of each student token; (logps, source, note)."""
-    empty: list[dict[str, np.ndarray | None]] = [dict.fromkeys(SIDES) for _ in examples]
+    empty: list[dict[str, np.ndarray | None]] = [dict.fromkeys(SIDES) for _ in train_pairs]
     if teacher is None:
         return empty, None, "no teacher: the method does not use one (alpha=0 or shaping='none')"
     if not same_tokenizer:
@@ -107,8 +123,8 @@ def _teacher_logps(
                 "(values are the teacher's, mapped onto the student's token boundaries)"
             ),
         )
-    if all(f"{s}_teacher_logps" in e.teacher for e in examples for s in SIDES):
-        return [{s: e.teacher[f"{s}_teacher_logps"] for s in SIDES} for e in examples], "store", None
+    if all(f"{s}_teacher_logps" in e.teacher for e in train_pairs for s in SIDES):
+        return [{s: e.teacher[f"{s}_teacher_logps"] for s in SIDES} for e in train_pairs], "store", None
     # The store has no token stats: run the teacher on these few pairs only.
     from tvkd.models import load_causal_lm, load_tokenizer
     from tvkd.precompute import compute_pair_signals
@@ -117,7 +133,7 @@ def _teacher_logps(
     tokenizer = load_tokenizer(teacher)
     config = PrecomputeConfig(token_stats=True, max_length=max_length or 1024)
     out = []
-    for e in examples:
+    for e in train_pairs:
         try:
             _, pv = compute_pair_signals(model, tokenizer, pairs[e.index], config)
         except RowError:
@@ -138,7 +154,7 @@ def write_samples(
     *,
     model: Any,
     tokenizer: Any,
-    examples: Sequence[Example],
+    train_pairs: Sequence[TrainPair],
     pairs: Sequence[PreferencePair],
     loss_options: Mapping[str, Any],
     teacher: str | None = None,
@@ -148,14 +164,14 @@ def write_samples(
     bf16: bool = False,
     step: int = 0,
 ) -> Path:
-    """Per-token signals of `examples` (with their reference log-probs) → `path` (see the module doc)."""
+    """Per-token signals of `train_pairs` (with their reference log-probs) → `path` (see the module doc)."""
     device = torch.device(device)
     path = Path(path)
     opts = dict(loss_options)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     policy: tuple[torch.Tensor, torch.Tensor] | None = None
-    if examples:
-        batch = collate(examples, pad_id, device)
+    if train_pairs:
+        batch = collate(train_pairs, pad_id, device)
         was_training = model.training
         model.eval()
         try:
@@ -164,7 +180,7 @@ def write_samples(
         finally:
             model.train(was_training)
     teacher_lp, source, note = _teacher_logps(
-        examples,
+        train_pairs,
         pairs,
         teacher=teacher,
         same_tokenizer=same_tokenizer,
@@ -172,7 +188,7 @@ def write_samples(
         device=device,
     )
     samples = []
-    for j, e in enumerate(examples):
+    for j, e in enumerate(train_pairs):
         assert policy is not None
         pair = pairs[e.index]
         sample: dict[str, Any] = {

@@ -11,12 +11,13 @@ detached), so the loss costs one student forward/backward per step on top of the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tvkd.config import SHAPINGS
+from tvkd.config import SHAPINGS, MethodConfig
 from tvkd.values import shaping_from_values
 
 
@@ -250,3 +251,17 @@ def tvkd_loss(
         length_normalize=length_normalize,
     )
     return loss_and_metrics(terms, alpha=alpha, beta=beta)
+
+
+def loss_options(method: MethodConfig, *, shaping: str | None = None) -> dict[str, Any]:
+    """The keyword options of `tvkd_loss` (and `pair_terms`, less α/β) for a method; `shaping`
+    overrides the method's (e.g. "none" when no value store is used)."""
+    return {
+        "alpha": method.alpha,
+        "beta": method.beta,
+        "gamma": method.gamma,
+        "terminal": method.terminal,
+        "shaping": shaping or method.shaping,
+        "value_beta": method.value_beta,
+        "length_normalize": method.length_normalize,
+    }

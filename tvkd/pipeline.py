@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tvkd.alignment import check_alignment
 from tvkd.callbacks import Callbacks
 from tvkd.config import ConfigError, PrecomputeConfig, TrainConfig
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.store import ValueStore
-from tvkd.trainer import Trainer, TrainResult, check_alignment
+from tvkd.trainer import Trainer, TrainResult
 
 RESULT_FILE = "result.json"
 

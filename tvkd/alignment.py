@@ -1,0 +1,89 @@
+"""Can the teacher's signals be put on the student's tokens? Checked before any weights load.
+
+`check_alignment` is the validation side of training: it reads tokenizers and the value store's
+manifest only, and raises `ConfigError` naming the setting to change when the job cannot use
+the teacher: conversational data for a tokenizer without a chat template, an action-dependent
+shaping mode (MATH.md, ψ from log-probs or logits) across different tokenizers, or a value
+store computed with another value setting, other pairs or another tokenizer. The pipeline's
+validate stage runs it; `Trainer.setup` runs it again on what it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tvkd.config import ConfigError, MethodConfig
+from tvkd.data import PreferencePair, dataset_fingerprint
+from tvkd.models import tokenizer_fingerprint
+from tvkd.store import ValueStore
+from tvkd.tokenize import needs_chat_template
+
+ACTION_SHAPINGS = ("logprob", "logit")  # ψ needs the teacher's score of each student token
+
+
+def check_alignment(
+    method: MethodConfig,
+    pairs: Sequence[PreferencePair],
+    *,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any = None,
+    store: ValueStore | None = None,
+) -> bool:
+    """Raise `ConfigError` naming what to change when training cannot use the teacher's signals.
+
+    Returns whether teacher and student tokenizers are identical (False without a teacher).
+    Cheap: tokenizers and the store's manifest only, so it runs before any weights are loaded.
+    """
+    for name, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+        conv = needs_chat_template(tok, pairs) if tok is not None else None
+        if conv is not None:
+            raise ConfigError(
+                name,
+                f"the dataset is conversational (row {conv.row} holds messages) but the {name} "
+                "tokenizer has no chat template: use a model folder whose tokenizer has one, or "
+                "text-form data (prompt/chosen/rejected strings)",
+            )
+    if teacher_tokenizer is None:
+        return False
+    same = tokenizer_fingerprint(student_tokenizer) == tokenizer_fingerprint(teacher_tokenizer)
+    if method.shaping in ACTION_SHAPINGS and not same:
+        raise ConfigError(
+            "shaping",
+            f"shaping={method.shaping!r} is action-dependent: it needs the teacher's score of each "
+            "student token, which only exists when teacher and student share a tokenizer, and "
+            "theirs differ. Use shaping='value' (potential-based; mapped across tokenizers) or a "
+            "student with the teacher's tokenizer",
+        )
+    if store is None:
+        return same
+    fields = store.fields
+    for name in ("q_source", "value_beta"):
+        if fields.get(name) != getattr(method, name):
+            raise ConfigError(
+                name,
+                f"the value store {store.path} was computed with {name}={fields.get(name)!r}, the "
+                f"method asks for {getattr(method, name)!r}: precompute again with the method's "
+                "setting (the pipeline does), or use the store's",
+            )
+    if method.shaping in ACTION_SHAPINGS and not fields.get("token_stats"):
+        raise ConfigError(
+            "shaping",
+            f"shaping={method.shaping!r} needs the teacher's per-token log-probs/logits and the value "
+            f"store {store.path} has none: precompute with token_stats=True",
+        )
+    fingerprint = dataset_fingerprint(pairs)
+    if store.num_pairs != len(pairs) or fields.get("dataset_fingerprint") != fingerprint:
+        raise ConfigError(
+            "store",
+            f"the value store {store.path} was built for other pairs ({store.num_pairs} pairs, "
+            f"dataset {str(fields.get('dataset_fingerprint'))[:12]}) than these ({len(pairs)} pairs, "
+            f"dataset {fingerprint[:12]}): pass the pairs it was computed for, in the same order, "
+            "or precompute for these",
+        )
+    if fields.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(teacher_tokenizer)):
+        raise ConfigError(
+            "teacher",
+            f"the value store {store.path} was computed with another tokenizer than this teacher's",
+        )
+    return same

@@ -1,0 +1,101 @@
+"""π_ref: the log-probabilities of the initial student, computed once per job and kept on disk.
+
+MATH.md's reference policy is the student before training. Its log-probs of every response token
+are constants of the loss, so one no-grad pass computes them for every kept pair and writes them
+to `output_dir/reference.safetensors` (a ragged file, rows in pair order); training then runs one
+model, not two. A resumed run reuses the file when its metadata (student and tokenizer
+fingerprints, the pairs and their token counts, bf16) matches, and recomputes it otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvkd.batch import TrainPair, collate, policy_logps
+from tvkd.callbacks import Callbacks
+from tvkd.models import model_fingerprint, tokenizer_fingerprint
+from tvkd.ragged import RaggedFile, write_ragged
+
+REFERENCE_FILE = "reference.safetensors"
+
+
+def reference_metadata(
+    pairs: Sequence[TrainPair], *, student: str, tokenizer: Any, bf16: bool
+) -> dict[str, str]:
+    """What decides the reference log-probs; a stored file is reused only when all of it matches.
+    `pairs` sorted by index."""
+    layout = [[p.index, len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
+    return {
+        "student_fingerprint": model_fingerprint(student),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "pairs": str(len(pairs)),
+        "layout": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest(),
+        "bf16": str(bf16),
+    }
+
+
+def _reuse(path: Path, pairs: Sequence[TrainPair], meta: dict[str, str]) -> bool:
+    ref = RaggedFile(path)
+    if any(ref.metadata.get(k) != v for k, v in meta.items()):
+        return False
+    for r, p in enumerate(pairs):
+        p.ref_chosen, p.ref_rejected = np.array(ref.row("chosen", r)), np.array(ref.row("rejected", r))
+    return True
+
+
+@torch.no_grad()
+def reference_logps(
+    model: Any,
+    pairs: Sequence[TrainPair],
+    path: Path,
+    *,
+    student: str,
+    tokenizer: Any,
+    reuse: bool,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    bf16: bool,
+    callbacks: Callbacks,
+) -> Path | None:
+    """Fill `ref_chosen`/`ref_rejected` of every pair with log π_ref [T] float32 (one no-grad
+    pass of `model`, the student folder `student` as loaded, in eval mode) and write them to
+    `path`; with `reuse`, read a matching file instead. Returns None when
+    `callbacks.should_stop()` interrupts the pass (nothing is written)."""
+    cb = callbacks
+    pairs = sorted(pairs, key=lambda p: p.index)
+    meta = reference_metadata(pairs, student=student, tokenizer=tokenizer, bf16=bf16)
+    if reuse and path.is_file():
+        if _reuse(path, pairs, meta):
+            cb.on_event("info", f"reusing reference log-probs {path}")
+            return path
+        cb.on_event("warning", f"{path} was made for another student or pairs: recomputing")
+    cb.on_stage("reference", {"pairs": len(pairs)})
+    model.eval()
+    t0 = time.perf_counter()
+    for k in range(0, len(pairs), batch_size):
+        if cb.should_stop():
+            return None
+        batch = collate(pairs[k : k + batch_size], pad_id, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            chosen, rejected = policy_logps(model, batch)
+        chosen, rejected = chosen.float().cpu().numpy(), rejected.float().cpu().numpy()
+        for j, p in enumerate(batch.pairs):
+            p.ref_chosen = chosen[j, : len(p.chosen_ids)].copy()
+            p.ref_rejected = rejected[j, : len(p.rejected_ids)].copy()
+        done = min(k + batch_size, len(pairs))
+        cb.on_progress("reference", done, len(pairs), (time.perf_counter() - t0) / done * (len(pairs) - done))
+    write_ragged(
+        path,
+        {"chosen": [p.ref_chosen for p in pairs], "rejected": [p.ref_rejected for p in pairs]},
+        metadata={**meta, "indices": json.dumps([p.index for p in pairs])},
+    )
+    return path
