@@ -1,16 +1,14 @@
-"""A job's per-token samples (`samples.json`, written by tvkd.evaluate.write_samples) as the API
-shows them: summaries for the list, and each side in tvkd.inspect.InspectResult's JSON form for
-one sample, so the dashboard renders job samples and POST /v1/inspect results alike.
+"""A job's per-token samples (`samples.json`) as the API shows them: summaries for the list, and
+each side in `InspectResult`'s JSON form for one sample, so the dashboard renders job samples and
+POST /v1/inspect results alike.
 
-The conversion mirrors `InspectResult.from_sample_side` instead of importing tvkd.inspect, which
-imports torch: reading a JSON file must not cost the API process a second and a few hundred MB.
-Parsed files are cached by path, size and mtime, because the dashboard polls them.
+The file is read with the library's one reader, `tvkd.artifacts.read_samples` (torch-free, so
+reading a JSON file costs the API process no torch import). Parsed files are cached by path,
+size and mtime, because the dashboard polls them.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,11 +19,12 @@ from sqlalchemy.orm import Session
 
 from service import models as db
 from service.validation import is_inside
+from tvkd.artifacts import SAMPLES_FILE, ArtifactError, Sample, SamplesFile, SampleSide, read_samples
 
-SAMPLES_FILE = "samples.json"
 CACHE_MAX = 16
+_EMPTY_SIDE = SampleSide("", [], None, None, None)
 
-_cache: OrderedDict[tuple[str, int, int], dict[str, Any]] = OrderedDict()
+_cache: OrderedDict[tuple[str, int, int], SamplesFile] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -47,115 +46,56 @@ def samples_path(session: Session, job: db.Job, artifacts: Path) -> Path | None:
     return None
 
 
-def load_document(path: Path) -> dict[str, Any] | None:
-    """{"step", "loss_options", "samples": [...]} from the file (a bare list is tolerated);
-    None when it cannot be read or parsed (e.g. caught mid-write on a file system without atomic
-    rename: treated as not there yet)."""
+def load_document(path: Path) -> SamplesFile | None:
+    """The samples file, or None when it cannot be read or parsed (e.g. caught mid-write on a file
+    system without atomic rename, or written by a newer tvkd: treated as not there yet)."""
     try:
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         with _lock:
             if key in _cache:
                 return _cache[key]
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, list):
-        data = {"samples": data}
-    if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
+        doc = read_samples(path)
+    except (OSError, ArtifactError):
         return None
     with _lock:
-        _cache[key] = data
+        _cache[key] = doc
         while len(_cache) > CACHE_MAX:
             _cache.popitem(last=False)
-    return data
+    return doc
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    return float(x) if math.isfinite(x) else None
+def summary(k: int, sample: Sample) -> dict[str, Any]:
+    """The list view of sample `k`: per side its text, token count and sums."""
 
-
-def _int(x: Any) -> int | None:
-    return x if isinstance(x, int) and not isinstance(x, bool) else None
-
-
-def _prompt(sample: dict[str, Any]) -> Any:
-    prompt = sample.get("prompt", "")
-    return prompt if isinstance(prompt, (str, list)) else str(prompt)
-
-
-def _side(sample: dict[str, Any], side: str) -> dict[str, Any]:
-    data = sample.get(side)
-    return data if isinstance(data, dict) else {}
-
-
-def summary(k: int, sample: dict[str, Any]) -> dict[str, Any]:
     def side(name: str) -> dict[str, Any]:
-        data = _side(sample, name)
-        tokens = data.get("tokens")
+        data = sample.side(name) or _EMPTY_SIDE
         return {
-            "text": str(data.get("text", "")),
-            "tokens": len(tokens) if isinstance(tokens, list) else 0,
-            "sum_psi": _num(data.get("sum_psi")),
-            "sum_logratio": _num(data.get("sum_logratio")),
-            "value_end": _num(data.get("value_end")),
+            "text": data.text,
+            "tokens": len(data.tokens),
+            "sum_psi": data.sum_psi,
+            "sum_logratio": data.sum_logratio,
+            "value_end": data.value_end,
         }
 
     return {
         "k": k,
-        "index": _int(sample.get("index")),
-        "row": _int(sample.get("row")),
-        "prompt": _prompt(sample),
+        "index": sample.index,
+        "row": sample.row,
+        "prompt": sample.prompt,
         "chosen": side("chosen"),
         "rejected": side("rejected"),
     }
 
 
-def inspect_side(sample: dict[str, Any], side: str, method: dict[str, Any]) -> dict[str, Any]:
-    """One side as InspectResult.to_dict() (see InspectResult.from_sample_side)."""
-    data = _side(sample, side)
-    raw_tokens = data.get("tokens")
-    tokens = []
-    for k, t in enumerate(raw_tokens if isinstance(raw_tokens, list) else []):
-        t = t if isinstance(t, dict) else {}
-        tokens.append(
-            {
-                "index": _int(t.get("index")) if _int(t.get("index")) is not None else k,
-                "id": _int(t.get("id")) if _int(t.get("id")) is not None else -1,
-                "text": str(t.get("text", "")),
-                "value": _num(t.get("value")),
-                "psi": _num(t.get("psi")),
-                "teacher_logp": _num(t.get("teacher_logp")),
-                "logratio": _num(t.get("logratio")),
-            }
-        )
-    first_value = tokens[0]["value"] if tokens else None
-    return {
-        "prompt": _prompt(sample),
-        "response": str(data.get("text", "")),
-        "tokens": tokens,
-        "sum_psi": _num(data.get("sum_psi")),
-        "sum_logratio": _num(data.get("sum_logratio")),
-        "value_start": _num(data.get("value_start", first_value)),
-        "value_end": _num(data.get("value_end")),
-        "method": method,
-        "tokenization": "student",
-        "side": side,
-    }
-
-
-def detail(doc: dict[str, Any], k: int) -> dict[str, Any]:
-    sample = doc["samples"][k]
-    sample = sample if isinstance(sample, dict) else {}
-    method = sample.get("method") or doc.get("loss_options") or {}
-    method = method if isinstance(method, dict) else {}
+def detail(doc: SamplesFile, k: int) -> dict[str, Any]:
+    """Sample `k` with both sides in InspectResult's JSON form (`SamplesFile.result`)."""
+    sample = doc.samples[k]
     return {
         "k": k,
-        "index": _int(sample.get("index")),
-        "row": _int(sample.get("row")),
-        "step": _int(doc.get("step")),
-        "chosen": inspect_side(sample, "chosen", method),
-        "rejected": inspect_side(sample, "rejected", method),
+        "index": sample.index,
+        "row": sample.row,
+        "step": doc.step,
+        "chosen": doc.result(sample, "chosen").to_dict(),
+        "rejected": doc.result(sample, "rejected").to_dict(),
     }

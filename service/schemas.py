@@ -198,7 +198,7 @@ class CheckpointList(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
-# Samples and inspection (per-token signals; tvkd.inspect.InspectResult's JSON form)
+# Samples and inspection (per-token signals; tvkd.artifacts.InspectResult's JSON form)
 
 
 class TokenSignal(BaseModel):

@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tvkd.artifacts import InspectResult, read_samples
 from tvkd.cli import main
 from tvkd.config import MethodConfig
 from tvkd.data import PreferencePair
-from tvkd.inspect import (
-    TOP_MARK,
-    InspectResult,
-    diverging_rgb,
-    inspect_response,
-    render_table,
-    visible,
-)
+from tvkd.inspect import inspect_response
 from tvkd.model_prep import build_tiny_model
 from tvkd.models import load_causal_lm, load_tokenizer
+from tvkd.render import TOP_MARK, diverging_rgb, render_table, visible
 from tvkd.tokenize import tokenize_pair
 
 PROMPT = "Human: What is 2+3?\n\nAssistant:"
@@ -348,14 +343,12 @@ def test_samples_of_a_real_job_match_the_inspector(model_dirs, teacher, tmp_path
     out = capsys.readouterr().out
     assert out.count("=== sample") == 2 and out.count(TOP_MARK) == 12
 
-    from tvkd.inspect import load_samples
-
-    doc = load_samples(tmp_path / "run")
+    doc = read_samples(tmp_path / "run")
     model, tok = teacher
     for sample in doc.samples:
         for side in ("chosen", "rejected"):
             stored = doc.result(sample, side)
-            fresh = inspect_response(model, tok, sample["prompt"], sample[side]["text"])
+            fresh = inspect_response(model, tok, sample.prompt, sample.side(side).text)
             assert [t.id for t in stored.tokens] == [t.id for t in fresh.tokens]
             assert [t.value for t in stored.tokens] == pytest.approx(
                 [t.value for t in fresh.tokens], abs=1e-5

@@ -23,12 +23,11 @@ from tvkd.data import DataError, PreferencePair, load_pairs
 from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.precompute import (
     PrecomputeStopped,
-    UnsupportedTeacher,
-    compute_pair_signals,
     precompute_key,
     precompute_values,
 )
 from tvkd.store import MANIFEST, ValueStore, shard_name
+from tvkd.teacher import UnsupportedTeacher, compute_pair_signals
 from tvkd.tokenize import tokenize_pair
 
 HH_TEST = Path("/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz")

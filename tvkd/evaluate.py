@@ -4,9 +4,10 @@
 batches are concatenated before the means are taken, so a short last batch weighs what it holds
 (not the mean of batch means).
 
-`write_samples` writes `samples.json` for the inspector (dashboard heatmaps):
+`write_samples` writes `samples.json` (`tvkd.artifacts.SamplesFile`) for the inspector
+(dashboard heatmaps):
 
-    {"step": int, "teacher_logp_source": "store" | "teacher" | null, "note": str | null,
+    {"version": 1, "step": int, "teacher_logp_source": "store" | "teacher" | null, "note": str | null,
      "loss_options": {alpha, beta, gamma, terminal, shaping, value_beta, length_normalize},
      "samples": [
        {"index": int, "row": int, "prompt": str | [messages],
@@ -23,7 +24,6 @@ a student token then has no teacher log-prob). value_end = V(s_{T+1}).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tvkd.artifacts import Sample, SamplesFile, SampleSide, SampleToken, write_samples_file
 from tvkd.batch import Batch, TrainPair, collate, policy_logps
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair, RowError
@@ -127,7 +128,7 @@ def _teacher_logps(
         return [{s: e.teacher[f"{s}_teacher_logps"] for s in SIDES} for e in train_pairs], "store", None
     # The store has no token stats: run the teacher on these few pairs only.
     from tvkd.models import load_causal_lm, load_tokenizer
-    from tvkd.precompute import compute_pair_signals
+    from tvkd.teacher import compute_pair_signals
 
     model = load_causal_lm(teacher, dtype=torch.float32, device=device)
     tokenizer = load_tokenizer(teacher)
@@ -146,6 +147,57 @@ def _teacher_logps(
         out.append(row)
     del model
     return out, "teacher", None
+
+
+def _sample_side(
+    e: TrainPair,
+    side: str,
+    policy: torch.Tensor,
+    text: str,
+    teacher_logps: np.ndarray | None,
+    tokenizer: Any,
+    opts: Mapping[str, Any],
+) -> SampleSide:
+    """One response of a sample, token by token (see the module doc), from the policy's log-probs
+    `policy` [≥T] and the pair's reference log-probs, values and teacher statistics."""
+    ids = getattr(e, f"{side}_ids")
+    n = len(ids)
+    logratio = opts["beta"] * (policy[:n].double().cpu() - _f64(getattr(e, f"ref_{side}")))
+    values = _f64(getattr(e, f"{side}_values"))
+    stats = {
+        name: _f64(e.teacher[f"{side}_teacher_{name}"])[None]
+        for name in ("logps", "logits")
+        if f"{side}_teacher_{name}" in e.teacher
+    }
+    psi = shaping_terms(
+        opts["shaping"],
+        values[None],
+        torch.ones(1, n, dtype=torch.bool),
+        gamma=opts["gamma"],
+        terminal=opts["terminal"],
+        teacher_logps=stats.get("logps"),
+        teacher_logits=stats.get("logits"),
+        value_beta=opts["value_beta"],
+        side=side,
+    )[0]
+    tokens = [
+        SampleToken(
+            text=tokenizer.decode([int(tok)]),
+            id=int(tok),
+            logratio=float(logratio[t]),
+            value=float(values[t]),
+            psi=float(psi[t]),
+            teacher_logp=None if teacher_logps is None else float(teacher_logps[t]),
+        )
+        for t, tok in enumerate(ids)
+    ]
+    return SampleSide(
+        text=text,
+        tokens=tokens,
+        sum_psi=float(psi.sum()),
+        sum_logratio=float(logratio.sum()),
+        value_end=float(values[n]),
+    )
 
 
 @torch.no_grad()
@@ -191,62 +243,14 @@ def write_samples(
     for j, e in enumerate(train_pairs):
         assert policy is not None
         pair = pairs[e.index]
-        sample: dict[str, Any] = {
-            "index": e.index,
-            "row": e.row,
-            "prompt": [dict(m) for m in pair.prompt_messages] if pair.prompt_messages else pair.prompt,
+        sides = {
+            side: _sample_side(
+                e, side, policy[k][j], getattr(pair, side), teacher_lp[j][side], tokenizer, opts
+            )
+            for k, side in enumerate(SIDES)
         }
-        for k, side in enumerate(SIDES):
-            ids = getattr(e, f"{side}_ids")
-            n = len(ids)
-            logps = policy[k][j, :n].double()
-            ref = _f64(getattr(e, f"ref_{side}"))
-            logratio = opts["beta"] * (logps.cpu() - ref)
-            values = _f64(getattr(e, f"{side}_values"))
-            stats = {
-                name: _f64(e.teacher[f"{side}_teacher_{name}"])[None]
-                for name in ("logps", "logits")
-                if f"{side}_teacher_{name}" in e.teacher
-            }
-            psi = shaping_terms(
-                opts["shaping"],
-                values[None],
-                torch.ones(1, n, dtype=torch.bool),
-                gamma=opts["gamma"],
-                terminal=opts["terminal"],
-                teacher_logps=stats.get("logps"),
-                teacher_logits=stats.get("logits"),
-                value_beta=opts["value_beta"],
-                side=side,
-            )[0]
-            tlp = teacher_lp[j][side]
-            tokens = [
-                {
-                    "text": tokenizer.decode([int(tok)]),
-                    "id": int(tok),
-                    "logratio": float(logratio[t]),
-                    "value": float(values[t]),
-                    "psi": float(psi[t]),
-                    "teacher_logp": None if tlp is None else float(tlp[t]),
-                }
-                for t, tok in enumerate(ids)
-            ]
-            sample[side] = {
-                "text": getattr(pair, side),
-                "tokens": tokens,
-                "sum_psi": float(psi.sum()),
-                "sum_logratio": float(logratio.sum()),
-                "value_end": float(values[n]),
-            }
-        samples.append(sample)
-    doc = {
-        "step": step,
-        "teacher_logp_source": source,
-        "note": note,
-        "loss_options": opts,
-        "samples": samples,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+        prompt = [dict(m) for m in pair.prompt_messages] if pair.prompt_messages else pair.prompt
+        samples.append(Sample(index=e.index, row=e.row, prompt=prompt, **sides))
+    doc = SamplesFile(samples, step=step, loss_options=opts, teacher_logp_source=source, note=note)
+    write_samples_file(path, doc)
     return path

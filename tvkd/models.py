@@ -20,10 +20,11 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tvkd.atomic import write_json_atomic
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: they cost seconds to import.
     import torch
@@ -299,10 +300,7 @@ def _save_fingerprint_cache(path: Path, cache: dict[str, dict[str, Any]]) -> Non
     # writers racing can lose an entry, which only costs a re-hash later.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".fingerprints-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(cache, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(path, cache, sort_keys=True)
     except OSError as exc:  # a read-only home must not break training
         logger.warning("could not write the fingerprint cache %s: %s", path, exc)
 

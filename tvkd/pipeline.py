@@ -2,29 +2,26 @@
 
 Each stage is a plain function of a `JobSpec` (and the previous stage's output), so the Celery
 worker can run them one by one and record progress between them; `run_job` chains them for the
-CLI and writes `output_dir/result.json`. The reference pass, evaluation and samples run inside
-`train` (they need the student that the trainer loads) and announce themselves through
-`Callbacks.on_stage`.
+CLI and writes `output_dir/result.json` (`tvkd.artifacts.ResultFile`). The reference pass,
+evaluation and samples run inside `train` (they need the student that the trainer loads) and
+announce themselves through `Callbacks.on_stage`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tvkd.alignment import check_alignment
+from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, write_result
 from tvkd.callbacks import Callbacks
 from tvkd.config import ConfigError, PrecomputeConfig, TrainConfig
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.store import ValueStore
 from tvkd.trainer import Trainer, TrainResult
-
-RESULT_FILE = "result.json"
 
 
 @dataclass
@@ -278,12 +275,6 @@ def train(
         trainer.cleanup()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool = True) -> JobResult:
     """validate → precompute → train; writes output_dir/result.json (also when stopped)."""
     from tvkd.precompute import PrecomputeStopped
@@ -307,22 +298,22 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool =
         result = train(spec, prepared, pre.store if pre is not None else None, cb, resume=resume)
         timings["train"] = time.perf_counter() - t
         status = result.status
-    record = {
-        "status": status,
-        "steps": result.steps if result else 0,
-        "metrics": result.metrics if result else {},
-        "eval_metrics": result.eval_metrics if result else {},
-        "paths": {
-            "output_dir": str(out),
-            "model": result.model_dir if result else None,
-            "adapter": result.adapter_dir if result else None,
-            "checkpoint": result.checkpoint if result else None,
-            "reference": result.reference_path if result else None,
-            "samples": result.samples_path if result else None,
-            "store": str(pre.store.path) if pre else None,
-        },
-        "data": {**prepared.summary(), "dropped_in_training": result.dropped if result else []},
-        "precompute": None
+    record = ResultFile(
+        status=status,
+        steps=result.steps if result else 0,
+        metrics=result.metrics if result else {},
+        eval_metrics=result.eval_metrics if result else {},
+        paths=ResultPaths(
+            output_dir=str(out),
+            model=result.model_dir if result else None,
+            adapter=result.adapter_dir if result else None,
+            checkpoint=result.checkpoint if result else None,
+            reference=result.reference_path if result else None,
+            samples=result.samples_path if result else None,
+            store=str(pre.store.path) if pre else None,
+        ),
+        data={**prepared.summary(), "dropped_in_training": result.dropped if result else []},
+        precompute=None
         if pre is None
         else {
             "key": pre.key,
@@ -331,7 +322,7 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool =
             "tokens": pre.tokens,
             "tokens_per_second": pre.tokens_per_second,
         },
-        "train": None
+        train=None
         if result is None
         else {
             "seconds": result.seconds,
@@ -340,9 +331,8 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool =
             "resumed_from": result.resumed_from,
             "history": result.history,
         },
-        "timings": timings,
-        "spec": spec.to_dict(),
-    }
-    path = out / RESULT_FILE
-    _write_json(path, record)
+        timings=timings,
+        spec=spec.to_dict(),
+    )
+    path = write_result(out / RESULT_FILE, record)
     return JobResult(status, prepared, pre, result, timings, str(path))

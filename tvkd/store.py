@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tvkd.atomic import write_json_atomic
 from tvkd.config import PrecomputeConfig
 from tvkd.ragged import RaggedFile, write_ragged
 
@@ -140,15 +141,6 @@ def _empty_row(name: str, k: int) -> np.ndarray:
 def _coerce(name: str, arr: np.ndarray) -> np.ndarray:
     dtype = np.int32 if name.endswith("_ids") else np.float32
     return np.ascontiguousarray(arr, dtype=dtype)
-
-
-def _write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class ValueStore:
@@ -417,5 +409,5 @@ class StoreWriter:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "timings": dict(timings or {}),
         }
-        _write_json_atomic(self.path / MANIFEST, manifest)
+        write_json_atomic(self.path / MANIFEST, manifest, sort_keys=True, fsync=True)
         return ValueStore.open(self.path)

@@ -25,9 +25,7 @@ data than was checked.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from service.db import transaction
 from service.models import Artifact, Job, Precompute, utcnow
 from service.settings import Settings
 from tvkd import pipeline
+from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, read_samples, write_result
 from tvkd.pipeline import JobSpec, Prepared
 from tvkd.store import ValueStore
 from worker.jobspec import VALUES_DIR, build_spec, output_dir, with_batch
@@ -411,7 +410,7 @@ def run_evaluate(ctx: StageContext) -> Outcome:
         raise ModelError(f"{ctx.rel(model_dir)}: the train stage left no model folder (config.json missing)")
     parameters = safetensors_param_count(model_dir)
     samples = out / "samples.json"
-    sample_count = len(json.loads(samples.read_text()).get("samples", [])) if samples.is_file() else 0
+    sample_count = len(read_samples(samples).samples) if samples.is_file() else 0
     result = {
         "model": ctx.rel(model_dir),
         "samples": ctx.rel(samples) if samples.is_file() else None,
@@ -421,14 +420,24 @@ def run_evaluate(ctx: StageContext) -> Outcome:
         "metrics": train.get("metrics", {}),
         "eval_metrics": train.get("eval_metrics", {}),
     }
-    record = {
-        "job_id": ctx.job.id,
-        "status": "succeeded",
-        **result,
-        "validate": previous.get("validate"),
-        "precompute": previous.get("precompute"),
-        "train": train,
-        "spec": {
+    record = ResultFile(
+        status="completed",
+        steps=train.get("steps") or 0,
+        metrics=result["metrics"],
+        eval_metrics=result["eval_metrics"],
+        paths=ResultPaths(
+            output_dir=ctx.rel(out),
+            model=result["model"],
+            adapter=train.get("adapter"),
+            checkpoint=train.get("checkpoint"),
+            reference=train.get("reference"),
+            samples=result["samples"],
+            store=(previous.get("precompute") or {}).get("path"),
+        ),
+        data=previous.get("validate"),
+        precompute=previous.get("precompute"),
+        train=train,
+        spec={
             "teacher": ctx.job.teacher,
             "student": ctx.job.student,
             "dataset": ctx.job.dataset,
@@ -436,11 +445,11 @@ def run_evaluate(ctx: StageContext) -> Outcome:
             "beta": ctx.job.beta,
             "hyperparameters": ctx.job.hyperparameters,
         },
-    }
-    result_path = out / pipeline.RESULT_FILE
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(record), indent=1))
-    os.replace(tmp, result_path)
+        job_id=ctx.job.id,
+        parameters=parameters,
+        sample_count=sample_count,
+    )
+    result_path = write_result(out / RESULT_FILE, record)
     record_artifacts(
         ctx,
         {

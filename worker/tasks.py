@@ -214,7 +214,7 @@ def classify(exc: BaseException, stage: str) -> str:
         return "validation_error"
     if isinstance(exc, DataError | DatasetNotFound | DatasetChanged):
         return "validation_error" if stage == "validate" else "data_error"
-    from tvkd.precompute import UnsupportedTeacher
+    from tvkd.teacher import UnsupportedTeacher
 
     if isinstance(exc, UnsupportedTeacher):
         return "model_error"

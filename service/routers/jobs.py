@@ -48,6 +48,7 @@ from service.views import (
     jobs_response,
     metric_view,
 )
+from tvkd.artifacts import SamplesFile
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -407,7 +408,7 @@ def list_checkpoints(
     )
 
 
-def _samples_doc(session: Session, settings: Settings, owner: str, job_id: str) -> dict[str, Any]:
+def _samples_doc(session: Session, settings: Settings, owner: str, job_id: str) -> SamplesFile:
     job = owned_job(session, owner, job_id)
     path = samples_file.samples_path(session, job, settings.artifacts)
     doc = samples_file.load_document(path) if path is not None else None
@@ -435,14 +436,14 @@ def list_samples(
 ) -> SampleList:
     doc = _samples_doc(session, settings, owner, job_id)
     start = 0 if after is None else after + 1
-    chunk = doc["samples"][start : start + limit + 1]
-    items = [samples_file.summary(start + i, s if isinstance(s, dict) else {}) for i, s in enumerate(chunk)]
+    chunk = doc.samples[start : start + limit + 1]
+    items = [samples_file.summary(start + i, s) for i, s in enumerate(chunk)]
     page = Page.of(items, limit)
     return SampleList(
         data=page.rows,  # type: ignore[arg-type]
         has_more=page.has_more,
         next_after=page.next_after(lambda s: s["k"]),
-        step=samples_file._int(doc.get("step")),
+        step=doc.step,
     )
 
 
@@ -461,6 +462,6 @@ def get_sample(
     owner: OwnerDep,
 ) -> SampleDetail:
     doc = _samples_doc(session, settings, owner, job_id)
-    if k >= len(doc["samples"]):
-        raise APIError(404, "not_found", f"job {job_id} has {len(doc['samples'])} samples; no sample {k}")
+    if k >= len(doc.samples):
+        raise APIError(404, "not_found", f"job {job_id} has {len(doc.samples)} samples; no sample {k}")
     return SampleDetail.model_validate(samples_file.detail(doc, k))

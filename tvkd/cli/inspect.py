@@ -81,21 +81,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_samples(args: argparse.Namespace) -> int:
-    from tvkd.inspect import load_samples, render_table, visible
+    from tvkd.artifacts import read_samples
+    from tvkd.render import render_table, visible
 
     try:
-        doc = load_samples(args.samples)
+        doc = read_samples(args.samples)
     except (OSError, ValueError) as exc:
         return _error(f"cannot read samples from {args.samples}: {exc}")
     samples = doc.samples
     if args.index is not None:
         sample = doc.find(args.index)
         if sample is None:
-            have = ", ".join(str(s.get("index")) for s in samples) or "none"
+            have = ", ".join(str(s.index) for s in samples) or "none"
             return _error(f"no sample with index {args.index} (indices: {have})")
         samples = [sample]
     if args.json:
-        print(json.dumps(samples, indent=2, ensure_ascii=False))
+        print(json.dumps([s.to_dict() for s in samples], indent=2, ensure_ascii=False))
         return 0
     color = _use_color(args)
     facts = [f"step {doc.step}" if doc.step is not None else "", _options_line(doc.loss_options)]
@@ -104,19 +105,19 @@ def _run_samples(args: argparse.Namespace) -> int:
     if any(facts):
         print("; ".join(f for f in facts if f))
     for sample in samples:
-        prompt = sample.get("prompt", "")
+        prompt = sample.prompt
         if isinstance(prompt, str):
             prompt_text = prompt
         else:  # chat messages: one "role: content" line each
             prompt_text = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
-        print(f"\n=== sample {sample.get('index')} (row {sample.get('row')}) ===")
+        print(f"\n=== sample {sample.index} (row {sample.row}) ===")
         # The end of the prompt is what the response answers; long HH dialogues are cut.
         cut = "…" if len(prompt_text) > 400 else ""
         # Control characters are escaped; spaces and line breaks stay readable here.
         shown = "".join(ch if ch in "\n " else visible(ch) for ch in prompt_text[-400:])
         print(f"prompt: {cut}{shown}")
         for side in ("chosen", "rejected"):
-            if side not in sample:
+            if sample.side(side) is None:
                 continue
             print()
             try:
@@ -166,8 +167,9 @@ def _run_response(args: argparse.Namespace) -> int:
     import torch
 
     from tvkd.data import RowError
-    from tvkd.inspect import inspect_response, render_table
+    from tvkd.inspect import inspect_response
     from tvkd.models import ModelError, load_causal_lm, load_tokenizer
+    from tvkd.render import render_table
 
     try:
         teacher_tok = load_tokenizer(args.teacher)

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tvkd.data import DataError, load_pairs
     from tvkd.models import ModelError
-    from tvkd.precompute import UnsupportedTeacher, precompute_values
+    from tvkd.precompute import precompute_values
+    from tvkd.teacher import UnsupportedTeacher
 
     on_error = "drop" if args.drop_bad_rows else "raise"
     try:
