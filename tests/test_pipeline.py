@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tvkd.alignment import check_alignment
+from tvkd.artifacts import RESULT_VERSION, read_result
 from tvkd.config import ConfigError, MethodConfig, TrainConfig
 from tvkd.data import PreferencePair
 from tvkd.pipeline import JobSpec, precompute, run_job, validate
@@ -151,11 +152,12 @@ def test_cli_train(train_models, arith_data, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "rewards/accuracies" in printed and str(out / "model") in printed
-    record = json.loads((out / "result.json").read_text())
-    train = record["spec"]["train"]
+    record = read_result(out / "result.json")
+    assert record.version == RESULT_VERSION and record.paths.model == str(out / "model")
+    train = record.spec["train"]
     assert train["batch_size"] == 4 and train["learning_rate"] == 1e-3  # flag > file > default
     assert train["method"] == {**train["method"], "alpha": 0.5, "beta": 0.2, "value_beta": 2.0}
-    assert record["status"] == "completed" and record["steps"] == 3
+    assert record.status == "completed" and record.steps == 3
     assert (out / "model" / "config.json").is_file()
     # A bad setting is a usage error naming the field.
     assert main([*argv[:-1], "--gamma", "2"]) == 2

@@ -243,6 +243,18 @@ def test_submit_succeeds(
         row = s.get(Job, job_id)
         assert row is not None and row.lease_token is None and row.progress_done == row.progress_total == 1
     assert {"model", "samples", "reference", "result"} <= kinds
+    # result.json, read through the one reader: the worker writes the contract's current version.
+    from tvkd.artifacts import RESULT_VERSION, read_result, read_samples
+
+    record = read_result(artifacts / "jobs" / job_id)
+    assert (record.version, record.status, record.job_id, record.steps) == (
+        RESULT_VERSION,
+        "completed",
+        job_id,
+        6,
+    )
+    assert record.paths.model == job["model_path"] and record.parameters and record.data["train_pairs"] > 0
+    assert record.sample_count == len(read_samples(artifacts / record.paths.samples).samples) > 0
 
     # A stale or duplicate message (here: the validate stage again) is acknowledged and ignored.
     from worker.celery_app import get_app
