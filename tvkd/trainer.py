@@ -30,6 +30,7 @@ import torch
 
 from tvkd import checkpoint as ckpt_io
 from tvkd.alignment import check_alignment
+from tvkd.artifacts import SAMPLES_FILE
 from tvkd.batch import TrainPair, build_train_pairs, collate, policy_logps, step_order, steps_per_epoch
 from tvkd.callbacks import Callbacks
 from tvkd.config import ConfigError, TrainConfig
@@ -420,7 +421,7 @@ class Trainer:
             return None
         self.cb.on_stage("samples", {"pairs": len(pairs)})
         return write_samples(
-            self.output_dir / "samples.json",
+            self.output_dir / SAMPLES_FILE,
             model=self.model,
             tokenizer=self.tokenizer,
             train_pairs=pairs,
