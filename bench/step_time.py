@@ -87,8 +87,9 @@ class Timings:
 
 @contextlib.contextmanager
 def precollated(cache: dict[int, Any]) -> Iterator[None]:
-    """Serve `tvkd.trainer.collate` from `cache` (keyed by the micro-batch list's id), so the
-    timed step is the trainer's own code minus collation, as TRL's is minus its collator."""
+    """Serve the trainer's `collate` (`tvkd.batch.collate`, as `tvkd.trainer` imports it) from
+    `cache` (keyed by the micro-batch list's id), so the timed step is the trainer's own code
+    minus collation, as TRL's is minus its collator."""
     original = trainer_module.collate
 
     def cached(examples: Any, pad_id: int, device: Any = "cpu") -> Any:
