@@ -256,7 +256,7 @@ def test_bad_hh_and_conversational_rows(tmp_path: Path) -> None:
     assert issues_of(report) == {
         (0, "chosen", "template"),
         (1, "chosen", "template"),
-        (2, "prompt[1]", "bad_type"),
+        (2, "prompt[1].content", "bad_type"),
         (3, "prompt", "missing_field"),
         (4, "chosen", "empty_response"),
     }

@@ -2,34 +2,34 @@
 
 Loading (`load_pairs`) reads JSONL (optionally gzipped), a JSON list, Parquet, a Hugging Face
 `datasets` folder (`save_to_disk`, or any local folder `datasets.load_dataset` understands) or a
-hub id, and accepts these row forms:
-
-- text: `prompt`, `chosen`, `rejected` strings;
-- conversational (TRL conventions): (a) `prompt` a list of messages, `chosen`/`rejected` one
-  assistant message (a one-element list or a plain string); (b) no prompt, `chosen`/`rejected`
-  full message lists whose shared prefix is the prompt; (c) `messages` (the prompt turns) with
-  `chosen`/`rejected` as in (a);
-- Anthropic HH transcripts: `chosen`/`rejected` full dialogues; the prompt is everything up to and
-  including the last "\\n\\nAssistant:" and must be identical in both. Afterwards it is text form.
+hub id, and reads the public layouts without a conversion script (`tvkd.layouts`: TRL text and
+conversational, explicit and implicit prompt; Anthropic HH; UltraFeedback-binarized; argilla
+dpo-mix; Intel orca-dpo; OpenAI preference JSONL), detected from the columns or given as
+`format`, with an optional column mapping. The report says which layout was read and why.
 
 Every bad row becomes a `RowIssue` (row, field, code, message); nothing is silently skipped.
 Issue codes:
 
     missing_field   a required field is absent or null
-    bad_type        a field has the wrong type (or a message is not {"role": str, "content": str})
+    bad_type        a field has the wrong type (a message that is not {"role": str, "content":
+                    str, ...}, malformed tool calls or tools, a response that is a tool call)
     empty_response  a response is empty or whitespace only
     identical       chosen == rejected
     not_utf8        a JSONL line is not valid UTF-8
     bad_json        a JSONL line does not parse
-    too_long        prompt + response exceed max_length tokens
+    too_long        prompt + response exceed max_length tokens (and no truncation_mode cuts it)
     template        the row does not fit its dialogue structure: HH prompts that differ or no
                     Assistant turn, a response that is not exactly one assistant message, or a
-                    chat template whose rendering does not round-trip
+                    chat template that fails, does not round-trip, or ignores tools/tool calls
+    boundary        tokens merge across the prompt/response boundary (tokenize.py)
+    special_token   a response holds its end-of-response token before its end
+    round_trip      the tokens do not decode to the rendered text
 
 The work is split by idea: `tvkd.pairs` (the types, re-exported here), `tvkd.sources` (reading a
-source into raw rows), `tvkd.rows` (the row forms) and `tvkd.tokenize` (tokenizing pairs
-exactly, with content-offset ends). This module chains reading and parsing (`load_pairs`) and
-fingerprints and splits the pairs.
+source into raw rows), `tvkd.layouts` (which layout, column mappings), `tvkd.rows` (parsing a
+row), `tvkd.templates` (chat templates) and `tvkd.tokenize` (tokenizing pairs exactly, with
+content-offset ends). This module chains reading and parsing (`load_pairs`) and fingerprints and
+splits the pairs.
 
 Standard library only at import time: `datasets` and `pyarrow` are touched only when used, so
 the service can validate data without torch.
@@ -40,8 +40,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from tvkd.layouts import FORMATS, LAYOUTS, map_columns, parse_columns, rename_issue, resolve_layout
 from tvkd.pairs import (
     FILE_ROW,
     ISSUE_CODES,
@@ -54,8 +56,9 @@ from tvkd.pairs import (
     RowIssue,
     check_choice,
 )
-from tvkd.rows import FORMATS, HH_ASSISTANT, HH_HUMAN, parse_record, resolve_form
+from tvkd.rows import HH_ASSISTANT, HH_HUMAN, parse_record
 from tvkd.sources import read_source
+from tvkd.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs
 
 __all__ = [
     "FILE_ROW",
@@ -63,6 +66,7 @@ __all__ = [
     "HH_ASSISTANT",
     "HH_HUMAN",
     "ISSUE_CODES",
+    "LAYOUTS",
     "SUMMARY_MAX_ISSUES",
     "DataError",
     "DataReport",
@@ -70,9 +74,12 @@ __all__ = [
     "PreferencePair",
     "RowError",
     "RowIssue",
+    "TokenizedPair",
     "dataset_fingerprint",
     "load_pairs",
     "split_pairs",
+    "tokenize_pair",
+    "tokenize_pairs",
 ]
 
 
@@ -81,33 +88,47 @@ def load_pairs(
     *,
     split: str = "train",
     format: str = "auto",
+    columns: str | Mapping[str, str] | None = None,
     on_error: OnError = "raise",
     limit: int | None = None,
 ) -> tuple[list[PreferencePair], DataReport]:
     """Load preference pairs from a file, a `datasets` folder or a hub id.
 
-    `format` is "auto" (detected from the column names), "text", "conversational" or "hh".
-    `limit` reads only the first `limit` rows of the source (bad rows included).
+    `format` is "auto" (detected from the columns; `report.layout`/`layout_reason` say which and
+    why) or one of "text", "conversational", "hh", "orca", "openai" (`tvkd.layouts`). `columns`
+    renames source columns first ("prompt=question,chosen=response_j", or a dict); issues then
+    name the source's columns. `limit` reads only the first `limit` rows (bad rows included).
     Every row is checked; with on_error="raise" a `DataError` carrying the full report is raised
     if any row is bad, with "drop" the good pairs are returned and the report counts the rest.
-    A source that cannot be read at all raises `DataError` (or FileNotFoundError) either way.
+    A source that cannot be read at all raises `DataError` (or FileNotFoundError) either way;
+    a bad `format`, `columns` or `on_error` raises ValueError.
     """
     check_choice("format", format, FORMATS)
     check_choice("on_error", on_error, ("raise", "drop"))
+    mapping = parse_columns(columns)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0; got {limit}")
     raw = read_source(source, split, limit)
-    form = resolve_form(format, raw)
+    map_columns(raw, mapping)
+    layout = resolve_layout(format, raw)
     pairs: list[PreferencePair] = []
     issues = list(raw.issues)
     for row, record in raw.records:
-        pair, row_issues = parse_record(form, row, record)
-        issues.extend(row_issues)
+        pair, row_issues = parse_record(layout.name, row, record)
+        issues.extend(rename_issue(issue, mapping) for issue in row_issues)
         if pair is not None:
             pairs.append(pair)
     issues.sort(key=lambda issue: issue.row)  # stable: a row's issues keep their field order
     bad_rows = len({issue.row for issue in issues})
-    report = DataReport(raw.name, raw.total, kept=len(pairs), dropped=bad_rows, issues=issues)
+    report = DataReport(
+        raw.name,
+        raw.total,
+        kept=len(pairs),
+        dropped=bad_rows,
+        issues=issues,
+        layout=layout.name,
+        layout_reason=layout.reason,
+    )
     if issues and on_error == "raise":
         raise DataError(report)
     return pairs, report
@@ -119,7 +140,9 @@ def load_pairs(
 
 def _canonical(pair: PreferencePair) -> bytes:
     messages = None if pair.prompt_messages is None else [dict(m) for m in pair.prompt_messages]
-    record = [pair.prompt, pair.chosen, pair.rejected, messages]
+    record: list[Any] = [pair.prompt, pair.chosen, pair.rejected, messages]
+    if pair.tools is not None:  # only then, so pairs without tools keep their fingerprints
+        record.append([dict(t) for t in pair.tools])
     return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
 
 

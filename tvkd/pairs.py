@@ -23,26 +23,33 @@ ISSUE_CODES = (
     "bad_json",
     "too_long",
     "template",
+    "boundary",
+    "special_token",
+    "round_trip",
 )
 # How many issues `DataReport.summary` lists before it only counts the rest.
 SUMMARY_MAX_ISSUES = 50
 # `RowIssue.row` for a problem with the source as a whole (unreadable file, no usable columns).
 FILE_ROW = -1
 
-Message = dict[str, str]
+# A chat message as TRL/OpenAI write it: "role", "content" (a string, or null on an assistant turn
+# with "tool_calls"), and any of "tool_calls", "name", "tool_call_id", ... passed to the template.
+Message = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class PreferencePair:
     """One preference pair. Text form: `prompt` is the prompt text and `prompt_messages` is None.
-    Conversational form: `prompt` is "" and `prompt_messages` holds the prompt turns; `chosen`
-    and `rejected` are always the assistant's content strings."""
+    Conversational form: `prompt` is "" and `prompt_messages` holds the prompt turns (whole
+    messages: tool calls included); `tools` the row's tool definitions for the chat template, if
+    any. `chosen` and `rejected` are always the assistant's content strings."""
 
     row: int
     prompt: str
     chosen: str
     rejected: str
-    prompt_messages: tuple[dict[str, str], ...] | None = None
+    prompt_messages: tuple[Message, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
 
     @property
     def conversational(self) -> bool:
@@ -68,13 +75,16 @@ class RowIssue:
 @dataclass
 class DataReport:
     """What loading or tokenizing did: rows seen, pairs kept, bad rows (`dropped`: left out of
-    the result, or with on_error="raise" the rows that would have been), and every issue."""
+    the result, or with on_error="raise" the rows that would have been), and every issue.
+    Loading also says which layout the rows were read as, and why (`layout`, `layout_reason`)."""
 
     source: str
     total_rows: int
     kept: int
     dropped: int
     issues: list[RowIssue] = field(default_factory=list)
+    layout: str | None = None
+    layout_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,6 +95,8 @@ class DataReport:
             f"{self.source}: {self.total_rows} rows, {self.kept} kept, "
             f"{self.dropped} dropped ({len(self.issues)} issues)"
         ]
+        if self.layout:
+            lines.append(f"  layout: {self.layout} ({self.layout_reason})")
         lines += [f"  {issue}" for issue in self.issues[:max_issues]]
         if len(self.issues) > max_issues:
             lines.append(f"  ... and {len(self.issues) - max_issues} more issues")
@@ -96,7 +108,15 @@ class DataReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataReport:
         issues = [RowIssue(**issue) for issue in data.get("issues", [])]
-        return cls(data["source"], data["total_rows"], data["kept"], data["dropped"], issues)
+        return cls(
+            data["source"],
+            data["total_rows"],
+            data["kept"],
+            data["dropped"],
+            issues,
+            data.get("layout"),
+            data.get("layout_reason"),
+        )
 
 
 class DataError(ValueError):

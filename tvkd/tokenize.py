@@ -1,16 +1,33 @@
 """Tokenization of preference pairs: exact prompt/response token ids and content-offset ends.
 
-`tokenize_pair(s)` renders prompt and response separately and concatenates the ids, so the
-prompt ids are a prefix of the sequence by construction and the response tokens (MATH.md's
-y_1 .. y_T, end-of-turn/EOS included) are known exactly. Conversational pairs are rendered with
-the tokenizer's chat template (the response is what the full rendering adds after the prompt's,
-cut after the end-of-turn token). For each response token it also records where the token ends
-in *content coordinates* (character offsets into the response content string), which is what
-lets teacher values be mapped onto a student with a different tokenizer (MATH.md, "Teacher and
-student with different tokenizers").
+A pair's rendered prompt (its text, or its messages through the chat template, `tvkd.templates`)
+and each rendered response are tokenized *jointly*, as TRL does: the response ids are the ids
+that the tokenization of prompt + response has after the prompt's own ids. So every tokenizer
+family gets the ids it gives the whole text — byte-level BPE (GPT-2, Llama-3, Qwen), SentencePiece
+Metaspace (`prepend_scheme` "first"/"always"), Llama-2 "legacy" normalizers, byte fallback —
+never a response encoded alone with a spurious dummy-prefix "▁". Three properties hold for every
+kept pair, and a pair where one cannot hold is a named bad row (`RowError`), never a silent change:
 
-Needs a fast (Rust) tokenizer for the offset mappings; the tokenizer is the only third-party
-object touched.
+1. exact: `prompt_ids + response_ids` is the tokenization of the rendered text (BOS etc. added
+   by the tokenizer's post-processor in front, when the text does not start with BOS itself);
+   when tokens merge across the prompt/response boundary, the prompt's ids are not a prefix of
+   the joint ids and the row is bad (code "boundary");
+2. one end: each response ends with exactly one end-of-response token: the chat template's end
+   of turn, or for text (and templates that end a turn without a special token) EOS, appended
+   unless the response already ends with a special token (trailing whitespace after it is cut);
+   an end-of-response token inside a response is a bad row (code "special_token");
+3. round trip: decoding `prompt_ids + response_ids` gives back the rendered text (code
+   "round_trip" otherwise: unknown characters, normalizers that change the text).
+
+For each response token it also records where the token ends in *content coordinates*
+(character offsets into the response content string), which is what lets teacher values be
+mapped onto a student with a different tokenizer (MATH.md, "Teacher and student with different
+tokenizers"). Rows longer than `max_length` are bad rows (code "too_long") or, with a
+`truncation_mode` of TRL's names, cut: "keep_start" keeps the prompt and the start of each
+response (a cut response loses its end token), "keep_end" keeps both responses whole and the end
+of the prompt (its BOS stays).
+
+Needs a fast (Rust) tokenizer for the offset mappings.
 """
 
 from __future__ import annotations
@@ -22,23 +39,45 @@ from typing import TYPE_CHECKING, Any
 from tvkd.pairs import (
     DataError,
     DataReport,
-    Message,
     OnError,
     PreferencePair,
     RowError,
     RowIssue,
     check_choice,
 )
+from tvkd.templates import (
+    check_chat_template,
+    has_chat_template,
+    needs_chat_template,
+    render_prompt,
+    render_response,
+    special_strings,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "TRUNCATION_MODES",
+    "TokenizedPair",
+    "check_chat_template",
+    "decodes_to",
+    "has_chat_template",
+    "needs_chat_template",
+    "tokenize_pair",
+    "tokenize_pairs",
+]
+
+TRUNCATION_MODES = ("none", "keep_start", "keep_end")
+_CONTEXT = 12  # characters shown on each side of a round-trip difference
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
     """Token ids of one pair. `chosen_ids`/`rejected_ids` are the response tokens only (T of
-    MATH.md, end-of-turn/EOS included); `*_ends[k]` is the end of token k in content
-    coordinates (0 .. len(content)), non-decreasing, the last one equal to len(content)."""
+    MATH.md, the end-of-response token included); `*_ends[k]` is the end of token k in content
+    coordinates (0 .. len(content)), non-decreasing, the last one equal to len(content) unless
+    the response was truncated. `truncated` says whether `truncation_mode` cut the pair."""
 
     index: int
     row: int
@@ -47,50 +86,53 @@ class TokenizedPair:
     rejected_ids: list[int]
     chosen_ends: list[int]
     rejected_ends: list[int]
+    truncated: bool = False
+
+
+@dataclass
+class _Side:
+    ids: list[int]
+    ends: list[int]
 
 
 def tokenize_pair(
-    tokenizer: PreTrainedTokenizerBase, pair: PreferencePair, *, max_length: int, index: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    pair: PreferencePair,
+    *,
+    max_length: int,
+    index: int = 0,
+    truncation_mode: str = "none",
 ) -> TokenizedPair:
     """Tokenize one pair (see the module docstring). Raises RowError for a pair that cannot be
-    used (too long, chat template does not round-trip), TypeError for a slow tokenizer."""
+    used (codes "too_long", "template", "boundary", "special_token", "round_trip",
+    "empty_response"), TypeError for a slow tokenizer, ValueError for a bad argument."""
     _require_fast(tokenizer)
     _check_max_length(max_length)
-    prompt_text = _prompt_text(tokenizer, pair)
-    prompt_ids = _encode_prompt(tokenizer, prompt_text)
+    check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+    prompt_text = render_prompt(tokenizer, pair)
+    bos = tokenizer.bos_token
+    lead = [] if bos and prompt_text.startswith(bos) else _lead_ids(tokenizer)
+    prompt_plain = _encode(tokenizer, prompt_text)
+    prompt_ids = lead + prompt_plain
     if not prompt_ids:
         # Without a single prompt token there is no state s_1 to predict y_1 from.
         raise RowError(RowIssue(pair.row, "prompt", "template", "the prompt has no tokens (and no BOS)"))
-    if len(prompt_ids) >= max_length:
-        raise RowError(
-            RowIssue(
-                pair.row,
-                "prompt",
-                "too_long",
-                f"prompt alone is {len(prompt_ids)} tokens; max_length is {max_length}",
-            )
-        )
-    sides: dict[str, tuple[list[int], list[int]]] = {}
-    for name, content in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        ids, ends = _encode_response(tokenizer, pair, prompt_text, name, content)
-        if len(prompt_ids) + len(ids) > max_length:
-            raise RowError(
-                RowIssue(
-                    pair.row,
-                    name,
-                    "too_long",
-                    f"prompt {len(prompt_ids)} + {name} {len(ids)} tokens > max_length {max_length}",
-                )
-            )
-        sides[name] = (ids, ends)
+    lead_text = "".join(tokenizer.convert_ids_to_tokens(lead))
+    _check_round_trip(tokenizer, prompt_ids, lead_text + prompt_text, pair.row, "prompt", 0)
+    sides = {
+        name: _tokenize_response(tokenizer, pair, prompt_text, prompt_plain, lead, lead_text, name, content)
+        for name, content in (("chosen", pair.chosen), ("rejected", pair.rejected))
+    }
+    prompt_ids, truncated = _fit(tokenizer, pair.row, prompt_ids, sides, max_length, truncation_mode)
     return TokenizedPair(
         index=index,
         row=pair.row,
         prompt_ids=prompt_ids,
-        chosen_ids=sides["chosen"][0],
-        rejected_ids=sides["rejected"][0],
-        chosen_ends=sides["chosen"][1],
-        rejected_ends=sides["rejected"][1],
+        chosen_ids=sides["chosen"].ids,
+        rejected_ids=sides["rejected"].ids,
+        chosen_ends=sides["chosen"].ends,
+        rejected_ends=sides["rejected"].ends,
+        truncated=truncated,
     )
 
 
@@ -100,6 +142,7 @@ def tokenize_pairs(
     *,
     max_length: int,
     on_error: OnError = "raise",
+    truncation_mode: str = "none",
 ) -> tuple[list[TokenizedPair], DataReport]:
     """Tokenize every pair; `TokenizedPair.index` is the pair's position in `pairs`.
 
@@ -108,6 +151,7 @@ def tokenize_pairs(
     _require_fast(tokenizer)
     _check_max_length(max_length)
     check_choice("on_error", on_error, ("raise", "drop"))
+    check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     source = f"tokenize({name}, max_length={max_length})"
     check_chat_template(tokenizer, pairs, source)
@@ -115,7 +159,11 @@ def tokenize_pairs(
     issues: list[RowIssue] = []
     for index, pair in enumerate(pairs):
         try:
-            out.append(tokenize_pair(tokenizer, pair, max_length=max_length, index=index))
+            out.append(
+                tokenize_pair(
+                    tokenizer, pair, max_length=max_length, index=index, truncation_mode=truncation_mode
+                )
+            )
         except RowError as exc:
             issues.append(exc.issue)
     report = DataReport(source, len(pairs), kept=len(out), dropped=len(issues), issues=issues)
@@ -138,101 +186,120 @@ def _check_max_length(max_length: int) -> None:
         raise ValueError(f"max_length must be an integer >= 2; got {max_length!r}")
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether the tokenizer can render messages (conversational pairs need it)."""
-    return getattr(tokenizer, "chat_template", None) is not None
+# --------------------------------------------------------------------------------------------
+# Encoding
 
 
-def needs_chat_template(tokenizer: Any, pairs: Sequence[PreferencePair]) -> PreferencePair | None:
-    """The first conversational pair when `tokenizer` has no chat template to render it; None
-    when the pairs are all text or the tokenizer has a template. The one check of this rule."""
-    if has_chat_template(tokenizer):
-        return None
-    return next((p for p in pairs if p.conversational), None)
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def check_chat_template(tokenizer: Any, pairs: Sequence[PreferencePair], source: str) -> None:
-    """Raise DataError when conversational pairs meet a tokenizer without a chat template: a setup
-    mistake, raised whatever `on_error` says (dropping every row would hide it)."""
-    first = needs_chat_template(tokenizer, pairs)
-    if first is not None:
-        raise DataError(DataReport(source, len(pairs), 0, len(pairs), [_no_template_issue(first.row)]))
+def _lead_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer's post-processor puts in front of a text (BOS, or none),
+    found by encoding a probe with and without special tokens (two tiny encodes; not cached, since
+    settings such as `add_bos_token` change the post-processor). Trailing ones (an EOS some
+    tokenizers append) are not taken: between prompt and response they would end the text."""
+    plain = _encode(tokenizer, "a")
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return full[:k]
+    return []
 
 
-def _no_template_issue(row: int) -> RowIssue:
-    return RowIssue(
-        row,
-        "prompt",
-        "template",
-        "conversational data needs a chat template, and the tokenizer has none",
-    )
+def _end_tokens(tokenizer: Any) -> set[str]:
+    """Special tokens a text response may already end with (EOS, end-of-turn tokens)."""
+    skip = {tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token} - {tokenizer.eos_token}
+    return {s for s in special_strings(tokenizer) if s not in skip}
 
 
-def _render(
+def _ends_with_special(tokenizer: Any, text: str) -> int | None:
+    """Length of `text` up to and including the special token it ends with (trailing whitespace
+    after it aside), or None."""
+    stripped = text.rstrip()
+    for token in sorted(_end_tokens(tokenizer), key=len, reverse=True):
+        if stripped.endswith(token):
+            return len(stripped)
+    return None
+
+
+def _tokenize_response(
     tokenizer: Any,
-    messages: Sequence[Message],
-    *,
-    add_generation_prompt: bool,
-    row: int,
-    field_name: str,
-) -> str:
-    if not has_chat_template(tokenizer):
-        raise RowError(_no_template_issue(row))
-    try:
-        text = tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as exc:  # templates raise arbitrary errors (raise_exception, jinja errors)
-        raise RowError(RowIssue(row, field_name, "template", f"chat template failed: {exc}")) from exc
-    if not isinstance(text, str):
-        raise RowError(RowIssue(row, field_name, "template", "chat template did not render text"))
-    return text
-
-
-def _prompt_text(tokenizer: Any, pair: PreferencePair) -> str:
+    pair: PreferencePair,
+    prompt_text: str,
+    prompt_plain: list[int],
+    lead: list[int],
+    lead_text: str,
+    name: str,
+    content: str,
+) -> _Side:
+    """The response tokens of one side: the joint tokenization of prompt + rendered response,
+    after the prompt's ids; EOS appended when nothing ends the response; checked (module doc)."""
     if pair.prompt_messages is None:
-        return pair.prompt
-    return _render(
-        tokenizer,
-        pair.prompt_messages,
-        add_generation_prompt=True,
-        row=pair.row,
-        field_name="prompt",
-    )
-
-
-def _encode_prompt(tokenizer: Any, prompt_text: str) -> list[int]:
-    """Add the tokenizer's special tokens only when the text does not already start with BOS
-    (chat templates often write it themselves): never a double BOS."""
-    bos = tokenizer.bos_token
-    add_special = not (bos and prompt_text.startswith(bos))
-    ids = list(tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"])
-    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
-    # Some tokenizers (add_eos_token=True) also append EOS; between prompt and response it would
-    # tell the model the sequence is over.
-    added_eos = add_special and eos_id is not None and bool(ids) and ids[-1] == eos_id
-    if added_eos and not (eos and prompt_text.endswith(eos)):
-        ids.pop()
-    return ids
-
-
-def _encode_response(
-    tokenizer: Any, pair: PreferencePair, prompt_text: str, name: str, content: str
-) -> tuple[list[int], list[int]]:
-    if pair.prompt_messages is None:
-        response_text, content_start, append_eos = content, 0, True
+        response_text, content_start = content, 0
+        cut = _ends_with_special(tokenizer, content)
+        ended = cut is not None
+        if cut is not None:
+            response_text = content[:cut]
     else:
-        response_text, content_start = _chat_response(tokenizer, pair, prompt_text, name, content)
-        append_eos = False  # the template's own end-of-turn token ends the response
-    encoding = tokenizer(response_text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
-    ends = [end - content_start for _, end in encoding["offset_mapping"]]
-    if append_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+        turn = render_response(tokenizer, pair, prompt_text, name, content)
+        response_text, content_start, ended = turn.text, turn.content_start, turn.ended
+    encoding = tokenizer(prompt_text + response_text, add_special_tokens=False, return_offsets_mapping=True)
+    joint = list(encoding["input_ids"])
+    p = len(prompt_plain)
+    if joint[:p] != prompt_plain:
+        raise RowError(_boundary_issue(tokenizer, pair.row, name, prompt_plain, joint))
+    ids = joint[p:]
+    shift = len(prompt_text) + content_start
+    ends = [end - shift for _, end in encoding["offset_mapping"][p:]]
+    eos_id = tokenizer.eos_token_id
+    appended = ""
+    if not ended and eos_id is not None:
+        ids.append(eos_id)
         ends.append(len(content))
+        appended = tokenizer.eos_token
     if not ids:
         raise RowError(RowIssue(pair.row, name, "empty_response", "response has no tokens"))
-    return ids, _content_ends(ends, len(content))
+    _check_one_end(tokenizer, pair.row, name, ids)
+    expected = lead_text + prompt_text + response_text + appended
+    _check_round_trip(
+        tokenizer, lead + prompt_plain + ids, expected, pair.row, name, len(lead_text) + len(prompt_text)
+    )
+    return _Side(ids, _content_ends(ends, len(content)))
+
+
+def _boundary_issue(tokenizer: Any, row: int, name: str, prompt: list[int], joint: list[int]) -> RowIssue:
+    k = next(
+        (i for i, (a, b) in enumerate(zip(prompt, joint, strict=False)) if a != b),
+        min(len(prompt), len(joint)),
+    )
+    alone = tokenizer.convert_ids_to_tokens(prompt[k:])
+    together = tokenizer.convert_ids_to_tokens(joint[k : k + len(prompt) - k + 1])
+    return RowIssue(
+        row,
+        name,
+        "boundary",
+        f"tokens merge across the prompt/response boundary: the prompt ends {alone!r} alone but "
+        f"{together!r} with the response, so no token boundary separates them; end the prompt "
+        "where the tokenizer splits (e.g. move trailing whitespace from the prompt to the responses)",
+    )
+
+
+def _check_one_end(tokenizer: Any, row: int, name: str, ids: list[int]) -> None:
+    """Exactly one end-of-response token, the last one: neither it nor EOS earlier on."""
+    ends = {ids[-1], tokenizer.eos_token_id} - {None}
+    early = next((k for k, t in enumerate(ids[:-1]) if t in ends), None)
+    if early is not None:
+        token = tokenizer.convert_ids_to_tokens(ids[early])
+        raise RowError(
+            RowIssue(
+                row,
+                name,
+                "special_token",
+                f"the response holds the end-of-response token {token!r} before its end (token "
+                f"{early} of {len(ids)}): a response must end exactly once",
+            )
+        )
 
 
 def _content_ends(ends: list[int], length: int) -> list[int]:
@@ -247,70 +314,118 @@ def _content_ends(ends: list[int], length: int) -> list[int]:
     return out
 
 
-def _chat_response(
-    tokenizer: Any, pair: PreferencePair, prompt_text: str, name: str, content: str
-) -> tuple[str, int]:
-    """Render prompt + assistant turn and return (response_text, where the content starts in
-    it). The response is what the full rendering adds after the prompt rendering, cut right
-    after the first special token (end of turn / EOS) that follows the content."""
-    assert pair.prompt_messages is not None
-    messages = [*pair.prompt_messages, {"role": "assistant", "content": content}]
-    full = _render(tokenizer, messages, add_generation_prompt=False, row=pair.row, field_name=name)
-    if not full.startswith(prompt_text):
-        raise RowError(
-            RowIssue(
-                pair.row,
-                name,
-                "template",
-                "the rendered conversation does not start with the rendered prompt "
-                "(the chat template does not round-trip)",
-            )
-        )
-    rest = full[len(prompt_text) :]
-    located = _locate_content(rest, content)
-    if located is None:
-        raise RowError(
-            RowIssue(
-                pair.row,
-                name,
-                "template",
-                "the response content does not appear in the rendered assistant turn",
-            )
-        )
-    start, stop = located
-    cut = _end_of_turn(tokenizer, rest, stop)
-    return (rest if cut is None else rest[:cut]), start
+# --------------------------------------------------------------------------------------------
+# Round trip
 
 
-def _locate_content(rest: str, content: str) -> tuple[int, int] | None:
-    """(start, stop) of the content in `rest`. Templates that trim the content (Llama 3 does)
-    are found by the stripped text; start then points where the untrimmed content would begin,
-    so content coordinates stay those of the original string."""
-    pos = rest.find(content)
-    if pos >= 0:
-        return pos, pos + len(content)
-    stripped = content.strip()
-    pos = rest.find(stripped) if stripped else -1
-    if pos < 0:
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _decode_by_segment(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Special tokens as their text, the runs between them decoded one by one. Decoders that
+    strip the dummy-prefix space at the start of a text (Llama-2 `Strip`, Metaspace) then strip
+    it at the start of each run, where normalizers such as Llama-2's `Prepend("▁")` added it."""
+    specials = set(tokenizer.all_special_ids) | {
+        i
+        for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
+        if getattr(t, "special", False)
+    }
+    parts: list[str] = []
+    run: list[int] = []
+    for i in ids:
+        if i in specials:
+            if run:
+                parts.append(_decode(tokenizer, run))
+                run = []
+            parts.append(tokenizer.convert_ids_to_tokens(i))
+        else:
+            run.append(i)
+    if run:
+        parts.append(_decode(tokenizer, run))
+    return "".join(parts)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def decodes_to(tokenizer: Any, ids: Sequence[int], text: str) -> str | None:
+    """None when `ids` decode to `text` — whole, or run by run between special tokens (see
+    `_decode_by_segment`) — else the decoding closer to it, for the message."""
+    whole = _decode(tokenizer, ids)
+    if whole == text:
         return None
-    lead = len(content) - len(content.lstrip())
-    return pos - lead, pos + len(stripped)
+    runs = _decode_by_segment(tokenizer, ids)
+    if runs == text:
+        return None
+    return max((whole, runs), key=lambda d: _common_prefix(d, text))
 
 
-def _end_of_turn(tokenizer: Any, rest: str, start: int) -> int | None:
-    """Index just after the first special-token string at or after `start` (the earliest; the
-    longest on a tie), or None when the template ends the turn without one."""
-    best: tuple[int, int] | None = None
-    for token in _special_strings(tokenizer):
-        pos = rest.find(token, start)
-        if pos >= 0 and (best is None or (pos, -len(token)) < (best[0], -best[1])):
-            best = (pos, len(token))
-    return None if best is None else best[0] + best[1]
+def _check_round_trip(tokenizer: Any, ids: Sequence[int], text: str, row: int, name: str, start: int) -> None:
+    decoded = decodes_to(tokenizer, ids, text)
+    if decoded is None:
+        return
+    k = _common_prefix(decoded, text)
+    lo = max(k - _CONTEXT, 0)
+    where = "in the prompt" if k < start else "in the response"
+    raise RowError(
+        RowIssue(
+            row,
+            name,
+            "round_trip",
+            f"the tokens do not decode to the text ({where}, character {k}): the text has "
+            f"{text[lo : k + _CONTEXT]!r}, the tokens give {decoded[lo : k + _CONTEXT]!r} "
+            "(characters the vocabulary lacks, or a normalizer that changes the text)",
+        )
+    )
 
 
-def _special_strings(tokenizer: Any) -> set[str]:
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-        if getattr(token, "special", False):
-            specials.add(str(token.content))
-    return {s for s in specials if s}
+# --------------------------------------------------------------------------------------------
+# Length
+
+
+def _fit(
+    tokenizer: Any, row: int, prompt: list[int], sides: dict[str, _Side], max_length: int, mode: str
+) -> tuple[list[int], bool]:
+    """Apply max_length: a too_long RowError (mode "none"), or cut (module docstring)."""
+    longest = max(len(s.ids) for s in sides.values())
+    if len(prompt) + longest <= max_length:
+        return prompt, False
+    if mode == "keep_end":
+        keep = 1 if prompt[0] == tokenizer.bos_token_id else 0  # BOS stays in front
+        room = max_length - longest - keep
+        if room < 1 or len(prompt) - keep < 1:
+            name = max(sides, key=lambda s: len(sides[s].ids))
+            raise RowError(
+                RowIssue(
+                    row,
+                    name,
+                    "too_long",
+                    f"{name} alone is {longest} tokens; with truncation_mode='keep_end' it must leave "
+                    f"at least one prompt token within max_length {max_length}",
+                )
+            )
+        return prompt[:keep] + prompt[len(prompt) - room :], True
+    if len(prompt) >= max_length:
+        raise RowError(
+            RowIssue(
+                row, "prompt", "too_long", f"prompt alone is {len(prompt)} tokens; max_length is {max_length}"
+            )
+        )
+    if mode == "keep_start":
+        room = max_length - len(prompt)
+        for side in sides.values():
+            side.ids, side.ends = side.ids[:room], side.ends[:room]
+        return prompt, True
+    for name, side in sides.items():
+        if len(prompt) + len(side.ids) > max_length:
+            raise RowError(
+                RowIssue(
+                    row,
+                    name,
+                    "too_long",
+                    f"prompt {len(prompt)} + {name} {len(side.ids)} tokens > max_length {max_length}",
+                )
+            )
+    raise AssertionError("unreachable")

@@ -40,7 +40,18 @@ def register(subparsers: Any) -> None:
         description="Load a preference dataset and report kept/dropped rows and every bad row.",
     )
     check.add_argument("path", help="JSONL(.gz)/JSON/Parquet file, datasets folder or hub id")
-    check.add_argument("--format", choices=FORMATS, default="auto", help="row form (default auto)")
+    check.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="dataset layout (default auto: detected, and said why)",
+    )
+    check.add_argument(
+        "--columns",
+        metavar="NAME=SOURCE,...",
+        help="read source columns under tvkd's names first, e.g. prompt=question,chosen=response_j "
+        "(names: prompt, chosen, rejected, messages, tools, system, question; a.b reads inside an object)",
+    )
     check.add_argument("--split", default="train", help="split of a datasets source (train)")
     check.add_argument("--limit", type=int, default=None, help="read only the first N rows")
     check.add_argument("--tokenizer", metavar="MODEL_DIR", help="also tokenize with this tokenizer")
@@ -76,11 +87,19 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def run_check(args: argparse.Namespace) -> int:
     try:
         pairs, report = load_pairs(
-            args.path, split=args.split, format=args.format, on_error="drop", limit=args.limit
+            args.path,
+            split=args.split,
+            format=args.format,
+            columns=args.columns,
+            on_error="drop",
+            limit=args.limit,
         )
     except (DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a bad --columns
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(report.summary(SUMMARY_MAX_ISSUES))
     reports, usable = [report], report.kept
     if args.tokenizer and pairs:
