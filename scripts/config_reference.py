@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tvkd.config import ConfigField, MethodConfig, PrecomputeConfig, TrainConfig, config_fields
+from tvkd.config import ConfigField, JobOptions, MethodConfig, PrecomputeConfig, TrainConfig, config_fields
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- CONFIG-REFERENCE:BEGIN -->", "<!-- CONFIG-REFERENCE:END -->"
@@ -53,6 +53,8 @@ def render() -> str:
             table(MethodConfig),
             "**Training** (`TrainConfig`; job `hyperparameters`; `tvkd train --FIELD`)",
             table(TrainConfig, skip=("method",)),
+            "**Job options** (`JobOptions`; job `hyperparameters`; `tvkd train --FIELD`)",
+            table(JobOptions),
             "**Precompute** (`PrecomputeConfig`; `tvkd precompute`; derived from the method in a job)",
             table(PrecomputeConfig),
             "**Service settings** (environment or `.env`; `service/settings.py`)",

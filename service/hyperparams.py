@@ -1,11 +1,11 @@
 """The `hyperparameters` object of a job, generated from tvkd's config dataclasses.
 
-Every field of `TrainConfig` and `MethodConfig` (except `alpha`/`beta`, which are top-level in the
-request, and `method`, which is flattened) becomes a pydantic field with the dataclass's type,
-default, help string (the OpenAPI description) and bounds, all read from the field's declaration
-(`tvkd.config.config_fields`), the same one the dataclass checks itself against; so the documented
-constraints cannot drift from the checks that tvkd runs. The request is still validated by the
-dataclasses too (service.validation), which stay the source of truth.
+Every field of `MethodConfig`, `TrainConfig` and `JobOptions` (except `alpha`/`beta`, which are
+top-level in the request, and `method`, which is flattened) becomes a pydantic field with the
+dataclass's type, default, help string (the OpenAPI description) and bounds, all read from the
+field's declaration (`tvkd.config.config_fields`), the same one the dataclass checks itself
+against; so the documented constraints cannot drift from the checks that tvkd runs. The request
+is still validated by the dataclasses too (service.validation), which stay the source of truth.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-from tvkd.config import ConfigField, MethodConfig, TrainConfig, config_fields
+from tvkd.config import ConfigField, JobOptions, MethodConfig, TrainConfig, config_fields
 
 # Sanity cap of integer settings (none needs more): the largest integer a float64 (and so a JSON
 # number in most clients, and the OpenAPI bound itself) holds exactly; inside int64 everywhere.
 INT_MAX = 2**53 - 1
 TOP_LEVEL = frozenset({"alpha", "beta"})
 SafeStr = typing.Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]
+# A name (of a dataset, a model) that reaches the file system: no NUL, not empty.
+Name = typing.Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00]*$")]
 
 
 def _field(f: ConfigField) -> tuple[Any, Any]:
@@ -37,6 +39,8 @@ def _field(f: ConfigField) -> tuple[Any, Any]:
     kw: dict[str, Any] = {**default, "description": f.help, **f.bounds}
     if f.choices is not None and typing.get_origin(hint) is not typing.Literal:
         hint = typing.Literal[f.choices]
+    if hint is str:
+        hint = Name
     if hint is float:
         kw["allow_inf_nan"] = False
     elif hint is int:
@@ -44,41 +48,17 @@ def _field(f: ConfigField) -> tuple[Any, Any]:
     elif hint == list[str]:
         hint = list[SafeStr]
         kw["max_length"] = 64
-    return hint, Field(**kw)
-
-
-# Options of the job itself rather than of TrainConfig (worker.jobspec.SPEC_OPTIONS reads them).
-JOB_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "eval_dataset": (
-        typing.Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00]*$")] | None,
-        Field(
-            default=None,
-            description="Held-out pairs (same rules as `dataset`); default: `eval_fraction` of the dataset.",
-        ),
-    ),
-    "limit": (
-        int | None,
-        Field(default=None, ge=1, le=INT_MAX, description="Read only the first N rows of each dataset."),
-    ),
-    "on_error": (
-        typing.Literal["drop", "raise"],
-        Field(default="drop", description="Bad rows: 'drop' them (reported in events) or 'raise' (fail)."),
-    ),
-    "precompute_bf16": (
-        bool,
-        Field(default=False, description="Run the teacher pass under bf16 autocast (values stay float32)."),
-    ),
-}
+    return (hint | None if f.optional else hint), Field(**kw)
 
 
 def _hyperparameter_fields() -> dict[str, tuple[Any, Any]]:
     fields: dict[str, tuple[Any, Any]] = {}
-    for cls in (MethodConfig, TrainConfig):
+    for cls in (MethodConfig, TrainConfig, JobOptions):
         for f in config_fields(cls):
             if f.name in TOP_LEVEL or f.name == "method":
                 continue
             fields[f.name] = _field(f)
-    return {**fields, **JOB_OPTIONS}
+    return fields
 
 
 class _Strict(BaseModel):
@@ -90,8 +70,8 @@ class _Strict(BaseModel):
 Hyperparameters: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "Hyperparameters",
     __base__=_Strict,
-    __doc__="TVKD and training settings (tvkd.config.MethodConfig and TrainConfig); omitted ones "
-    "take their defaults. Unknown keys are rejected.",
+    __doc__="TVKD and training settings and job options (tvkd.config.MethodConfig, TrainConfig and "
+    "JobOptions); omitted ones take their defaults. Unknown keys are rejected.",
     **_hyperparameter_fields(),
 )
 

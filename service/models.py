@@ -108,9 +108,9 @@ class Job(Base):
     teacher: Mapped[str] = mapped_column(Text)
     student: Mapped[str] = mapped_column(Text)
     dataset: Mapped[str] = mapped_column(Text)
-    alpha: Mapped[float] = mapped_column(Float)
-    beta: Mapped[float] = mapped_column(Float)
-    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The validated settings, stored whole at submit and loaded by every stage:
+    # {"train": TrainConfig as a nested dict, "options": JobOptions} (tvkd.config.JobSpec.settings).
+    spec: Mapped[dict[str, Any]] = mapped_column()
     # `metadata` is reserved by SQLAlchemy's declarative base.
     user_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     spec_hash: Mapped[str] = mapped_column(String(64))

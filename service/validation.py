@@ -2,7 +2,8 @@
 request is a 422 naming its field instead of a job that fails minutes later.
 
 - settings: the pydantic schema (types, ranges, unknown keys), then tvkd's own dataclass checks
-  (`TrainConfig.from_dict`), whose `ConfigError.field` becomes the error's field path;
+  (`split_settings` into TrainConfig and JobOptions), whose `ConfigError.field` becomes the
+  error's field path; the result is what the job stores (`spec`) and workers load;
 - models: the name resolves under TVKD_MODEL_ROOTS (tvkd.models.resolve_model_path refuses `..`,
   symlink and absolute-path escapes) or is a hub id when TVKD_ALLOW_HUB; a local folder must hold a
   config.json, and its config and tokenizer must load (cached per folder and file mtimes, so a
@@ -13,12 +14,14 @@ request is a 422 naming its field instead of a job that fails minutes later.
 Row-level data checks, tokenizer compatibility and the chat-template round-trip are the worker's
 validate stage: they need the whole dataset and tokenizing it.
 
-`resolve_model` and `resolve_dataset` are also what a worker calls to turn a job's names into
-paths, with the same rules (and re-checked at run time: a symlink swapped after submit is caught).
+`job_spec` is what a worker calls to turn a stored job into a `JobSpec`: the same `resolve_model`
+and `resolve_dataset`, with the same rules, re-checked at run time (a symlink swapped after submit
+is caught; a worker may run on another host with other mounts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -32,10 +35,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.errors import invalid
-from service.hyperparams import JOB_OPTIONS
-from service.models import Dataset
+from service.models import Dataset, Job
 from service.settings import Settings
-from tvkd.config import ConfigError, TrainConfig
+from tvkd.config import ConfigError, JobSpec, split_settings
 from tvkd.models import ModelError, load_config, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,10 @@ MODEL_CHECK_CACHE_MAX = 256
 
 @dataclass
 class ValidSpec:
-    """A validated job spec: the full settings (defaults filled) and the warnings to show."""
+    """A validated job spec: its settings as the job stores them (`JobSpec.settings()`: the nested
+    TrainConfig and the JobOptions, defaults filled) and the warnings to show."""
 
-    hyperparameters: dict[str, Any]
+    settings: dict[str, Any]
     warnings: list[str]
 
 
@@ -67,14 +70,12 @@ def config_field_path(field: str) -> str:
 def check_settings(alpha: float, beta: float, hyperparameters: dict[str, Any]) -> ValidSpec:
     """Run tvkd's dataclass checks; a ConfigError is a 422 naming `alpha`, `beta` or
     `hyperparameters.<name>`."""
-    train = {k: v for k, v in hyperparameters.items() if k not in JOB_OPTIONS}
     try:
-        config = TrainConfig.from_dict({**train, "alpha": alpha, "beta": beta})
+        train, options = split_settings({**hyperparameters, "alpha": alpha, "beta": beta})
     except ConfigError as exc:
         raise invalid(config_field_path(exc.field), exc.message) from exc
-    except TypeError as exc:  # a field the dataclasses do not take (the schema should stop it first)
-        raise invalid("hyperparameters", str(exc)) from exc
-    return ValidSpec(hyperparameters, config.method.warnings())
+    settings = {"train": train.to_dict(), "options": dataclasses.asdict(options)}
+    return ValidSpec(settings, train.method.warnings())
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +176,7 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
 
 def resolve_data_path(name: str, roots: Sequence[Path], *, field: str = "dataset") -> str:
     """A dataset file or folder inside a data root (after resolving `..` and symlinks); 422 naming
-    `field` otherwise. Hub dataset ids are not taken (the worker resolves datasets under the roots
-    only, worker.jobspec.resolve_dataset)."""
+    `field` otherwise. Hub dataset ids are not taken (workers read datasets under the roots only)."""
     roots = [Path(r).resolve() for r in roots]
     try:
         raw = Path(name)
@@ -248,6 +248,30 @@ def check_job(
     return spec
 
 
+def job_spec(settings: Settings, session: Session, job: Job, *, output_dir: str, store_root: str) -> JobSpec:
+    """The spec a job stored at submit, with this process's paths: every name resolved again under
+    the roots (the teacher only when the method uses it). Raises APIError naming the field when a
+    name no longer resolves (a worker turns it into the job's error)."""
+    spec = JobSpec.from_dict(
+        {
+            **job.spec,
+            "teacher": None,
+            "student": resolve_model(settings, job.student, field="student"),
+            "dataset": resolve_dataset(settings, session, job.owner_id, job.dataset),
+            "output_dir": output_dir,
+            "store_root": store_root,
+            "device": settings.torch_device,
+        }
+    )
+    if spec.train.method.uses_teacher:
+        spec.teacher = resolve_model(settings, job.teacher, field="teacher")
+    if spec.options.eval_dataset:
+        spec.options.eval_dataset = resolve_dataset(
+            settings, session, job.owner_id, spec.options.eval_dataset, field="hyperparameters.eval_dataset"
+        )
+    return spec
+
+
 def is_inside(path: str | os.PathLike[str], root: Path) -> bool:
     """True when `path` (after resolving symlinks) lies inside `root`."""
     try:
@@ -264,6 +288,7 @@ __all__ = [
     "check_model",
     "check_settings",
     "is_inside",
+    "job_spec",
     "resolve_data_path",
     "resolve_dataset",
     "resolve_model",

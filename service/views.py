@@ -3,7 +3,6 @@ looks like from outside, so the list, get, create and cancel routes all show the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -12,9 +11,7 @@ from sqlalchemy.orm import Session
 
 from service import models as db
 from service import schemas as api
-from tvkd.config import ConfigError, MethodConfig
-
-METHOD_FIELDS = frozenset(f.name for f in dataclasses.fields(MethodConfig)) - {"alpha", "beta"}
+from tvkd.config import ConfigError, MethodConfig, flat_settings
 
 
 def finite(x: float | None) -> float | None:
@@ -24,10 +21,9 @@ def finite(x: float | None) -> float | None:
 def job_warnings(job: db.Job) -> list[str]:
     """MethodConfig.warnings() of the job's settings. Recomputed rather than stored: they are a
     pure function of the spec, so they need no column and can never disagree with it."""
-    hp = job.hyperparameters or {}
     try:
-        method = MethodConfig(alpha=job.alpha, beta=job.beta, **{k: hp[k] for k in METHOD_FIELDS if k in hp})
-    except (ConfigError, TypeError):
+        method = MethodConfig(**job.spec["train"]["method"])
+    except (ConfigError, TypeError, KeyError):
         return []
     return method.warnings()
 
@@ -35,6 +31,7 @@ def job_warnings(job: db.Job) -> list[str]:
 def job_view(job: db.Job, *, model_path: str | None = None) -> api.Job:
     total = job.progress_total or 0
     done = job.progress_done or 0
+    settings = flat_settings(job.spec)  # alpha and beta are top-level in the API, the rest is flat
     error = api.JobErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return api.Job(
         id=job.id,
@@ -49,9 +46,9 @@ def job_view(job: db.Job, *, model_path: str | None = None) -> api.Job:
         teacher=job.teacher,
         student=job.student,
         dataset=job.dataset,
-        alpha=job.alpha,
-        beta=job.beta,
-        hyperparameters=job.hyperparameters or {},
+        alpha=settings.pop("alpha"),
+        beta=settings.pop("beta"),
+        hyperparameters=settings,
         metadata=job.user_metadata or {},
         warnings=job_warnings(job),
         error=error,

@@ -12,6 +12,7 @@ import pytest
 from tvkd.config import (
     ConfigError,
     ConfigField,
+    JobOptions,
     MethodConfig,
     PrecomputeConfig,
     TrainConfig,
@@ -20,7 +21,7 @@ from tvkd.config import (
     config_fields,
 )
 
-CONFIGS = (MethodConfig, TrainConfig, PrecomputeConfig)
+CONFIGS = (MethodConfig, TrainConfig, JobOptions, PrecomputeConfig)
 BOUNDED = [
     pytest.param(cls, f, id=f"{cls.__name__}.{f.name}")
     for cls in CONFIGS
@@ -122,11 +123,13 @@ def test_the_api_schema_has_the_declared_bounds_defaults_and_help() -> None:
     hyper = Hyperparameters.model_json_schema()["properties"]
     top = JobCreate.model_json_schema()["properties"]
     seen = set()
-    for cls in (MethodConfig, TrainConfig):
+    for cls in (MethodConfig, TrainConfig, JobOptions):
         for f in config_fields(cls):
             if f.name == "method":
                 continue
             prop = top[f.name] if f.name in ("alpha", "beta") else hyper[f.name]
+            if f.optional:  # anyOf [the type, null]
+                prop = {**prop, **next(p for p in prop["anyOf"] if p.get("type") != "null")}
             seen.add(f.name)
             expected = dict(f.bounds)
             if f.type is int:
@@ -144,7 +147,7 @@ def test_cli_flags_have_the_declared_types_choices_and_ranges() -> None:
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     actions = {a.dest: a for a in train._actions}
-    for cls in (MethodConfig, TrainConfig):
+    for cls in (MethodConfig, TrainConfig, JobOptions):
         for f in config_fields(cls):
             if f.name == "method":
                 continue

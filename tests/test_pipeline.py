@@ -122,6 +122,38 @@ def test_validate_fails_early(train_models, arith_data, tmp_path, tiny_tokenizer
     assert info.value.field == "student" and "chat template" in str(info.value)
 
 
+def test_later_stages_load_what_validate_prepared(train_models, arith_data, tmp_path):
+    """prepared.json carries validate's split to a later stage, which re-reads the pairs (it needs
+    them) but checks nothing again; a dataset changed since validate is refused."""
+    import shutil
+
+    from tvkd.pipeline import PREPARED_FILE, DatasetChanged, load_prepared, write_prepared
+
+    student = tmp_path / "student"
+    shutil.copytree(train_models["student"], student)
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(arith_data, data)
+    spec = spec_for({**train_models, "student": str(student)}, str(data), tmp_path, teacher=None, alpha=0.0)
+    prepared = validate(spec)
+    path = write_prepared(tmp_path / "job" / PREPARED_FILE, prepared)
+    # The student's tokenizer is gone: validating again would fail, loading what it prepared does not.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (student / name).unlink()
+    with pytest.raises(Exception, match="tokenizer"):
+        validate(spec)
+    loaded = load_prepared(spec, path)
+    assert (loaded.train_idx, loaded.eval_idx) == (prepared.train_idx, prepared.eval_idx)
+    assert loaded.dataset_fingerprint == prepared.dataset_fingerprint
+    assert [p.chosen for p in loaded.pairs] == [p.chosen for p in prepared.pairs]
+    # One changed row: the stage refuses to go on with other data than were checked.
+    rows = data.read_text().splitlines()
+    row = json.loads(rows[3])
+    rows[3] = json.dumps({**row, "chosen": row["chosen"] + " (edited)"})
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetChanged, match="changed since the validate stage"):
+        load_prepared(spec, path)
+
+
 def test_cli_train(train_models, arith_data, tmp_path, capsys):
     from tvkd.cli import build_parser, main
 

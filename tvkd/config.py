@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,9 +72,12 @@ class ConfigField:
     help: str
     bounds: dict[str, float]  # any of ge, gt, le, lt
     choices: tuple[str, ...] | None  # from `choices=` or the Literal type
+    optional: bool = False  # `X | None`: None is allowed too (`type` is then X)
 
     def check(self, value: Any) -> None:
         """Raise ConfigError naming this field when `value` has the wrong type or is out of range."""
+        if value is None and self.optional:
+            return
         if self.choices is not None:
             _check_choice(self.name, value, self.choices)
         elif self.type is int:
@@ -112,6 +117,10 @@ def config_fields(cls: type) -> tuple[ConfigField, ...]:
     out = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args and typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if optional:
+            (hint,) = [a for a in args if a is not type(None)]
         choices = f.metadata.get("choices")
         if choices is None and typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
@@ -129,6 +138,7 @@ def config_fields(cls: type) -> tuple[ConfigField, ...]:
                 help=f.metadata.get("help", ""),
                 bounds=dict(f.metadata.get("bounds", {})),
                 choices=tuple(choices) if choices is not None else None,
+                optional=optional,
             )
         )
     return tuple(out)
@@ -315,8 +325,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a flat or nested dict; unknown keys are an error naming the key."""
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build from a flat or nested dict (flat method keys win over a nested `method`);
+        unknown keys are an error naming the key."""
         data = dict(data)
         method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
         train_fields = {f.name for f in dataclasses.fields(cls)}
@@ -324,13 +335,95 @@ class TrainConfig:
         for key in list(data):
             if key in method_fields and key not in train_fields:
                 method[key] = data.pop(key)
-        unknown = sorted(set(data) - train_fields)
-        if unknown:
-            raise ConfigError(unknown[0], "unknown setting")
-        unknown = sorted(set(method) - method_fields)
-        if unknown:
-            raise ConfigError(unknown[0], "unknown setting")
-        return cls(method=MethodConfig(**method), **data)
+        _refuse_unknown(data, train_fields)
+        return cls(method=_build(MethodConfig, method), **data)
+
+
+@dataclass
+class JobOptions:
+    """Options of one job beyond its training settings: which rows it reads and how."""
+
+    eval_dataset: str | None = _help(
+        "Held-out pairs (same rules as `dataset`); default: `eval_fraction` of the dataset.", default=None
+    )
+    limit: int | None = _help("Read only the first N rows of each dataset.", default=None, ge=1)
+    on_error: Literal["drop", "raise"] = _help(
+        "Bad rows: 'drop' them (reported in events) or 'raise' (fail).", default="drop"
+    )
+    precompute_bf16: bool = _help(
+        "Run the teacher pass under bf16 autocast (values stay float32).", default=False
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobOptions:
+        return _build(cls, data)
+
+
+def _refuse_unknown(data: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown setting")
+
+
+def _build(cls: Any, data: Mapping[str, Any]) -> Any:
+    _refuse_unknown(data, {f.name for f in dataclasses.fields(cls)})
+    return cls(**data)
+
+
+def split_settings(flat: Mapping[str, Any]) -> tuple[TrainConfig, JobOptions]:
+    """The one flat → nested merge: each key of a flat settings dict (a job request's `alpha`,
+    `beta` and `hyperparameters`, or the CLI's flags) goes to the JobOptions, MethodConfig or
+    TrainConfig field of its name. Raises ConfigError naming an unknown or invalid setting."""
+    names = {f.name for f in dataclasses.fields(JobOptions)}
+    options = JobOptions.from_dict({k: v for k, v in flat.items() if k in names})
+    return TrainConfig.from_dict({k: v for k, v in flat.items() if k not in names}), options
+
+
+def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The reverse of `split_settings`, on a stored spec's {"train": {..., "method": {...}},
+    "options": {...}}: every setting at the top level (method, then training, then options)."""
+    train = dict(settings["train"])
+    return {**train.pop("method"), **train, **settings["options"]}
+
+
+@dataclass
+class JobSpec:
+    """Everything one job needs: the models and data (local paths or hub ids), the settings, and
+    where to write. `teacher` may be None when the method does not use it.
+
+    A service job stores `settings()` at submit; a worker rebuilds the spec from it with its own
+    paths (`from_dict`), so the settings are validated once, by the dataclasses, and carried whole.
+    """
+
+    teacher: str | None
+    student: str
+    dataset: str
+    train: TrainConfig
+    output_dir: str
+    store_root: str
+    device: str = "cpu"
+    options: JobOptions = field(default_factory=JobOptions)
+
+    def settings(self) -> dict[str, Any]:
+        """{"train": TrainConfig as a nested dict, "options": JobOptions as a dict} (JSON)."""
+        return {"train": self.train.to_dict(), "options": dataclasses.asdict(self.options)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        data = dict(data)
+        train = data.pop("train", None) or {}
+        options = data.pop("options", None) or {}
+        return cls(
+            train=train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train),
+            options=options if isinstance(options, JobOptions) else JobOptions.from_dict(options),
+            **data,
+        )
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -10,44 +10,27 @@ announce themselves through `Callbacks.on_stage`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tvkd.alignment import check_alignment
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, write_result
+from tvkd.atomic import write_json_atomic
 from tvkd.callbacks import Callbacks
-from tvkd.config import ConfigError, PrecomputeConfig, TrainConfig
+from tvkd.config import ConfigError, JobSpec, PrecomputeConfig
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.store import ValueStore
 from tvkd.trainer import Trainer, TrainResult
 
+PREPARED_FILE = "prepared.json"  # what validate prepared, for the later stages (`load_prepared`)
 
-@dataclass
-class JobSpec:
-    """Everything one job needs. `teacher` may be None when the method does not use it."""
 
-    teacher: str | None
-    student: str
-    dataset: str
-    train: TrainConfig
-    output_dir: str
-    store_root: str
-    device: str = "cpu"
-    eval_dataset: str | None = None
-    on_error: Literal["drop", "raise"] = "drop"  # bad rows: dropped (and reported) or an error
-    limit: int | None = None  # read only the first N rows of each dataset
-    precompute_bf16: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        data = dict(data)
-        train = data.pop("train", {}) or {}
-        return cls(train=train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train), **data)
+class DatasetChanged(ValueError):
+    """The dataset differs from the one the validate stage checked."""
 
 
 @dataclass
@@ -64,6 +47,18 @@ class Prepared:
     token_reports: dict[str, DataReport] = field(default_factory=dict)  # "student"/"teacher" → tokenizing
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        """What later stages need besides the pairs themselves (`write_prepared` stores it)."""
+        return {
+            "version": 1,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "train_idx": self.train_idx,
+            "eval_idx": self.eval_idx,
+            "same_tokenizer": self.same_tokenizer,
+            "warnings": self.warnings,
+            "summary": self.summary(),
+        }
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -115,8 +110,8 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
     for w in warnings:
         cb.on_event("warning", w)
 
-    on_error = spec.on_error
-    pairs, report = load_pairs(spec.dataset, on_error=on_error, limit=spec.limit)
+    on_error = spec.options.on_error
+    pairs, report = load_pairs(spec.dataset, on_error=on_error, limit=spec.options.limit)
     if report.dropped:
         cb.on_event(
             "warning",
@@ -124,12 +119,14 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
             {"issues": _issues(report)},
         )
     eval_report = None
-    if spec.eval_dataset:
-        eval_pairs, eval_report = load_pairs(spec.eval_dataset, on_error=on_error, limit=spec.limit)
+    if spec.options.eval_dataset:
+        eval_pairs, eval_report = load_pairs(
+            spec.options.eval_dataset, on_error=on_error, limit=spec.options.limit
+        )
         if eval_report.dropped:
             cb.on_event(
                 "warning",
-                f"{eval_report.dropped} bad rows dropped from {spec.eval_dataset}",
+                f"{eval_report.dropped} bad rows dropped from {spec.options.eval_dataset}",
                 {"issues": _issues(eval_report)},
             )
         train_idx = list(range(len(pairs)))
@@ -190,6 +187,49 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
     return prepared
 
 
+def write_prepared(path: str | os.PathLike[str], prepared: Prepared) -> Path:
+    """Store what validation prepared (kept-pair split, fingerprint; see `Prepared.record`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, prepared.record())
+    return path
+
+
+def load_prepared(spec: JobSpec, path: str | os.PathLike[str]) -> Prepared:
+    """The pairs `validate` checked, without checking them again: the data are read (the pairs are
+    needed) but not split, tokenized or round-tripped through templates; the split comes from
+    the file `write_prepared` wrote.
+
+    Raises DatasetChanged when the data read now differ from what validation saw (the pairs'
+    fingerprint), so a job never trains on other data than were checked.
+    """
+    record = json.loads(Path(path).read_text())
+    options = spec.options
+    pairs, report = load_pairs(spec.dataset, on_error=options.on_error, limit=options.limit)
+    eval_report = None
+    if options.eval_dataset:
+        eval_pairs, eval_report = load_pairs(
+            options.eval_dataset, on_error=options.on_error, limit=options.limit
+        )
+        pairs = pairs + eval_pairs
+    fingerprint, expected = dataset_fingerprint(pairs), str(record["dataset_fingerprint"])
+    if fingerprint != expected:
+        raise DatasetChanged(
+            f"{spec.dataset}: the dataset changed since the validate stage checked it "
+            f"(fingerprint {fingerprint[:12]} != {expected[:12]}); submit a new job"
+        )
+    return Prepared(
+        pairs=pairs,
+        train_idx=[int(i) for i in record["train_idx"]],
+        eval_idx=[int(i) for i in record["eval_idx"]],
+        report=report,
+        eval_report=eval_report,
+        dataset_fingerprint=fingerprint,
+        same_tokenizer=record["same_tokenizer"],
+        warnings=list(record["warnings"]),
+    )
+
+
 def precompute_config(spec: JobSpec) -> PrecomputeConfig:
     """The teacher pass the method needs (its fields are part of the store's content key)."""
     method = spec.train.method
@@ -198,7 +238,7 @@ def precompute_config(spec: JobSpec) -> PrecomputeConfig:
         value_beta=method.value_beta,
         token_stats=method.shaping in ("logprob", "logit"),
         max_length=spec.train.max_length,
-        bf16=spec.precompute_bf16,
+        bf16=spec.options.precompute_bf16,
     )
 
 
@@ -230,7 +270,7 @@ def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = 
         device=spec.device,
         progress=progress,
         should_stop=cb.should_stop,
-        on_error=spec.on_error,
+        on_error=spec.options.on_error,
     )
     how = "reused cached" if result.cached else f"computed ({result.tokens_per_second:.0f} tokens/s)"
     cb.on_event(

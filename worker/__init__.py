@@ -3,6 +3,6 @@ state, progress, metrics and artifacts in the database (the source of truth).
 
 celery_app (app, queues, routes, broker) · dispatch (enqueue, queue inspection) · tasks (lease,
 run, complete/fail) · stages (the work of each stage) · reporting (callbacks → database,
-heartbeat) · reconciler (re-enqueues jobs of dead workers and lost messages) · jobspec (job row →
-tvkd JobSpec). Started by `tvkd worker`.
+heartbeat) · reconciler (re-enqueues jobs of dead workers and lost messages). Started by
+`tvkd worker`.
 """

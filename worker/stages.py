@@ -16,14 +16,21 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
   no weights loaded, so this fits the CPU `default` queue), writes result.json, records the
   artifacts and the job's result.
 
-Every stage but validate starts by re-running the validation quietly (deterministic: the same
-pairs and split) instead of passing pairs between processes; the dataset fingerprint recorded by
-validate must match, so a dataset changed in between fails the job instead of training on other
-data than was checked.
+Every stage loads the spec the job stored at submit (`job.spec`, validated then; its names are
+resolved again under this worker's roots). Validate writes what it prepared (`prepared.json` in
+the job's folder: the split of the kept pairs and their fingerprint); later stages read the data
+again (they need the pairs) but do not re-check, re-split or re-tokenize it, and a dataset whose
+fingerprint changed since validate fails the job instead of training on other data than was
+checked.
+
+Layout under the artifact root: `jobs/<job id>/` (the job's output: prepared.json, checkpoints,
+reference log-probs, samples, model, result.json) and `values/<key>/` (teacher value stores,
+shared by every job with the same content key).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -38,23 +45,36 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import transaction
+from service.errors import APIError
 from service.models import Artifact, Job, Precompute, utcnow
 from service.settings import Settings
+from service.validation import job_spec
 from tvkd import pipeline
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, read_samples, write_result
-from tvkd.pipeline import JobSpec, Prepared
+from tvkd.config import JobSpec, flat_settings
+from tvkd.models import ModelError
+from tvkd.pipeline import DatasetChanged, Prepared
 from tvkd.store import ValueStore
-from worker.jobspec import VALUES_DIR, build_spec, output_dir, with_batch
 from worker.reporting import JobReporter, StopFlags, _jsonable, relative_path, upsert
 
 log = logging.getLogger("tvkd.worker")
 T = TypeVar("T")
 OOM_RETRIES = 3
 RECORDER_WAIT_SECONDS = 5.0
+JOBS_DIR = "jobs"
+VALUES_DIR = "values"
 
 
-class DatasetChanged(ValueError):
-    """The dataset differs from the one the validate stage checked."""
+class DatasetNotFound(FileNotFoundError):
+    """The job's dataset cannot be found under the data roots (or as an uploaded dataset)."""
+
+
+def job_output_rel(job_id: str) -> str:
+    return f"{JOBS_DIR}/{job_id}"
+
+
+def output_dir(settings: Settings, job: Job) -> Path:
+    return settings.artifacts / (job.output_dir or job_output_rel(job.id))
 
 
 @dataclass
@@ -80,7 +100,20 @@ class StageContext:
 
     @cached_property
     def spec(self) -> JobSpec:
-        return build_spec(self.job, self.settings, self.factory)
+        """The job's stored spec with this worker's paths. Raises ModelError or DatasetNotFound
+        when a name no longer resolves under the roots."""
+        try:
+            with self.factory() as session:
+                return job_spec(
+                    self.settings,
+                    session,
+                    self.job,
+                    output_dir=str(output_dir(self.settings, self.job)),
+                    store_root=str(self.settings.artifacts / VALUES_DIR),
+                )
+        except APIError as exc:
+            kind = ModelError if exc.code == "invalid_model" else DatasetNotFound
+            raise kind(f"{exc.field}: {exc.message}") from exc
 
     @property
     def stage(self) -> str:
@@ -112,6 +145,7 @@ def run_validate(ctx: StageContext) -> Outcome:
     uses_teacher = spec.train.method.uses_teacher
     if not uses_teacher:
         ctx.reporter.event("info", "plain DPO (alpha=0 or shaping='none'): no teacher precompute")
+    pipeline.write_prepared(Path(spec.output_dir) / pipeline.PREPARED_FILE, prepared)
     summary = prepared.summary()
     return Outcome(
         "advance",
@@ -132,7 +166,11 @@ def run_validate(ctx: StageContext) -> Outcome:
 
 
 def prepare(ctx: StageContext) -> Prepared:
-    """The validated pairs and split again, silently, checked against what validate saw."""
+    """The pairs and split the validate stage prepared (raises DatasetChanged when the data
+    differ now). A job validated before prepared.json existed is validated again, silently."""
+    path = Path(ctx.spec.output_dir) / pipeline.PREPARED_FILE
+    if path.is_file():
+        return pipeline.load_prepared(ctx.spec, path)
     prepared = pipeline.validate(ctx.spec, ctx.reporter.silent())
     expected = ((ctx.job.result or {}).get("validate") or {}).get("dataset_fingerprint")
     if expected and prepared.dataset_fingerprint != expected:
@@ -320,9 +358,10 @@ def run_train(ctx: StageContext) -> Outcome:
         )
 
     def on_retry(exc: BaseException, old: tuple[int, int], new: tuple[int, int], n: int) -> None:
-        hp = {**(ctx.job.hyperparameters or {}), "batch_size": new[0], "grad_accum": new[1]}
-        ctx.job.hyperparameters = hp  # a resume after a crash keeps the smaller batch too
-        ctx.update_job(hyperparameters=hp)
+        stored = ctx.job.spec
+        job_spec = {**stored, "train": {**stored["train"], "batch_size": new[0], "grad_accum": new[1]}}
+        ctx.job.spec = job_spec  # a resume after a crash keeps the smaller batch too
+        ctx.update_job(spec=job_spec)
         ctx.reporter.event(
             "warning",
             f"out of memory at batch_size={old[0]} (grad_accum={old[1]}): retrying from the last checkpoint "
@@ -441,9 +480,7 @@ def run_evaluate(ctx: StageContext) -> Outcome:
             "teacher": ctx.job.teacher,
             "student": ctx.job.student,
             "dataset": ctx.job.dataset,
-            "alpha": ctx.job.alpha,
-            "beta": ctx.job.beta,
-            "hyperparameters": ctx.job.hyperparameters,
+            **_api_settings(ctx.job.spec),
         },
         job_id=ctx.job.id,
         parameters=parameters,
@@ -467,6 +504,18 @@ def run_evaluate(ctx: StageContext) -> Outcome:
         "succeeded",
         message=f"succeeded: model at {result['model']}" + (f"; held-out {summary}" if summary else ""),
         result=result,
+    )
+
+
+def _api_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """The stored settings as the API shows them: alpha and beta, then the flat rest."""
+    flat = flat_settings(spec)
+    return {"alpha": flat.pop("alpha"), "beta": flat.pop("beta"), "hyperparameters": flat}
+
+
+def with_batch(spec: JobSpec, batch_size: int, grad_accum: int) -> JobSpec:
+    return dataclasses.replace(
+        spec, train=dataclasses.replace(spec.train, batch_size=batch_size, grad_accum=grad_accum)
     )
 
 

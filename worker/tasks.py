@@ -37,11 +37,11 @@ from service.settings import Settings
 from tvkd.config import ConfigError
 from tvkd.data import DataError
 from tvkd.models import ModelError
+from tvkd.pipeline import DatasetChanged
 from worker.celery_app import TASK_STAGES
 from worker.dispatch import PUBLISH_ERRORS, send_stage, sessions
-from worker.jobspec import DatasetNotFound, job_output_rel
 from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
-from worker.stages import RUNNERS, DatasetChanged, Outcome, StageContext, is_out_of_memory
+from worker.stages import RUNNERS, DatasetNotFound, Outcome, StageContext, is_out_of_memory, job_output_rel
 
 log = logging.getLogger("tvkd.worker")
 TRACEBACK_LINES = 25

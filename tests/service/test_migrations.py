@@ -4,8 +4,11 @@ migrations and the SQLAlchemy models (a model change without its migration fails
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -93,3 +96,72 @@ def test_models_and_migrations_agree(empty_url: str) -> None:
         engine.dispose()
     assert diff == [], f"the models differ from the migrations (add a migration): {diff}"
     assert [d[0] for d in control] == ["add_column"], control
+
+
+def _insert_job_0001(url: str, hyperparameters: dict[str, Any]) -> None:
+    """A job row as revision 0001 stored it (alpha, beta and hyperparameters columns)."""
+    engine = make_engine(url)
+    now = sa.func.now()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO api_keys (id, name, key_hash, prefix, created_at) "
+                    "VALUES ('key_1', 'k', 'h', 'p', :now)"
+                ),
+                {"now": "2026-11-30 12:00:00"},
+            )
+            jobs = sa.table(
+                "jobs",
+                *(sa.column(c) for c in ("id", "owner_id", "status", "stage", "teacher", "student")),
+                *(sa.column(c) for c in ("dataset", "spec_hash", "progress_done", "progress_total")),
+                *(sa.column(c) for c in ("cancel_requested", "attempts", "created_at", "updated_at")),
+                sa.column("alpha", sa.Float),
+                sa.column("beta", sa.Float),
+                sa.column("hyperparameters", sa.JSON),
+                sa.column("result", sa.JSON),
+                sa.column("metadata", sa.JSON),
+            )
+            conn.execute(
+                jobs.insert().values(
+                    id="job_1", owner_id="key_1", status="queued", stage="train", teacher="t", student="s",
+                    dataset="d", spec_hash="x", progress_done=0, progress_total=0, cancel_requested=False,
+                    attempts=0, created_at=now, updated_at=now, alpha=0.5, beta=0.2,
+                    hyperparameters=hyperparameters, result={}, metadata={},
+                )
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def test_0003_moves_the_settings_into_one_spec_and_back(empty_url: str) -> None:
+    from service.hyperparams import Hyperparameters
+    from tvkd.config import JobSpec, split_settings
+
+    hp = Hyperparameters(gamma=0.9, batch_size=3, limit=7).model_dump()  # what 0002's API stored
+    upgrade(empty_url, "0001")
+    _insert_job_0001(empty_url, hp)
+    upgrade(empty_url, "0003")
+    engine = make_engine(empty_url)
+    try:
+        with engine.connect() as conn:
+            (spec,) = conn.execute(sa.text("SELECT spec FROM jobs WHERE id = 'job_1'")).one()
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    finally:
+        engine.dispose()
+    spec = spec if isinstance(spec, dict) else json.loads(spec)
+    train, options = split_settings({**hp, "alpha": 0.5, "beta": 0.2})
+    assert spec == {"train": train.to_dict(), "options": dataclasses.asdict(options)}
+    loaded = JobSpec.from_dict({**spec, "teacher": "t", "student": "s", "dataset": "d", "output_dir": "o",
+                                "store_root": "r"})  # fmt: skip
+    assert (loaded.train.method.alpha, loaded.train.method.gamma, loaded.options.limit) == (0.5, 0.9, 7)
+    assert not {"alpha", "beta", "hyperparameters"} & columns
+    downgrade(empty_url, "0002")
+    engine = make_engine(empty_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT alpha, beta, hyperparameters FROM jobs")).one()
+    finally:
+        engine.dispose()
+    back = row.hyperparameters if isinstance(row.hyperparameters, dict) else json.loads(row.hyperparameters)
+    assert (row.alpha, row.beta, back) == (0.5, 0.2, hp)

@@ -9,6 +9,7 @@ of its own picks a distinct `value_beta` (part of the content key).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -294,6 +295,52 @@ def test_cancel_while_training_keeps_a_usable_checkpoint(
     last = service_home / "artifacts" / ckpts[-1].path
     assert_loadable_checkpoint(last, service_home / "models" / tiny_assets["student"])
     assert any(e.message.startswith("cancelled") and "kept" in e.message for e in events(db, job_id))
+
+
+def test_stages_carry_the_stored_spec_and_what_validate_prepared(
+    api: str, workers: WorkerPool, tiny_assets: dict[str, str], db, service_home: Path
+) -> None:
+    """The spec is validated and stored at submit; validate writes prepared.json; the next stages
+    load both instead of checking again (an edited split is used as written), and a dataset
+    changed since validate fails the job."""
+    from tvkd.config import split_settings
+
+    no_workers(workers)
+    data = service_home / "data"
+    for name in ("kept.jsonl", "changed.jsonl"):
+        (data / name).write_text((data / tiny_assets["dataset"]).read_text())
+    hp = {"max_steps": 2, "batch_size": 4, "limit": 40, "eval_fraction": 0.25}
+    kept = submit(api, {**tiny_assets, "dataset": "kept.jsonl"}, **hp)
+    changed = submit(api, {**tiny_assets, "dataset": "changed.jsonl"}, **hp)
+    with db() as s:
+        row = s.get(Job, kept)
+        assert row is not None
+        train, options = split_settings({**job_body(tiny_assets, **hp)["hyperparameters"], "alpha": 0.7})
+        assert row.spec == {"train": train.to_dict(), "options": dataclasses.asdict(options)}
+        assert row.spec["options"]["limit"] == 40
+
+    validator = workers.start("validator", queues="default")  # validate only
+    for job_id in (kept, changed):
+        wait_status(api, job_id, {"queued"}, timeout=60, pool=workers)
+    validator.stop()
+    prepared_path = service_home / "artifacts" / "jobs" / kept / "prepared.json"
+    prepared = json.loads(prepared_path.read_text())
+    assert len(prepared["train_idx"]) == 30 and len(prepared["eval_idx"]) == 10
+    # Move two held-out pairs into training: a later stage uses the split as validate wrote it.
+    prepared["train_idx"] += prepared["eval_idx"][:2]
+    prepared["eval_idx"] = prepared["eval_idx"][2:]
+    prepared_path.write_text(json.dumps(prepared))
+    rows = [json.loads(line) for line in (data / "changed.jsonl").read_text().splitlines()]
+    rows[0]["chosen"][-1]["content"] += " (edited)"
+    (data / "changed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    workers.start()
+    job = wait_status(api, kept, {"succeeded"}, timeout=90, pool=workers)
+    assert (job["result"]["train"]["train_pairs"], job["result"]["train"]["eval_pairs"]) == (32, 8)
+    job = wait_status(api, changed, {"failed"}, timeout=60, pool=workers)
+    assert (
+        job["error"]["code"] == "data_error" and "changed since the validate stage" in job["error"]["message"]
+    )
 
 
 def test_bad_rows_fail_validation_naming_the_rows(

@@ -1,8 +1,9 @@
 """`tvkd train`: one TVKD job on this machine (no server): validate → precompute → train.
 
-Every TrainConfig and MethodConfig field is a flag generated from the dataclasses, with their
-help strings (`--alpha 0.7 --value-beta 2 --batch-size 16 --lora ...`). Settings are layered:
-dataclass defaults < `--config cfg.json` (flat or {"method": {...}}) < flags.
+Every TrainConfig, MethodConfig and JobOptions field is a flag generated from the dataclasses,
+with their help strings and ranges (`--alpha 0.7 --value-beta 2 --batch-size 16 --lora --limit
+100 ...`). Settings are layered: dataclass defaults < `--config cfg.json` (flat or
+{"method": {...}}) < flags.
 
 The first Ctrl-C asks the job to stop after the current step (a checkpoint is written, and
 `--resume`, the default, continues from it next time); a second one aborts at once.
@@ -12,24 +13,29 @@ Exit codes: 0 completed, 1 bad data/model/settings, 2 usage, 130 stopped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from tvkd.config import ConfigError, MethodConfig, TrainConfig, config_fields
+from tvkd.config import ConfigError, JobOptions, MethodConfig, TrainConfig, config_fields
 
 
-def add_config_flags(parser: argparse._ActionsContainer, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse._ActionsContainer,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    aliases: dict[str, str] | None = None,
+) -> None:
     """One `--flag` per dataclass field, typed, with choices, range and help from its declaration
     (`config_fields`); absent flags leave the namespace untouched (argparse.SUPPRESS), so only
     what the user typed overrides the config file. Values are checked by the dataclass itself."""
     for f in config_fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + [a for a in [(aliases or {}).get(f.name)] if a]
         allowed = f"{f.range_text()}; " if f.bounds else ""
         text = f"{f.help} ({allowed}default: {f.default})".replace("%", "%%")
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
@@ -41,7 +47,7 @@ def add_config_flags(parser: argparse._ActionsContainer, cls: type, *, skip: tup
             kw.update(type=str, choices=f.choices)
         else:
             kw.update(type=f.type, metavar=f.name.upper())
-        parser.add_argument(flag, **kw)
+        parser.add_argument(*flags, **kw)
 
 
 def register(subparsers: Any) -> None:
@@ -58,7 +64,6 @@ def register(subparsers: Any) -> None:
         "--data", required=True, help="preference data: JSONL(.gz)/JSON/Parquet or datasets folder"
     )
     job.add_argument("--output", required=True, help="output folder of the job")
-    job.add_argument("--eval-data", help="held-out pairs (default: eval_fraction of --data)")
     job.add_argument("--config", help="JSON file of TrainConfig settings (flat, or with a 'method' object)")
     job.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     job.add_argument(
@@ -67,35 +72,28 @@ def register(subparsers: Any) -> None:
         default=True,
         help="continue from the newest checkpoint in --output (default: yes)",
     )
-    job.add_argument("--limit", type=int, help="use only the first N rows of each dataset")
     job.add_argument(
         "--store-root", help="value store root (default: $TVKD_ARTIFACT_ROOT/values, else ./.tvkd/values)"
     )
-    job.add_argument(
-        "--on-error",
-        choices=("drop", "raise"),
-        default="drop",
-        help="bad rows: drop them (reported) or fail (default: drop)",
+    add_config_flags(
+        p.add_argument_group("job options (JobOptions)"), JobOptions, aliases={"eval_dataset": "--eval-data"}
     )
-    job.add_argument("--precompute-bf16", action="store_true", help="run the teacher under bf16 autocast")
     add_config_flags(p.add_argument_group("TVKD method (MethodConfig)"), MethodConfig)
     add_config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, skip=("method",))
     p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config file < flags."""
-    method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method"}
+    """Defaults < --config file < flags (flags are flat; `TrainConfig.from_dict` merges them)."""
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    method = dict(data.pop("method", None) or {})
-    method.update({k: data.pop(k) for k in list(data) if k in method_fields})  # flat file entries
-    for name, value in vars(args).items():  # only flags the user typed are in the namespace
-        if name in method_fields:
-            method[name] = value
-        elif name in train_fields:
-            data[name] = value
-    return TrainConfig.from_dict({**data, "method": method})
+    names = {f.name for cls in (MethodConfig, TrainConfig) for f in config_fields(cls)} - {"method"}
+    # Only flags the user typed are in the namespace.
+    return TrainConfig.from_dict({**data, **{k: v for k, v in vars(args).items() if k in names}})
+
+
+def build_options(args: argparse.Namespace) -> JobOptions:
+    names = {f.name for f in config_fields(JobOptions)}
+    return JobOptions.from_dict({k: v for k, v in vars(args).items() if k in names})
 
 
 def _device(name: str | None) -> str:
@@ -124,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from tvkd.pipeline import JobSpec, run_job
 
     try:
-        config = build_config(args)
+        config, options = build_config(args), build_options(args)
     except (ConfigError, OSError, json.JSONDecodeError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -136,10 +134,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output,
         store_root=str(args.store_root or default_store_root()),
         device=_device(args.device),
-        eval_dataset=args.eval_data,
-        on_error=args.on_error,
-        limit=args.limit,
-        precompute_bf16=args.precompute_bf16,
+        options=options,
     )
     callbacks = PrintCallbacks()
 
