@@ -174,7 +174,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _warm_broker(settings: Settings) -> None:
     try:
-        from worker.dispatch import warm_up
+        from service.queue import warm_up  # Celery and kombu: off the start-up path
 
         warm_up(settings)
     except Exception as exc:  # best effort: enqueue connects (or reports) on its own

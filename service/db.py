@@ -13,6 +13,7 @@ that will not (a constraint, a bad query): the API answers the first with 503 an
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,3 +95,17 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+_factories: dict[str, sessionmaker[Session]] = {}
+_factories_lock = threading.Lock()
+
+
+def cached_sessions(url: str) -> sessionmaker[Session]:
+    """One engine (connection pool) per database URL per process, for code that has no app state
+    to keep one in (the workers, the reconciler, a publish that reports a broker outage)."""
+    with _factories_lock:
+        factory = _factories.get(url)
+        if factory is None:
+            factory = _factories[url] = session_factory(make_engine(url))
+        return factory

@@ -1,39 +1,41 @@
-"""Job state changes shared by the API and the workers. Every change of a job's status goes
-through here, so that the rules of DESIGN.md hold in one place:
+"""Every write of a job's status, stage, lease, progress or send time goes through here (the API,
+the workers and the reconciler alike), checked against the state machine that
+service/statemachine.py declares:
 
-- statuses: validating → queued → precomputing → training → evaluating → succeeded, with
-  failed / cancelling / cancelled; terminal states (succeeded, failed, cancelled) are final;
+- a status moves only along `TRANSITIONS`, a stage only to one of its `next` stages; terminal
+  states (succeeded, failed, cancelled) are final: `JobStateError` otherwise;
 - a job is run by at most one worker at a time: a worker takes a *lease* (a random token written
   with a conditional UPDATE) and keeps it alive with heartbeats; a lease whose heartbeat is older
-  than the timeout may be taken over (the reconciler re-enqueues such jobs);
-- every change is recorded as an event.
+  than the timeout may be taken over (the reconciler re-sends such jobs). Writes by a worker are
+  conditional on its token, so one that lost its lease cannot overwrite the new holder's state;
+- every change a user should see is recorded as an event.
+
+The functions take an open session and leave the commit to the caller's transaction.
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
 
-from service.models import TERMINAL, Job, JobEvent, utcnow
+from service.models import Job, JobEvent, utcnow
+from service.statemachine import FIRST_STAGE, NOT_STARTED, STAGES, TERMINAL, Status, can_move
 
-# Status a job shows while each stage runs.
-STAGE_STATUS = {
-    "validate": "validating",
-    "precompute": "precomputing",
-    "reference": "training",
-    "train": "training",
-    "evaluate": "evaluating",
-}
-# A job in one of these has not started any work yet: cancel ends it at once.
-NOT_STARTED = frozenset({"validating", "queued"})
+# Job columns a worker may set besides the state (through `record`).
+DATA_COLUMNS = frozenset({"precompute_key", "spec", "result"})
 
 
 class JobStateError(Exception):
     """A transition the rules do not allow (the API answers 409)."""
+
+
+class StaleMessage(Exception):
+    """A message for another stage than the job's (a duplicate or an old one): nothing must run."""
 
 
 def add_event(
@@ -50,29 +52,19 @@ def add_event(
     return event
 
 
-def finish(
-    session: Session,
-    job: Job,
-    status: str,
-    *,
-    message: str,
-    error: tuple[str, str] | None = None,
-    data: dict[str, Any] | None = None,
-) -> None:
-    """Move a job to a terminal status (no-op if it already is in one)."""
-    if job.status in TERMINAL:
-        return
-    if status not in TERMINAL:
-        raise JobStateError(f"{status} is not a terminal status")
+def _move(job: Job, status: str) -> None:
+    if not can_move(job.status, status):
+        raise JobStateError(f"job {job.id} cannot go from {job.status} to {status}")
     job.status = status
-    job.finished_at = utcnow()
-    job.lease_token = None
-    job.eta_seconds = None
-    if error:
-        job.error_code, job.error_message = error
-    add_event(
-        session, job.id, message, level="error" if status == "failed" else "info", stage=job.stage, data=data
-    )
+
+
+# -------------------------------------------------------------------------------------------- API
+
+
+def new_job(**columns: Any) -> Job:
+    """A submitted job: waiting for its first stage, with its send time set (committed with the
+    row, so a message lost before it is sent is re-sent by the reconciler)."""
+    return Job(status=STAGES[FIRST_STAGE].status, stage=FIRST_STAGE, enqueued_at=utcnow(), **columns)
 
 
 def request_cancel(session: Session, job: Job) -> Job:
@@ -82,11 +74,171 @@ def request_cancel(session: Session, job: Job) -> Job:
         raise JobStateError(f"job {job.id} is already {job.status}")
     job.cancel_requested = True
     if job.status in NOT_STARTED and job.lease_token is None:
-        finish(session, job, "cancelled", message="cancelled before it started")
-    elif job.status != "cancelling":
-        job.status = "cancelling"
+        finish(session, job, Status.CANCELLED, message="cancelled before it started")
+    elif job.status != Status.CANCELLING:
+        _move(job, Status.CANCELLING)
         add_event(session, job.id, "cancel requested; the worker stops at its next step", stage=job.stage)
     return job
+
+
+def mark_sent(session: Session, job_id: str, *, only_if_unsent: bool = False) -> str | None:
+    """Record that the job's current stage is (about to be) sent; returns that stage, or None for a
+    terminal or unknown job (nothing to send). `only_if_unsent` keeps an earlier send time."""
+    query = update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL))
+    if only_if_unsent:
+        query = query.where(Job.enqueued_at.is_(None))
+    return session.execute(
+        query.values(enqueued_at=utcnow()).returning(Job.stage).execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+
+
+# -------------------------------------------------------------------------------------------- workers
+
+
+@dataclass
+class Claim:
+    """What `start_stage` found: the job and the lease token when the stage may run, else why not."""
+
+    job: Job | None
+    token: str | None
+    reason: str = ""
+
+
+def start_stage(
+    session: Session, job_id: str, stage: str, worker: str, *, timeout: float, output_dir: str
+) -> Claim:
+    """Take the job's lease to run `stage` and show the stage's status. Nothing runs (and nothing
+    but a cancel is written) when the job is unknown, terminal, held by a live worker, or cancelled
+    while it waited; a job at another stage (a stale or duplicate message) raises StaleMessage,
+    so that the caller's transaction rolls back the lease this took."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return Claim(None, None, "no such job")
+    holder = job.worker if job.lease_token else None
+    token = acquire_lease(session, job_id, worker, timeout=timeout)
+    session.refresh(job)
+    if token is None:
+        return Claim(
+            None, None, f"it is {job.status}" if job.lease_token is None else f"{job.worker} holds it"
+        )
+    if job.stage != stage:
+        raise StaleMessage(f"the job is at {job.stage}")  # the caller rolls back the lease just taken
+    if job.cancel_requested:
+        finish(session, job, Status.CANCELLED, message=f"cancelled before the {job.stage} stage started")
+        return Claim(None, None, "cancelled")
+    if holder:
+        add_event(
+            session,
+            job.id,
+            f"{worker} takes the job over from {holder}, whose heartbeat stopped",
+            level="warning",
+            stage=job.stage,
+            data={"previous_worker": holder},
+        )
+    if job.status != Status.CANCELLING:
+        _move(job, STAGES[job.stage].status)
+    job.started_at = job.started_at or utcnow()
+    job.output_dir = job.output_dir or output_dir
+    job.progress_done, job.progress_total, job.eta_seconds = 0, 0, None
+    add_event(
+        session,
+        job.id,
+        f"{job.stage} running on {worker}",
+        stage=job.stage,
+        data={"worker": worker, "attempt": job.attempts},
+    )
+    return Claim(job, token)
+
+
+def held(session: Session, job_id: str, token: str) -> Job | None:
+    """The job, locked, while `token` still holds its lease; None when the lease was lost."""
+    job = session.get(Job, job_id, populate_existing=True, with_for_update=True)
+    return job if job is not None and job.lease_token == token else None
+
+
+def record(session: Session, job_id: str, token: str, **values: Any) -> bool:
+    """Set data columns (precompute_key, spec, result) while `token` holds the lease."""
+    if not set(values) <= DATA_COLUMNS:
+        raise JobStateError(f"not data columns: {sorted(set(values) - DATA_COLUMNS)}")
+    return _update_held(session, job_id, token, **values)
+
+
+def set_progress(session: Session, job_id: str, token: str, done: int, total: int, eta: float | None) -> bool:
+    """The running stage's progress (units done of total, seconds left)."""
+    return _update_held(session, job_id, token, progress_done=done, progress_total=total, eta_seconds=eta)
+
+
+def _update_held(session: Session, job_id: str, token: str, **values: Any) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token == token)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def advance(session: Session, job: Job, to: str, *, message: str, data: dict[str, Any] | None = None) -> None:
+    """The job's stage is done: move it to stage `to` (one of the stage's `next`), show `queued`,
+    release the lease and record the send time; the caller sends the message after the commit."""
+    if to not in STAGES[job.stage].next:
+        raise JobStateError(f"stage {job.stage} cannot be followed by {to!r} (only {STAGES[job.stage].next})")
+    add_event(session, job.id, message, stage=job.stage, data=data)
+    job.stage = to
+    _wait(job)
+
+
+def hand_back(session: Session, job: Job, *, message: str, data: dict[str, Any] | None = None) -> None:
+    """The worker stops (it is shutting down): the job waits for its stage again, to resume."""
+    add_event(session, job.id, message, level="warning", stage=job.stage, data=data)
+    _wait(job)
+
+
+def _wait(job: Job) -> None:
+    _move(job, Status.QUEUED)
+    job.lease_token = None
+    job.enqueued_at = utcnow()
+    job.progress_done, job.progress_total, job.eta_seconds = 0, 0, None
+
+
+def finish(
+    session: Session,
+    job: Job,
+    status: str,
+    *,
+    message: str,
+    error: tuple[str, str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Move a job to a terminal status (no-op if it already is in one). `succeeded` only from its
+    last stage."""
+    if job.status in TERMINAL:
+        return
+    if status not in TERMINAL:
+        raise JobStateError(f"{status} is not a terminal status")
+    if status == Status.SUCCEEDED:
+        if not STAGES[job.stage].last:
+            raise JobStateError(
+                f"job {job.id} cannot succeed at stage {job.stage}: {STAGES[job.stage].next} follow"
+            )
+        job.progress_done = job.progress_total
+    _move(job, status)
+    job.finished_at = utcnow()
+    job.lease_token = None
+    job.eta_seconds = None
+    if error:
+        job.error_code, job.error_message = error
+    add_event(
+        session,
+        job.id,
+        message,
+        level="error" if status == Status.FAILED else "info",
+        stage=job.stage,
+        data=data,
+    )
+
+
+# -------------------------------------------------------------------------------------------- leases
 
 
 def acquire_lease(session: Session, job_id: str, worker: str, *, timeout: float) -> str | None:
@@ -111,37 +263,56 @@ def acquire_lease(session: Session, job_id: str, worker: str, *, timeout: float)
 
 def heartbeat(session: Session, job_id: str, token: str) -> bool:
     """Refresh the lease; False when it was lost (taken over after a timeout, or job finished)."""
-    result = session.execute(
+    return _update_held(session, job_id, token, heartbeat_at=utcnow())
+
+
+# -------------------------------------------------------------------------------------------- reconciler
+
+
+def reclaim_dead(
+    session: Session, job_id: str, token: str, beat: datetime | None, worker: str | None
+) -> bool:
+    """Clear the lease of a worker whose heartbeat stopped (compare-and-set on the token and beat
+    it saw, so of several reconcilers only one wins) and record the re-send."""
+    done = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_token == token)
-        .values(heartbeat_at=utcnow())
+        .where(Job.id == job_id, Job.lease_token == token, Job.heartbeat_at == beat)
+        .values(lease_token=None, enqueued_at=utcnow())
         .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
-
-
-def release_lease(session: Session, job_id: str, token: str) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == token)
-        .values(lease_token=None)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def stale_jobs(session: Session, *, heartbeat_timeout: float, requeue_after: float) -> list[Job]:
-    """Jobs the reconciler must re-enqueue: running with a dead heartbeat, or waiting in a queue
-    (not started) for longer than `requeue_after` since they were last sent (lost broker message)."""
-    now = utcnow()
-    dead: datetime = now - timedelta(seconds=heartbeat_timeout)
-    lost: datetime = now - timedelta(seconds=requeue_after)
-    rows = session.scalars(
-        select(Job).where(
-            Job.status.not_in(TERMINAL),
-            or_(
-                (Job.lease_token.is_not(None)) & (Job.heartbeat_at < dead),
-                (Job.lease_token.is_(None)) & (Job.enqueued_at.is_not(None)) & (Job.enqueued_at < lost),
-            ),
+    ).rowcount
+    if done:
+        add_event(
+            session,
+            job_id,
+            f"worker {worker} stopped beating (last heartbeat {beat:%H:%M:%S} UTC): job re-enqueued; "
+            "it resumes from its last checkpoint",
+            level="warning",
+            data={"previous_worker": worker, "last_heartbeat": beat.isoformat() if beat else None},
         )
-    )
-    return list(rows)
+    return bool(done)
+
+
+def resend(session: Session, job_id: str, sent: datetime | None) -> bool:
+    """Record the re-send of a job nobody picked up since `sent` (compare-and-set on it)."""
+    cond = Job.enqueued_at.is_(None) if sent is None else Job.enqueued_at == sent
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token.is_(None), cond, Job.status.not_in(TERMINAL))
+        .values(enqueued_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if done:
+        what = "was never sent" if sent is None else f"has not been picked up since {sent:%H:%M:%S} UTC"
+        add_event(
+            session, job_id, f"the job {what} and no message for it is in the queue: re-sent", level="warning"
+        )
+    return bool(done)
+
+
+def cancel_unattended(session: Session, job_id: str, token: str | None, beat: datetime | None) -> bool:
+    """End a job whose cancel was requested while no worker runs it (compare-and-set)."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.status in TERMINAL or job.lease_token != token or job.heartbeat_at != beat:
+        return False  # somebody else moved it meanwhile
+    finish(session, job, Status.CANCELLED, message="cancelled (no worker was running it)")
+    return True

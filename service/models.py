@@ -28,15 +28,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-# Job statuses (DESIGN.md). Terminal states are final.
-STATUSES = (
-    "validating", "queued", "precomputing", "training", "evaluating",
-    "succeeded", "failed", "cancelling", "cancelled",
-)  # fmt: skip
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-# Stages in order; a job's `stage` says which one runs (or runs next).
-STAGES = ("validate", "precompute", "reference", "train", "evaluate")
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -103,8 +94,9 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
-    status: Mapped[str] = mapped_column(String(20), default="validating")
-    stage: Mapped[str] = mapped_column(String(20), default="validate")
+    # The job's state (service/statemachine.py), written only through service/jobstate.py.
+    status: Mapped[str] = mapped_column(String(20))
+    stage: Mapped[str] = mapped_column(String(20))  # the stage that runs, or runs next
     teacher: Mapped[str] = mapped_column(Text)
     student: Mapped[str] = mapped_column(Text)
     dataset: Mapped[str] = mapped_column(Text)

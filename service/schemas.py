@@ -9,13 +9,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.hyperparams import Hyperparameters, top_level_field
-from service.models import STATUSES
+from service.statemachine import STAGES, Status
 
-JobStatus = Literal[
-    "validating", "queued", "precomputing", "training", "evaluating",
-    "succeeded", "failed", "cancelling", "cancelled",
-]  # fmt: skip
-assert set(JobStatus.__args__) == set(STATUSES)  # type: ignore[attr-defined]
+# The job statuses of the state machine, as an inline enum of strings in the OpenAPI document.
+JobStatus = Literal[tuple(s.value for s in Status)]  # type: ignore[valid-type]
 
 # Names and free text that reach the file system or the database: no NUL (PostgreSQL text cannot
 # hold it, paths cannot contain it); lone surrogates are refused by pydantic's str itself.
@@ -108,9 +105,7 @@ class Job(BaseModel):
     id: str
     object: Literal["job"] = "job"
     status: JobStatus
-    stage: str = Field(
-        description="The stage that runs, or runs next: validate, precompute, reference, train, evaluate."
-    )
+    stage: str = Field(description="The stage that runs, or runs next: " + ", ".join(STAGES) + ".")
     progress: Progress
     teacher: str
     student: str

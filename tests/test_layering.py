@@ -101,3 +101,91 @@ def test_the_graph_sees_imports_inside_functions() -> None:
 def test_no_import_cycle_inside_tvkd() -> None:
     found = cycles(import_graph("tvkd"))
     assert found == [], f"import cycles inside tvkd/: {found}"
+
+
+# -------------------------------------------------------------------------------------------------
+# The layers of the whole project: worker → service → tvkd; the dashboard talks HTTP only; the CLI
+# (tvkd/cli) is the one composition root that may reach the service and the workers.
+
+PACKAGES = ("tvkd", "service", "worker", "dashboard")
+COMPOSITION_ROOT = "tvkd.cli"
+# Layer → the layers it may import.
+MAY_IMPORT = {
+    "tvkd": {"tvkd"},
+    "service": {"service", "tvkd"},
+    "worker": {"worker", "service", "tvkd"},
+    "dashboard": {"dashboard"},
+    "cli": {"cli", "tvkd", "service", "worker"},
+}
+# Web, queue and database libraries the library proper (tvkd/ outside the CLI) must not import.
+NOT_IN_LIBRARY = frozenset(
+    {"fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "celery", "kombu", "redis", "psycopg",
+     "streamlit", "httpx", "pydantic_settings"}
+)  # fmt: skip
+
+
+def layer(module: str) -> str:
+    if module == COMPOSITION_ROOT or module.startswith(COMPOSITION_ROOT + "."):
+        return "cli"
+    return module.split(".")[0]
+
+
+def project_graph() -> dict[str, set[str]]:
+    modules: dict[str, Path] = {}
+    for package in PACKAGES:
+        modules.update(module_names(package))
+    return {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
+
+
+def external_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports of a file, anywhere in its body."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def forbidden_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted(
+        (src, dst)
+        for src, targets in graph.items()
+        for dst in targets
+        if layer(dst) not in MAY_IMPORT[layer(src)]
+    )
+
+
+def test_the_layer_rule_catches_a_wrong_edge() -> None:
+    graph = {"service.x": {"worker.y"}, "worker.y": {"service.x"}, "tvkd.cli.z": {"worker.y"}}
+    assert forbidden_edges(graph) == [("service.x", "worker.y")]
+    assert cycles(graph) == [["service.x", "worker.y"]]
+
+
+def test_the_project_graph_sees_every_package_and_lazy_imports() -> None:
+    graph = project_graph()
+    assert {layer(m) for m in graph} == set(MAY_IMPORT)
+    assert "worker.tasks" in graph["worker.celery_app"]  # imported inside the task body only
+    assert "service.queue" in graph["service.routers.jobs"]  # imported on the first publish
+
+
+def test_imports_follow_the_layers() -> None:
+    """worker → service → tvkd; the dashboard imports no project package; only the CLI (the
+    composition root) reaches the service and the workers."""
+    bad = forbidden_edges(project_graph())
+    assert bad == [], f"imports against the layering (worker → service → tvkd, dashboard HTTP only): {bad}"
+
+
+def test_no_import_cycle_in_the_project() -> None:
+    found = cycles(project_graph())
+    assert found == [], f"import cycles: {found}"
+
+
+def test_the_library_imports_no_web_queue_or_database_code() -> None:
+    offenders = {
+        name: sorted(external_imports(path) & NOT_IN_LIBRARY)
+        for name, path in module_names("tvkd").items()
+        if layer(name) == "tvkd" and external_imports(path) & NOT_IN_LIBRARY
+    }
+    assert offenders == {}, offenders

@@ -1,4 +1,4 @@
-"""The README's configuration reference is generated from the config dataclasses; it must not rot."""
+"""The README's configuration reference and job states are generated from the code; they must not rot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_config_reference_is_current():
     result = subprocess.run(
         [sys.executable, "scripts/config_reference.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_job_states_are_current():
+    """The README's stage table and state diagram are the state machine's (service/statemachine.py)."""
+    result = subprocess.run(
+        [sys.executable, "scripts/job_states.py", "--check"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

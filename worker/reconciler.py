@@ -34,15 +34,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.db import transaction
-from service.jobstate import add_event, finish
-from service.models import TERMINAL, Job, utcnow
+from service import jobstate
+from service.db import cached_sessions, transaction
+from service.models import Job, utcnow
+from service.queue import PUBLISH_ERRORS, embedded_folders, is_embedded, send_stage
 from service.settings import Settings
-from worker.celery_app import embedded_folders, is_embedded
-from worker.dispatch import PUBLISH_ERRORS, queued_job_ids, send_stage, sessions
+from service.statemachine import TERMINAL
+from worker.dispatch import queued_job_ids
 
 log = logging.getLogger("tvkd.worker.reconciler")
 PROCESSED_KEEP_SECONDS = 24 * 3600
@@ -56,7 +57,7 @@ class Reconciler(threading.Thread):
     def __init__(self, app: Celery, settings: Settings, *, interval: float | None = None) -> None:
         super().__init__(name="tvkd-reconciler", daemon=True)
         self.app, self.settings = app, settings
-        self.factory = sessions(settings)
+        self.factory = cached_sessions(settings.resolved_database_url)
         self.interval = interval if interval is not None else default_interval(settings)
         self._stop_event = threading.Event()
         self._last_prune = 0.0
@@ -127,51 +128,15 @@ class Reconciler(threading.Thread):
 
     def _finish_cancelled(self, job_id: str, token: str | None, beat: datetime | None) -> bool:
         with transaction(self.factory) as session:
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.status in TERMINAL or job.lease_token != token or job.heartbeat_at != beat:
-                return False  # somebody else moved it meanwhile
-            finish(session, job, "cancelled", message="cancelled (no worker was running it)")
-            return True
+            return jobstate.cancel_unattended(session, job_id, token, beat)
 
     def _claim_dead(self, job_id: str, token: str, beat: datetime | None, worker: str | None) -> bool:
         with transaction(self.factory) as session:
-            done = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_token == token, Job.heartbeat_at == beat)
-                .values(lease_token=None, enqueued_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if done:
-                add_event(
-                    session,
-                    job_id,
-                    f"worker {worker} stopped beating (last heartbeat {beat:%H:%M:%S} UTC): job re-enqueued; "
-                    "it resumes from its last checkpoint",
-                    level="warning",
-                    data={"previous_worker": worker, "last_heartbeat": beat.isoformat() if beat else None},
-                )
-            return bool(done)
+            return jobstate.reclaim_dead(session, job_id, token, beat, worker)
 
     def _claim_lost(self, job_id: str, sent: datetime | None) -> bool:
-        cond = Job.enqueued_at.is_(None) if sent is None else Job.enqueued_at == sent
         with transaction(self.factory) as session:
-            done = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_token.is_(None), cond, Job.status.not_in(TERMINAL))
-                .values(enqueued_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if done:
-                what = (
-                    "was never sent" if sent is None else f"has not been picked up since {sent:%H:%M:%S} UTC"
-                )
-                add_event(
-                    session,
-                    job_id,
-                    f"the job {what} and no message for it is in the queue: re-sent",
-                    level="warning",
-                )
-            return bool(done)
+            return jobstate.resend(session, job_id, sent)
 
     def _send(self, job_id: str, stage: str) -> None:
         try:

@@ -5,8 +5,14 @@ The training loop calls the callbacks from its own thread, many times a second o
 so progress and metric points are buffered and written at most every `flush_seconds` (and
 always before an event, a checkpoint, a stage change and at the end). Metric points and
 checkpoint rows are upserts on their unique keys: a resumed run that re-logs a step overwrites
-it. Job-row changes are conditional on the lease token, so a worker that lost its lease (taken
-over after its heartbeat went silent) cannot overwrite the new holder's state.
+it. Job-row changes (progress, the lease's heartbeat) go through service.jobstate and are
+conditional on the lease token, so a worker that lost its lease (taken over after its heartbeat
+went silent) cannot overwrite the new holder's state.
+
+The job's status and stage are not the reporter's business: the stage task shows its stage's
+status when it starts and the next one's when it ends (service.jobstate). The library's own
+steps inside a stage (`on_stage`: e.g. "reference" and "train" inside the train stage) are
+events, with the step in their data.
 
 `should_stop()` is True when the user cancelled (read by the heartbeat thread) or the worker is
 shutting down; when the lease was lost it raises `LeaseLost` instead, which aborts the stage at
@@ -22,13 +28,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import transaction
-from service.jobstate import add_event, heartbeat
+from service.jobstate import add_event, heartbeat, set_progress
 from service.models import Checkpoint, Job, MetricPoint, utcnow
 from tvkd.callbacks import Callbacks
 
@@ -158,11 +164,9 @@ class JobReporter(Callbacks):
         self.flush_seconds = flush_seconds
         self.checkpoint_every = checkpoint_every
         self.quiet = quiet  # drop events and progress (a stage re-running an earlier one's checks)
-        self.total_steps: int | None = None
         self._progress: tuple[int, int, float | None] | None = None
         self._metrics: dict[tuple[str, int, str], float] = {}
         self._last_flush = 0.0
-        self._last_done: tuple[str, int, int] | None = None
 
     def silent(self) -> JobReporter:
         """A reporter for this job that records nothing (but still stops when asked)."""
@@ -171,31 +175,6 @@ class JobReporter(Callbacks):
             artifact_root=self.artifact_root, quiet=True,
         )  # fmt: skip
         return twin
-
-    # ---------------------------------------------------------------- job-row helpers
-
-    def _job_update(self, session: Session, **values: Any) -> bool:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == self.job_id, Job.lease_token == self.token)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1
-
-    def set_status(self, status: str, *, stage: str | None = None) -> None:
-        """Show `status` (and move job.stage) unless the job is being cancelled."""
-        if self.quiet or self.flags.lease_lost:
-            return
-        with transaction(self.factory) as session:
-            if stage is not None:
-                self._job_update(session, stage=stage)
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.lease_token == self.token, Job.status != "cancelling")
-                .values(status=status)
-                .execution_options(synchronize_session=False)
-            )
 
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
         if self.quiet or self.flags.lease_lost:
@@ -216,7 +195,7 @@ class JobReporter(Callbacks):
         with transaction(self.factory) as session:
             if progress is not None:
                 done, total, eta = progress
-                self._job_update(session, progress_done=done, progress_total=total, eta_seconds=eta)
+                set_progress(session, self.job_id, self.token, done, total, eta)
             upsert(
                 session,
                 MetricPoint,
@@ -241,35 +220,18 @@ class JobReporter(Callbacks):
     # ---------------------------------------------------------------- Callbacks
 
     def on_stage(self, stage: str, info: dict[str, Any]) -> None:
+        """A step of the library inside this stage (e.g. the reference pass, then training)."""
         if self.quiet:
             return
         self.flush()
-        if stage == "train":
-            self.total_steps = int(info.get("steps") or 0) or None
-        # reference → train moves job.stage (both run in the train task); the final evaluation,
-        # samples and model save show as "evaluating" (job.stage stays "train" until the task
-        # ends, so a crash there resumes from the last checkpoint).
-        if stage == "train" and self.stage in ("reference", "train"):
-            self.stage = "train"
-            self.set_status("training", stage="train")
-        elif stage in ("evaluate", "samples", "save") and self._training_done():
-            self.set_status("evaluating")
         details = ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, dict | list))
         self.event(
             "info", f"{stage} started" + (f" ({details})" if details else ""), {"stage": stage, **info}
         )
         self._progress = (0, 0, None)
 
-    def _training_done(self) -> bool:
-        return (
-            self.total_steps is not None
-            and self._last_done is not None
-            and (self._last_done[0] == "train" and self._last_done[1] >= self.total_steps)
-        )
-
     def on_progress(self, stage: str, done: int, total: int, eta_seconds: float | None) -> None:
         self._progress = (int(done), int(total), float(eta_seconds) if eta_seconds is not None else None)
-        self._last_done = (stage, int(done), int(total))
         # The trainer saves a checkpoint right after reporting a step that is a multiple of
         # save_every; a resume restarts after it, so every metric point up to it must be in the
         # database first (a kill between the checkpoint and a later flush would lose them).

@@ -1,4 +1,5 @@
-"""The work of each stage task, on top of tvkd.pipeline. Each runner returns an `Outcome`;
+"""The work of each stage task, on top of tvkd.pipeline: one runner per stage of the table in
+service/statemachine.py (`RUNNERS` is built from it). Each runner returns an `Outcome`;
 worker.tasks turns it into the job's next state (advance, finish, hand back).
 
 - validate: `pipeline.validate` (rows, tokenizers, template round-trip); its events name bad rows.
@@ -6,8 +7,8 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
   jobs asking for one key at once compute it once: the store's file lock makes the second wait
   and then find it complete). The Precompute row is upserted by key and records which job
   computed it; the other job gets a "reused" event naming that job.
-- train (also the "reference" stage): `pipeline.train`, i.e. the Trainer's setup (π_ref
-  log-probs, reused on resume), training with checkpoints, and — because they need the trained
+- train: `pipeline.train`, i.e. the Trainer's setup (the reference pass: π_ref log-probs,
+  reused on resume), training with checkpoints, and — because they need the trained
   student in memory — the held-out evaluation, per-token samples and the model folder. Always
   `resume=True`: a re-run after a crash or a hand-back continues from the newest checkpoint.
   Out-of-memory halves batch_size and doubles grad_accum (same effective batch, same data order)
@@ -44,10 +45,12 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import jobstate
 from service.db import transaction
 from service.errors import APIError
 from service.models import Artifact, Job, Precompute, utcnow
 from service.settings import Settings
+from service.statemachine import STAGES
 from service.validation import job_spec
 from tvkd import pipeline
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, read_samples, write_result
@@ -122,15 +125,11 @@ class StageContext:
     def rel(self, path: str | Path | None) -> str | None:
         return relative_path(path, self.settings.artifacts) if path else None
 
-    def update_job(self, **values: Any) -> None:
-        """Set columns of the job row while this worker holds the lease."""
+    def record(self, **values: Any) -> None:
+        """Set data columns of the job row (service.jobstate.DATA_COLUMNS) while this worker
+        holds the lease."""
         with transaction(self.factory) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job.id, Job.lease_token == self.token)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
+            jobstate.record(session, self.job.id, self.token, **values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +148,7 @@ def run_validate(ctx: StageContext) -> Outcome:
     summary = prepared.summary()
     return Outcome(
         "advance",
-        "precompute" if uses_teacher else "reference",
+        "precompute" if uses_teacher else "train",
         message="validation passed",
         result={
             "validate": {
@@ -190,7 +189,7 @@ def run_precompute(ctx: StageContext) -> Outcome:
 
     spec = ctx.spec
     prepared = prepare(ctx)
-    assert spec.teacher is not None  # validate sends jobs without a teacher to "reference"
+    assert spec.teacher is not None  # validate sends jobs without a teacher to "train"
     key, fields = precompute_key(spec.teacher, prepared.pairs, pipeline.precompute_config(spec))
     rel = f"{VALUES_DIR}/{key}"
     with transaction(ctx.factory) as session:
@@ -209,7 +208,7 @@ def run_precompute(ctx: StageContext) -> Outcome:
             keys=("key",),
             update_cols=(),
         )
-    ctx.update_job(precompute_key=key)
+    ctx.record(precompute_key=key)
     try:
         result = pipeline.precompute(spec, prepared, ctx.reporter)
     except PrecomputeStopped:
@@ -244,7 +243,7 @@ def run_precompute(ctx: StageContext) -> Outcome:
     ctx.reporter.event("info", message, data)
     return Outcome(
         "advance",
-        "reference",
+        "train",
         message="teacher values ready",
         result={"precompute": {**data, "path": rel, "seconds": result.seconds, "tokens": result.tokens}},
         job_values={"precompute_key": key},
@@ -282,7 +281,7 @@ def _wait_for_recorder(ctx: StageContext, key: str, store: ValueStore) -> str | 
 
 
 # --------------------------------------------------------------------------------------------
-# train (reference + train)
+# train (the reference pass, then training)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -361,7 +360,7 @@ def run_train(ctx: StageContext) -> Outcome:
         stored = ctx.job.spec
         job_spec = {**stored, "train": {**stored["train"], "batch_size": new[0], "grad_accum": new[1]}}
         ctx.job.spec = job_spec  # a resume after a crash keeps the smaller batch too
-        ctx.update_job(spec=job_spec)
+        ctx.record(spec=job_spec)
         ctx.reporter.event(
             "warning",
             f"out of memory at batch_size={old[0]} (grad_accum={old[1]}): retrying from the last checkpoint "
@@ -519,10 +518,7 @@ def with_batch(spec: JobSpec, batch_size: int, grad_accum: int) -> JobSpec:
     )
 
 
+# Stage → its runner, as the stage table names it (a stage without its function fails here).
 RUNNERS: dict[str, Callable[[StageContext], Outcome]] = {
-    "validate": run_validate,
-    "precompute": run_precompute,
-    "reference": run_train,
-    "train": run_train,
-    "evaluate": run_evaluate,
+    name: globals()[stage.runner] for name, stage in STAGES.items()
 }

@@ -2,10 +2,10 @@
 
     claim ─► heartbeat thread + JobReporter ─► worker.stages runner ─► complete / fail
 
-- claim (one transaction): `acquire_lease`; nothing is done (the message is acknowledged and
-  logged) when the job is unknown, terminal, held by a live worker, or in another stage than
-  this task runs (a stale or duplicate message: the reconciler may send a job twice, Redis may
-  redeliver). A job whose cancel was requested ends `cancelled` here without running.
+- claim (one transaction, service.jobstate.start_stage): take the lease; nothing is done (the
+  message is acknowledged and logged) when the job is unknown, terminal, held by a live worker,
+  or in another stage than this task runs (a stale or duplicate message: the reconciler may send
+  a job twice, Redis may redeliver). A job whose cancel was requested ends `cancelled` here.
 - While the stage runs, a heartbeat thread refreshes the lease every TVKD_HEARTBEAT_SECONDS and
   reads `cancel_requested`. A lost lease (another worker took the job over after this one went
   silent) makes the stage raise `LeaseLost` at its next step; nothing more is written.
@@ -16,8 +16,8 @@
 - fail: any exception ends the job `failed` with {code, message}, an event with the traceback's
   tail, and for bad data an event naming the rows.
 
-Everything that changes the job row checks the lease token, so a worker that lost its lease
-cannot write a final status over the new holder's work.
+Every change of the job row goes through service.jobstate and checks the lease token, so a
+worker that lost its lease cannot write a final status over the new holder's work.
 """
 
 from __future__ import annotations
@@ -30,25 +30,22 @@ from celery import Celery
 from celery.signals import worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import transaction
-from service.jobstate import STAGE_STATUS, acquire_lease, add_event, finish
-from service.models import Job, utcnow
+from service import jobstate
+from service.db import cached_sessions, transaction
+from service.jobstate import StaleMessage, add_event, finish
+from service.models import Job
+from service.queue import PUBLISH_ERRORS, send_stage
 from service.settings import Settings
+from service.statemachine import STAGES, Status
 from tvkd.config import ConfigError
 from tvkd.data import DataError
 from tvkd.models import ModelError
 from tvkd.pipeline import DatasetChanged
-from worker.celery_app import TASK_STAGES
-from worker.dispatch import PUBLISH_ERRORS, send_stage, sessions
 from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
 from worker.stages import RUNNERS, DatasetNotFound, Outcome, StageContext, is_out_of_memory, job_output_rel
 
 log = logging.getLogger("tvkd.worker")
 TRACEBACK_LINES = 25
-
-
-class _Stale(Exception):
-    """The message is for another stage than the job's: roll back the lease just taken."""
 
 
 def install_shutdown_hook() -> None:
@@ -61,11 +58,12 @@ def install_shutdown_hook() -> None:
     worker_shutting_down.connect(_on_shutdown, weak=False)
 
 
-def run_task(app: Celery, task_name: str, job_id: str, *, worker: str) -> str:
-    """Run the stage of `job_id` that `task_name` handles. Returns what happened (for the log)."""
+def run_task(app: Celery, stage: str, job_id: str, *, worker: str) -> str:
+    """Run `stage` of `job_id` (the stage the message was sent for). Returns what happened (for
+    the log)."""
     settings: Settings = app.tvkd_settings  # type: ignore[attr-defined]
-    factory = sessions(settings)
-    claimed = claim(factory, settings, job_id, TASK_STAGES[task_name], worker)
+    factory = cached_sessions(settings.resolved_database_url)
+    claimed = claim(factory, settings, job_id, stage, worker)
     if claimed is None:
         return "skipped"
     job, token = claimed
@@ -95,53 +93,27 @@ def run_task(app: Celery, task_name: str, job_id: str, *, worker: str) -> str:
 
 
 def claim(
-    factory: sessionmaker[Session], settings: Settings, job_id: str, stages: frozenset[str], worker: str
+    factory: sessionmaker[Session], settings: Settings, job_id: str, stage: str, worker: str
 ) -> tuple[Job, str] | None:
-    """Take the job's lease for one of `stages`; None (and nothing written) when this message
-    must not run."""
+    """Take the job's lease for `stage`; None (and nothing written but a cancel) when this
+    message must not run."""
     try:
         with transaction(factory) as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                log.warning("job %s: no such job; message dropped", job_id)
-                return None
-            holder = job.worker if job.lease_token else None
-            token = acquire_lease(session, job_id, worker, timeout=settings.heartbeat_timeout)
-            session.refresh(job)
-            if token is None:
-                why = f"it is {job.status}" if job.lease_token is None else f"{job.worker} holds it"
-                log.info("job %s (%s): not taken: %s", job_id, "/".join(sorted(stages)), why)
-                return None
-            if job.stage not in stages:
-                raise _Stale(job.stage)
-            if job.cancel_requested:
-                finish(session, job, "cancelled", message=f"cancelled before the {job.stage} stage started")
-                return None
-            if holder:
-                add_event(
-                    session,
-                    job.id,
-                    f"{worker} takes the job over from {holder}, whose heartbeat stopped",
-                    level="warning",
-                    stage=job.stage,
-                    data={"previous_worker": holder},
-                )
-            if job.status != "cancelling":
-                job.status = STAGE_STATUS[job.stage]
-            job.started_at = job.started_at or utcnow()
-            job.output_dir = job.output_dir or job_output_rel(job.id)
-            job.progress_done, job.progress_total, job.eta_seconds = 0, 0, None
-            add_event(
+            taken = jobstate.start_stage(
                 session,
-                job.id,
-                f"{job.stage} running on {worker}",
-                stage=job.stage,
-                data={"worker": worker, "attempt": job.attempts},
+                job_id,
+                stage,
+                worker,
+                timeout=settings.heartbeat_timeout,
+                output_dir=job_output_rel(job_id),
             )
-        return job, token
-    except _Stale as stale:
-        log.info("job %s: message for %s but the job is at %s; ignored", job_id, "/".join(stages), stale)
+    except StaleMessage as stale:
+        log.info("job %s: message for %s but %s; ignored", job_id, stage, stale)
         return None
+    if taken.job is None or taken.token is None:
+        log.info("job %s (%s): not taken: %s", job_id, stage, taken.reason)
+        return None
+    return taken.job, taken.token
 
 
 def _send(ctx: StageContext, stage: str) -> None:
@@ -160,46 +132,45 @@ def _send(ctx: StageContext, stage: str) -> None:
 
 
 def complete(ctx: StageContext, outcome: Outcome) -> str:
-    send: str | None = None
+    """Record how the stage ended: the job succeeds (last stage), is cancelled, goes back to its
+    queue (the worker is shutting down) or on to the next stage, whose message is sent after the
+    commit (so a fast worker never sees the old stage)."""
     with transaction(ctx.factory) as session:
-        job = session.get(Job, ctx.job.id, populate_existing=True, with_for_update=True)
-        if job is None or job.lease_token != ctx.token:
+        job = jobstate.held(session, ctx.job.id, ctx.token)
+        if job is None:
             log.warning("job %s: lease lost before %s could be recorded", ctx.job.id, ctx.stage)
             return "lease_lost"
-        job.result = {**(job.result or {}), **outcome.result}
-        for column, value in outcome.job_values.items():
-            setattr(job, column, value)
-        cancelled = ctx.flags.cancel or job.cancel_requested
+        jobstate.record(session, job.id, ctx.token, result={**(job.result or {}), **outcome.result})
+        if outcome.job_values:
+            jobstate.record(session, job.id, ctx.token, **outcome.job_values)
+        session.refresh(job)
         if outcome.kind == "succeeded":
-            job.progress_done = job.progress_total
-            finish(session, job, "succeeded", message=outcome.message, data=outcome.data)
+            finish(session, job, Status.SUCCEEDED, message=outcome.message, data=outcome.data)
             return "succeeded"
-        if cancelled:
+        if ctx.flags.cancel or job.cancel_requested:
             where = (
                 f"; checkpoint {outcome.data['checkpoint']} kept" if outcome.data.get("checkpoint") else ""
             )
             what = outcome.message or f"{ctx.stage} done"
-            finish(session, job, "cancelled", message=f"cancelled ({what}{where})", data=outcome.data)
+            finish(session, job, Status.CANCELLED, message=f"cancelled ({what}{where})", data=outcome.data)
             return "cancelled"
         if outcome.kind == "stopped":  # the worker is shutting down: let another one resume it
-            send = job.stage
-            add_event(
+            jobstate.hand_back(
                 session,
-                job.id,
-                f"worker {ctx.worker} is shutting down: {outcome.message or 'stopped'}; "
+                job,
+                message=f"worker {ctx.worker} is shutting down: {outcome.message or 'stopped'}; "
                 "the job goes back to the queue and resumes from where it stopped",
-                level="warning",
-                stage=job.stage,
                 data=outcome.data,
             )
         else:
-            assert outcome.next_stage is not None
-            add_event(session, job.id, outcome.message, stage=job.stage, data=outcome.data)
-            job.stage = send = outcome.next_stage
-        job.status = "queued"
-        job.lease_token = None
-        job.enqueued_at = utcnow()
-        job.progress_done, job.progress_total, job.eta_seconds = 0, 0, None
+            jobstate.advance(
+                session,
+                job,
+                outcome.next_stage or STAGES[job.stage].next[0],
+                message=outcome.message,
+                data=outcome.data,
+            )
+        send = job.stage
     _send(ctx, send)
     return "handed_back" if outcome.kind == "stopped" else f"advanced to {send}"
 
@@ -232,8 +203,8 @@ def fail(ctx: StageContext, exc: BaseException) -> None:
     code = classify(exc, ctx.stage)
     message = (str(exc) or type(exc).__name__)[:2000]
     with transaction(ctx.factory) as session:
-        job = session.get(Job, ctx.job.id, populate_existing=True, with_for_update=True)
-        if job is None or job.lease_token != ctx.token:
+        job = jobstate.held(session, ctx.job.id, ctx.token)
+        if job is None:
             return
         if isinstance(exc, DataError):
             issues = exc.report.issues
@@ -260,4 +231,4 @@ def fail(ctx: StageContext, exc: BaseException) -> None:
             stage=job.stage,
             data={"code": code, "traceback": _traceback_tail(exc)},
         )
-        finish(session, job, "failed", message=f"failed ({code}): {message}", error=(code, message))
+        finish(session, job, Status.FAILED, message=f"failed ({code}): {message}", error=(code, message))

@@ -1,9 +1,10 @@
 """/v1/jobs: create (idempotent), list, get, cancel, and each job's events, metrics,
 checkpoints and per-token samples.
 
-A new job is stored with status `validating` (stage `validate`) and sent to the broker; the
-worker's validate stage moves it on (`queued` → `precomputing` → …). The row is committed
-before the message is sent, so a worker never receives an id it cannot read.
+A new job is stored waiting for its first stage (`validating`, stage `validate`: see
+service/statemachine.py) and sent to the broker; the workers move it on (`queued` →
+`precomputing` → …). The row is committed before the message is sent, so a worker never
+receives an id it cannot read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from service import samples as samples_file
 from service.deps import ID_RE, OwnerDep, SessionDep, SettingsDep, checked_id, in_one_thread
 from service.errors import APIError, invalid, not_found
 from service.hyperparams import INT_MAX
-from service.jobstate import JobStateError, add_event, request_cancel
+from service.jobstate import JobStateError, add_event, mark_sent, new_job, request_cancel
 from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
 from service.schemas import (
     CheckpointList,
@@ -106,27 +107,25 @@ def _replay(session: Session, owner: str, key: str, digest: str) -> db.Job | Non
     return job
 
 
-def _enqueue(settings: Settings, request: Request, job_id: str) -> None:
+def _enqueue(settings: Settings, request: Request, job: db.Job) -> None:
     """Send the new job's first stage to the workers. Its `enqueued_at` was committed with the
     job, so a message lost here is re-sent by the reconciler after TVKD_REQUEUE_AFTER;
-    worker.dispatch.publish reports a broker outage as an event itself. Nothing here fails the
+    service.queue.publish reports a broker outage as an event itself. Nothing here fails the
     request once the job is stored: any other error is recorded as an event."""
     try:
-        from worker.dispatch import publish  # the worker package pulls in Celery: import on use
+        from service.queue import publish  # Celery and kombu: imported on the first use
 
-        publish(settings, job_id, "validate")
+        publish(settings, job.id, job.stage)
     except Exception as exc:
-        logger.exception("could not enqueue job %s", job_id)
+        logger.exception("could not enqueue job %s", job.id)
         with request.app.state.sessions() as session, session.begin():
-            job = session.get(db.Job, job_id)
-            if job is not None and job.enqueued_at is None:
-                job.enqueued_at = db.utcnow()
+            mark_sent(session, job.id, only_if_unsent=True)
             add_event(
                 session,
-                job_id,
+                job.id,
                 "could not reach the broker; the job will be re-sent",
                 level="warning",
-                stage="validate",
+                stage=job.stage,
                 data={"error": f"{type(exc).__name__}: {exc}"},
             )
 
@@ -180,10 +179,8 @@ def create_job(
         beta=body.beta,
         hyperparameters=hyperparameters,
     )
-    job = db.Job(
+    job = new_job(
         owner_id=owner,
-        status="validating",
-        stage="validate",
         teacher=body.teacher,
         student=body.student,
         dataset=body.dataset,
@@ -191,16 +188,15 @@ def create_job(
         user_metadata=body.metadata,
         spec_hash=digest,
         idempotency_key=idempotency_key,
-        enqueued_at=db.utcnow(),  # committed before the publish: a lost message is re-sent
     )
     with request.app.state.write_lock:
         session.add(job)
         try:
             session.flush()  # assigns the id for the events; a duplicate Idempotency-Key fails here
-            add_event(session, job.id, "job submitted", stage="validate")
+            add_event(session, job.id, "job submitted", stage=job.stage)
             for warning in valid.warnings:
                 add_event(
-                    session, job.id, warning, level="warning", stage="validate", data={"warning": warning}
+                    session, job.id, warning, level="warning", stage=job.stage, data={"warning": warning}
                 )
             session.commit()
         except IntegrityError:
@@ -212,7 +208,7 @@ def create_job(
                 raise
             response.status_code = 200
             return job_response(session, earlier)
-    _enqueue(settings, request, job.id)  # outside the write lock: publishing writes nothing here
+    _enqueue(settings, request, job)  # outside the write lock: publishing writes nothing here
     return job_response(session, job)
 
 

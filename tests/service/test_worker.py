@@ -186,7 +186,7 @@ def test_cancel_while_queued(api: str, workers: WorkerPool, tiny_assets: dict[st
 def test_lost_message_is_requeued_after_redis_flush(
     api: str, workers: WorkerPool, tiny_assets: dict[str, str], db, redis_db: int
 ) -> None:
-    from worker.celery_app import get_app
+    from service.queue import get_app
     from worker.dispatch import queued_job_ids
     from worker.reconciler import Reconciler
 
@@ -237,8 +237,11 @@ def test_submit_succeeds(
     assert samples and samples[0]["chosen"]["tokens"] > 0
     assert ckpts and ckpts[-1]["step"] == 6 and all((artifacts / c["path"]).is_dir() for c in ckpts)
     messages = [e["message"] for e in evs]
-    for stage in ("validate", "precompute", "reference", "evaluate"):
+    for stage in ("validate", "precompute", "train", "evaluate"):
         assert any(m.startswith(f"{stage} running on") for m in messages), (stage, messages)
+    # The reference pass is a step of the train stage: reported, with the job at stage train.
+    reference = [e for e in evs if e["message"].startswith("reference started")]
+    assert reference and reference[0]["stage"] == "train" and reference[0]["data"]["stage"] == "reference"
     with db() as s:
         kinds = set(s.scalars(select(Artifact.kind).where(Artifact.job_id == job_id)))
         row = s.get(Job, job_id)
@@ -258,8 +261,7 @@ def test_submit_succeeds(
     assert record.sample_count == len(read_samples(artifacts / record.paths.samples).samples) > 0
 
     # A stale or duplicate message (here: the validate stage again) is acknowledged and ignored.
-    from worker.celery_app import get_app
-    from worker.dispatch import send_stage
+    from service.queue import get_app, send_stage
 
     before = len(events(db, job_id))
     send_stage(get_app(settings_of(workers.env)), job_id, "validate")

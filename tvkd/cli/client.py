@@ -16,7 +16,8 @@ import sys
 import time
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.statemachine import TERMINAL  # stdlib only: the client stays light
+
 BAR_WIDTH = 30
 POLL_SECONDS = 2.0
 

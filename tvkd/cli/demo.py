@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.statemachine import TERMINAL  # stdlib only: the client stays light
 
 
 def register(subparsers: Any) -> None:

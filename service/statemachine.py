@@ -1,0 +1,142 @@
+"""The job state machine, declared once: the statuses a job shows, the stages it runs, and which
+moves between them are allowed. Everything else is derived from this module: the API's status
+schema (service/schemas.py), the Celery queues and routes (service/queue.py), the runners
+(worker/stages.py: `RUNNERS`), the README's "How a job moves" diagram (scripts/job_states.py) and
+the checks of service/jobstate.py, the one module that writes a job's status, stage, lease or
+progress.
+
+    stage        status while it runs   queue        Celery task        runner          next
+    validate     validating             default      tvkd.validate      run_validate    precompute | train
+    precompute   precomputing           precompute   tvkd.precompute    run_precompute  train
+    train        training               train        tvkd.train         run_train       evaluate
+    evaluate     evaluating             default      tvkd.evaluate      run_evaluate    (succeeded)
+
+Between two stages a job shows `queued`; the first stage's status (`validating`) is also shown
+while the job waits for it. A stage's runner returns which of its `next` stages follows (the
+first one unless it says otherwise: validate skips precompute when the method uses no teacher);
+a stage with no `next` ends the job `succeeded`. Adding a stage, or another kind's path through
+the stages, is an entry here plus a runner in worker/stages.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """What a job is doing, as the API shows it (`job.status`)."""
+
+    VALIDATING = "validating"  #: Submitted; its data, models and settings are being checked.
+    QUEUED = "queued"  #: Waiting in a queue for its next stage.
+    PRECOMPUTING = "precomputing"  #: The teacher pass writes the value store (or reuses it).
+    TRAINING = "training"  #: The reference pass and the TVKD training of the student.
+    EVALUATING = "evaluating"  #: The trained student's results are checked and recorded.
+    SUCCEEDED = "succeeded"  #: Done: the model folder, metrics and samples are in place. Final.
+    FAILED = "failed"  #: Stopped by an error; `error` says which. Final.
+    CANCELLING = "cancelling"  #: Cancel requested; the worker stops at its next step.
+    CANCELLED = "cancelled"  #: Stopped by the user (training keeps its last checkpoint). Final.
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a job: what runs, where, and what may follow."""
+
+    name: str
+    status: Status  # shown while the stage runs
+    queue: str  # the Celery queue its message goes to (workers choose queues: CPU or GPU)
+    task: str  # the Celery task name
+    runner: str  # the function of worker/stages.py that does the work
+    next: tuple[str, ...]  # stages that may follow, the usual one first; () = the last stage
+    doc: str
+
+    @property
+    def last(self) -> bool:
+        return not self.next
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "validate",
+            Status.VALIDATING,
+            "default",
+            "tvkd.validate",
+            "run_validate",
+            ("precompute", "train"),
+            "read and split the data, load the tokenizers, check every pair; writes prepared.json",
+        ),
+        Stage(
+            "precompute",
+            Status.PRECOMPUTING,
+            "precompute",
+            "tvkd.precompute",
+            "run_precompute",
+            ("train",),
+            "the teacher's values of every pair into the shared value store (reused by content key)",
+        ),
+        Stage(
+            "train",
+            Status.TRAINING,
+            "train",
+            "tvkd.train",
+            "run_train",
+            ("evaluate",),
+            "reference log-probs, then TVKD training with checkpoints; saves the model folder",
+        ),
+        Stage(
+            "evaluate",
+            Status.EVALUATING,
+            "default",
+            "tvkd.evaluate",
+            "run_evaluate",
+            (),
+            "checks the model folder, writes result.json and records the artifacts",
+        ),
+    )
+}
+FIRST_STAGE = "validate"
+QUEUES: tuple[str, ...] = tuple(dict.fromkeys(s.queue for s in STAGES.values()))
+# A job in one of these has not started any work yet: cancel ends it at once.
+NOT_STARTED = frozenset({STAGES[FIRST_STAGE].status, Status.QUEUED})
+RUNNING = frozenset(s.status for s in STAGES.values())
+
+
+def _transitions() -> dict[Status, frozenset[Status]]:
+    """Status → the statuses it may move to (a status may always stay what it is)."""
+    out: dict[Status, set[Status]] = {s: set() for s in Status}
+    stops = {Status.FAILED, Status.CANCELLED, Status.CANCELLING}
+    # A worker starts the next stage; or the job is cancelled (nothing runs: it ends at once) or
+    # failed without running (e.g. its re-sends are exhausted).
+    out[Status.QUEUED] |= RUNNING | {Status.FAILED, Status.CANCELLED}
+    for stage in STAGES.values():
+        out[stage.status] |= {Status.QUEUED} | stops  # a stage hands over (or back), fails, stops
+        if stage.last:
+            out[stage.status].add(Status.SUCCEEDED)
+    # Cancelling: the worker stops at its next step (or the last stage finishes first).
+    out[Status.CANCELLING] |= {Status.CANCELLED, Status.FAILED} | {
+        Status.SUCCEEDED for s in STAGES.values() if s.last
+    }
+    for status in TERMINAL:
+        out[status] = set()
+    return {s: frozenset(targets - {s}) for s, targets in out.items()}
+
+
+TRANSITIONS = _transitions()
+
+
+def can_move(current: str, new: str) -> bool:
+    """Whether a job in status `current` may move to `new` (a status that is not final may stay
+    what it is: e.g. `validating` while it waits and while its validate stage runs)."""
+    if current == new:
+        return current not in TERMINAL
+    return Status(new) in TRANSITIONS[Status(current)]
+
+
+def stage_of_task(task: str) -> str:
+    """The stage a Celery task runs."""
+    return next(s.name for s in STAGES.values() if s.task == task)
