@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import KeyCache, bootstrap_entries, bootstrap_keys, server_secret
 from service.db import is_transient, make_engine, session_factory
+from service.disclosure import Redactor
 from service.errors import APIError, unavailable
 from service.routers import datasets, health, inspect, jobs, models, precomputes
 from service.schemas import error_responses
@@ -113,8 +114,11 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
 
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        # Messages are made from exceptions and file names: no absolute server path, traceback or
+        # SQL leaves (service.disclosure).
+        body = request.app.state.redactor.value(exc.body())
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -217,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # this process queue on a lock instead; PostgreSQL needs none (row locks).
     app.state.write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
     app.state.keys = KeyCache(secret)
+    app.state.redactor = Redactor.from_settings(settings)
     app.state.model_checks = ModelChecks(trust_remote_code=settings.trust_remote_code)
     app.state.head_revision = health.head_revision()
     app.include_router(health.router)

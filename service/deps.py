@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.auth import KeyCache
+from service.disclosure import Redactor
 from service.errors import APIError
 from service.settings import Settings
 
@@ -38,6 +39,10 @@ bearer = HTTPBearer(
 
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+async def get_redactor(request: Request) -> Redactor:
+    return request.app.state.redactor
 
 
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -110,4 +115,5 @@ def checked_id(value: str, what: str) -> str:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+RedactorDep = Annotated[Redactor, Depends(get_redactor)]
 OwnerDep = Annotated[str, Depends(current_owner)]

@@ -315,7 +315,9 @@ class DatasetList(BaseModel):
 class ModelInfo(BaseModel):
     id: str = Field(description="The name to use as teacher/student: the path relative to its root.")
     object: Literal["model"] = "model"
-    root: str
+    root: str = Field(
+        description="Which model root holds it: `model_roots[i]`, i its place in TVKD_MODEL_ROOTS."
+    )
     architecture: str | None
     model_type: str | None
     params: int | None = Field(description="Stored weights, from the safetensors headers.")
@@ -339,7 +341,7 @@ class Precompute(BaseModel):
     tokens: int
     bytes: int
     fields: dict[str, Any]
-    job_id: str | None
+    job_id: str | None = Field(description="The job that computed it, when that job is yours (else null).")
     created_at: datetime
     completed_at: datetime | None
 

@@ -4,10 +4,11 @@ request is a 422 naming its field instead of a job that fails minutes later.
 - settings: the pydantic schema (types, ranges, unknown keys), then tvkd's own dataclass checks
   (`split_settings` into TrainConfig and JobOptions), whose `ConfigError.field` becomes the
   error's field path; the result is what the job stores (`spec`) and workers load;
-- models: the name resolves under TVKD_MODEL_ROOTS (tvkd.models.resolve_model_path refuses `..`,
-  symlink and absolute-path escapes) or is a hub id when TVKD_ALLOW_HUB; a local folder must hold a
-  config.json, and its config and tokenizer must load (cached per folder and file mtimes, so a
-  folder is loaded once, not on every submit);
+- models: the name resolves under TVKD_MODEL_ROOTS (`locate` refuses `..`, symlink and
+  absolute-path escapes, with one answer for a path outside the roots whether it exists or not)
+  or is a hub id when TVKD_ALLOW_HUB; a local folder must hold a config.json, and its config and
+  tokenizer must load (cached per folder and file mtimes, so a folder is loaded once, not on
+  every submit);
 - dataset: a file or folder under TVKD_DATA_ROOTS (same escape rules) or the id of a dataset
   this key uploaded (hub dataset ids are not taken: the worker reads datasets under the roots).
 
@@ -38,7 +39,7 @@ from service.errors import invalid
 from service.models import Dataset, Job
 from service.settings import Settings
 from tvkd.config import ConfigError, JobSpec, split_settings
-from tvkd.models import ModelError, load_config, load_tokenizer, resolve_model_path
+from tvkd.models import HUB_ID_RE, ModelError, load_config, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -82,23 +83,49 @@ def check_settings(alpha: float, beta: float, hyperparameters: dict[str, Any]) -
 # Models
 
 
+def locate(name: str, roots: Sequence[Path]) -> tuple[Path | None, bool]:
+    """(the existing path inside a root that `name` names, or None; whether it names a path
+    outside the roots). A relative name is tried under each root in order, an absolute one as is;
+    `..` and symlinks are resolved first. Whether a name is outside the roots is decided from the
+    name and the symlinks inside the roots alone, never from whether the path outside exists, so
+    a caller cannot learn what exists outside the roots. Raises OSError/ValueError/RuntimeError
+    for a name that is not a path (NUL, a symlink loop)."""
+    raw = Path(name)
+    candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
+    outside = False
+    for candidate in candidates:
+        real = candidate.resolve()
+        if not _inside(real, roots):
+            outside = True
+        elif real.exists():
+            return real, outside
+    return None, outside
+
+
 def resolve_model(settings: Settings, name: str, *, field: str = "model") -> str:
-    """A local model folder (resolved, inside a model root) or a hub id; 422 naming `field`."""
+    """A local model folder (resolved, inside a model root) or a hub id; 422 naming `field`. The
+    messages name the model as given, never a server path."""
+    if not name or not name.strip():
+        raise invalid(field, "empty model name", code="invalid_model")
+    roots = [r.resolve() for r in settings.resolved_model_roots]
     try:
-        resolved = resolve_model_path(name, roots=settings.resolved_model_roots, allow_hub=settings.allow_hub)
-    except ModelError as exc:
-        raise invalid(field, str(exc), code="invalid_model") from exc
-    except (OSError, ValueError, RuntimeError) as exc:  # NUL, too long a name, `~user` unknown, …
-        raise invalid(field, f"invalid model name {name!r}: {exc}", code="invalid_model") from exc
-    path = Path(resolved)
-    if path.is_absolute():
-        if not path.is_dir():
-            raise invalid(field, f"{name!r} is not a model folder", code="invalid_model")
-        if not (path / "config.json").is_file():
-            raise invalid(
-                field, f"{name!r} is not a model folder: it has no config.json", code="invalid_model"
-            )
-    return resolved
+        path, outside = locate(name, roots)
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL, too long a name, a symlink loop
+        raise invalid(
+            field, f"invalid model name {name!r} ({type(exc).__name__})", code="invalid_model"
+        ) from exc
+    if path is None:
+        if outside:
+            raise invalid(field, f"model path {name!r} is outside the model roots", code="invalid_model")
+        if settings.allow_hub and HUB_ID_RE.match(name) and ".." not in name:
+            return name  # a hub id: the worker's validate stage loads it
+        hint = "" if settings.allow_hub else " (hub ids are not allowed here)"
+        raise invalid(field, f"model {name!r} not found under the model roots{hint}", code="invalid_model")
+    if not path.is_dir():
+        raise invalid(field, f"{name!r} is not a model folder", code="invalid_model")
+    if not (path / "config.json").is_file():
+        raise invalid(field, f"{name!r} is not a model folder: it has no config.json", code="invalid_model")
+    return str(path)
 
 
 class ModelChecks:
@@ -176,36 +203,28 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
 
 def resolve_data_path(name: str, roots: Sequence[Path], *, field: str = "dataset") -> str:
     """A dataset file or folder inside a data root (after resolving `..` and symlinks); 422 naming
-    `field` otherwise. Hub dataset ids are not taken (workers read datasets under the roots only)."""
+    `field` otherwise, the same for a path outside the roots whether or not it exists. Hub dataset
+    ids are not taken (workers read datasets under the roots only)."""
     roots = [Path(r).resolve() for r in roots]
     try:
-        raw = Path(name)
-        candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
-        escaped = None
-        for candidate in candidates:
-            if not candidate.exists():
-                continue
-            real = candidate.resolve()
-            if _inside(real, roots):
-                if real.is_file() and not real.name.lower().endswith(DATA_SUFFIXES):
-                    raise invalid(
-                        field,
-                        f"{name!r} is not a dataset file (use {', '.join(DATA_SUFFIXES)}, or a folder)",
-                        code="invalid_dataset",
-                    )
-                return str(real)
-            escaped = real
+        path, outside = locate(name, roots)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise invalid(field, f"invalid dataset path {name!r}: {exc}", code="invalid_dataset") from exc
-    if escaped is not None:
         raise invalid(
-            field, f"dataset path {name!r} resolves outside the allowed data roots", code="path_outside_roots"
-        )
-    if raw.is_absolute():
+            field, f"invalid dataset path {name!r} ({type(exc).__name__})", code="invalid_dataset"
+        ) from exc
+    if path is None:
+        if outside:
+            raise invalid(
+                field, f"dataset path {name!r} is outside the data roots", code="path_outside_roots"
+            )
+        raise invalid(field, f"dataset {name!r} not found under the data roots", code="invalid_dataset")
+    if path.is_file() and not path.name.lower().endswith(DATA_SUFFIXES):
         raise invalid(
-            field, f"dataset path {name!r} is not inside the allowed data roots", code="path_outside_roots"
+            field,
+            f"{name!r} is not a dataset file (use {', '.join(DATA_SUFFIXES)}, or a folder)",
+            code="invalid_dataset",
         )
-    raise invalid(field, f"dataset {name!r} not found under the data roots", code="invalid_dataset")
+    return str(path)
 
 
 def resolve_dataset(

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service import models as db
 from service import schemas as api
+from service.disclosure import Redactor, Scrub
 from tvkd.config import ConfigError, MethodConfig, flat_settings
 
 
@@ -28,11 +29,17 @@ def job_warnings(job: db.Job) -> list[str]:
     return method.warnings()
 
 
-def job_view(job: db.Job, *, model_path: str | None = None) -> api.Job:
+def job_view(job: db.Job, scrub: Scrub, *, model_path: str | None = None) -> api.Job:
+    """The job as its owner sees it; worker-written text (error, result) goes through `scrub`
+    (service.disclosure: no server paths, tracebacks, SQL or other keys' job ids)."""
     total = job.progress_total or 0
     done = job.progress_done or 0
     settings = flat_settings(job.spec)  # alpha and beta are top-level in the API, the rest is flat
-    error = api.JobErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    error = (
+        api.JobErrorInfo(code=job.error_code, message=scrub.text(job.error_message or ""))
+        if job.error_code
+        else None
+    )
     return api.Job(
         id=job.id,
         status=job.status,  # type: ignore[arg-type]
@@ -48,12 +55,12 @@ def job_view(job: db.Job, *, model_path: str | None = None) -> api.Job:
         dataset=job.dataset,
         alpha=settings.pop("alpha"),
         beta=settings.pop("beta"),
-        hyperparameters=settings,
+        hyperparameters=scrub(settings),
         metadata=job.user_metadata or {},
         warnings=job_warnings(job),
         error=error,
         # `result` accumulates stage reports while the job runs; it is shown once it is final.
-        result=(job.result or None) if job.status == "succeeded" else None,
+        result=scrub(job.result or None) if job.status == "succeeded" else None,
         model_path=model_path,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -70,11 +77,18 @@ def model_path_of(session: Session, job: db.Job) -> str | None:
     )
 
 
-def job_response(session: Session, job: db.Job) -> api.Job:
-    return job_view(job, model_path=model_path_of(session, job))
+def _shown(job: db.Job) -> list[Any]:
+    """The worker-written parts of a job that its view shows."""
+    return [job.error_message, job.result if job.status == "succeeded" else None]
 
 
-def jobs_response(session: Session, jobs: list[db.Job]) -> list[api.Job]:
+def job_response(session: Session, job: db.Job, redactor: Redactor, owner: str) -> api.Job:
+    scrub = redactor.scrubber(session, owner, _shown(job), own=[job.id])
+    return job_view(job, scrub, model_path=model_path_of(session, job))
+
+
+def jobs_response(session: Session, jobs: list[db.Job], redactor: Redactor, owner: str) -> list[api.Job]:
+    scrub = redactor.scrubber(session, owner, [x for j in jobs for x in _shown(j)], own=[j.id for j in jobs])
     succeeded = [j.id for j in jobs if j.status == "succeeded"]
     paths: dict[str, str] = {}
     if succeeded:
@@ -84,13 +98,25 @@ def jobs_response(session: Session, jobs: list[db.Job]) -> list[api.Job]:
             )
         )
         paths = {job_id: path for job_id, path in rows}
-    return [job_view(j, model_path=paths.get(j.id)) for j in jobs]
+    return [job_view(j, scrub, model_path=paths.get(j.id)) for j in jobs]
 
 
-def event_view(e: db.JobEvent) -> api.Event:
+def event_view(e: db.JobEvent, scrub: Scrub) -> api.Event:
     return api.Event(
-        id=e.id, created_at=e.created_at, level=e.level, stage=e.stage, message=e.message, data=e.data or {}
+        id=e.id,
+        created_at=e.created_at,
+        level=e.level,
+        stage=e.stage,
+        message=scrub.text(e.message),
+        data=scrub(e.data or {}),
     )
+
+
+def events_response(
+    session: Session, events: list[db.JobEvent], redactor: Redactor, owner: str, job_id: str
+) -> list[api.Event]:
+    scrub = redactor.scrubber(session, owner, [x for e in events for x in (e.message, e.data)], own=[job_id])
+    return [event_view(e, scrub) for e in events]
 
 
 def metric_view(m: db.MetricPoint) -> api.MetricPoint:
@@ -115,7 +141,8 @@ def dataset_view(d: db.Dataset) -> api.Dataset:
     )
 
 
-def precompute_view(p: db.Precompute) -> api.Precompute:
+def precompute_view(p: db.Precompute, scrub: Scrub, *, mine: bool) -> api.Precompute:
+    """A value store; `job_id` (the job that computed it) only when that job is the caller's."""
     fields: dict[str, Any] = p.fields or {}
     return api.Precompute(
         key=p.key,
@@ -125,8 +152,8 @@ def precompute_view(p: db.Precompute) -> api.Precompute:
         pairs=p.pairs,
         tokens=p.tokens,
         bytes=p.bytes,
-        fields=fields,
-        job_id=p.job_id,
+        fields=scrub(fields),
+        job_id=p.job_id if mine else None,
         created_at=p.created_at,
         completed_at=p.completed_at,
     )

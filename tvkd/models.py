@@ -230,22 +230,38 @@ def load_causal_lm(
     return model.to(device).eval()
 
 
+# The safetensors format's own bound on its JSON header (the reference reader refuses larger ones).
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
 def safetensors_param_count(folder: str | Path) -> int:
-    """Number of stored weights, read from the safetensors headers only (no tensors loaded)."""
+    """Number of stored weights, read from the safetensors headers only (no tensors loaded).
+    Raises ModelError for a folder without weights or a file that is not safetensors (its header
+    length is checked before anything is read, so a damaged file cannot make this allocate)."""
     total = 0
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise ModelError(f"{folder} holds no *.safetensors weights")
     for file in files:
+        size = file.stat().st_size
         with file.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(header_len))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info["shape"]:
-                    count *= dim
-                total += count
+            head = fh.read(8)
+            (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+            if not 0 < header_len <= min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise ModelError(f"{file.name} is not a safetensors file (bad header length)")
+            raw = fh.read(header_len)
+        try:
+            header = json.loads(raw)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in info["shape"]:
+                        count *= int(dim)
+                    total += count
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelError(
+                f"{file.name} is not a safetensors file (bad header: {type(exc).__name__})"
+            ) from exc
     return total
 
 

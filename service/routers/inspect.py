@@ -54,6 +54,9 @@ class TeacherCache:
                     model = load_causal_lm(resolved, trust_remote_code=settings.trust_remote_code)
                 except ModelError as exc:
                     raise invalid("teacher", str(exc), code="invalid_model") from exc
+                except Exception as exc:  # a damaged folder: safetensors, torch and transformers errors
+                    message = f"cannot load the teacher's weights ({type(exc).__name__}: {exc})"
+                    raise invalid("teacher", message, code="invalid_model") from exc
                 self._models[key] = (model, tokenizer)
                 while len(self._models) > TEACHERS_KEPT:
                     self._models.popitem(last=False)

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from service import models as db
 from service import samples as samples_file
-from service.deps import ID_RE, OwnerDep, SessionDep, SettingsDep, checked_id, in_one_thread
+from service.deps import ID_RE, OwnerDep, RedactorDep, SessionDep, SettingsDep, checked_id, in_one_thread
 from service.errors import APIError, invalid, not_found
 from service.hyperparams import INT_MAX
 from service.jobstate import JobStateError, add_event, mark_sent, new_job, request_cancel
@@ -44,7 +44,7 @@ from service.settings import Settings
 from service.validation import check_job
 from service.views import (
     checkpoint_view,
-    event_view,
+    events_response,
     job_response,
     jobs_response,
     metric_view,
@@ -126,7 +126,7 @@ def _enqueue(settings: Settings, request: Request, job: db.Job) -> None:
                 "could not reach the broker; the job will be re-sent",
                 level="warning",
                 stage=job.stage,
-                data={"error": f"{type(exc).__name__}: {exc}"},
+                data={"error": type(exc).__name__},  # the message names the broker's host: the log has it
             )
 
 
@@ -148,6 +148,7 @@ def create_job(
     settings: SettingsDep,
     session: SessionDep,
     owner: OwnerDep,
+    redactor: RedactorDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
     hyperparameters = body.hyperparameters.model_dump()
@@ -165,7 +166,7 @@ def create_job(
         earlier = _replay(session, owner, idempotency_key, digest)
         if earlier is not None:
             response.status_code = 200
-            return job_response(session, earlier)
+            return job_response(session, earlier, redactor, owner)
 
     valid = check_job(
         settings,
@@ -207,9 +208,9 @@ def create_job(
             if earlier is None:
                 raise
             response.status_code = 200
-            return job_response(session, earlier)
+            return job_response(session, earlier, redactor, owner)
     _enqueue(settings, request, job)  # outside the write lock: publishing writes nothing here
-    return job_response(session, job)
+    return job_response(session, job, redactor, owner)
 
 
 @router.get(
@@ -219,6 +220,7 @@ def create_job(
 def list_jobs(
     session: SessionDep,
     owner: OwnerDep,
+    redactor: RedactorDep,
     after: Annotated[
         str | None, Query(max_length=64, description="The last job id of the previous page.")
     ] = None,
@@ -240,7 +242,7 @@ def list_jobs(
     rows = session.scalars(query.order_by(db.Job.created_at.desc(), db.Job.id.desc()).limit(limit + 1)).all()
     page = Page.of(rows, limit)
     return JobList(
-        data=jobs_response(session, page.rows),
+        data=jobs_response(session, page.rows, redactor, owner),
         has_more=page.has_more,
         next_after=page.next_after(lambda j: j.id),
     )
@@ -248,8 +250,8 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=Job, summary="Get a job", responses=error_responses(401, 404))
 @in_one_thread
-def get_job(job_id: JobId, session: SessionDep, owner: OwnerDep) -> Job:
-    return job_response(session, owned_job(session, owner, job_id))
+def get_job(job_id: JobId, session: SessionDep, owner: OwnerDep, redactor: RedactorDep) -> Job:
+    return job_response(session, owned_job(session, owner, job_id), redactor, owner)
 
 
 @router.post(
@@ -261,7 +263,9 @@ def get_job(job_id: JobId, session: SessionDep, owner: OwnerDep) -> Job:
     responses=error_responses(401, 404, 409),
 )
 @in_one_thread
-def cancel_job(job_id: JobId, request: Request, session: SessionDep, owner: OwnerDep) -> Job:
+def cancel_job(
+    job_id: JobId, request: Request, session: SessionDep, owner: OwnerDep, redactor: RedactorDep
+) -> Job:
     with request.app.state.write_lock:
         job = owned_job(session, owner, job_id, for_update=True)
         try:
@@ -270,7 +274,7 @@ def cancel_job(job_id: JobId, request: Request, session: SessionDep, owner: Owne
             session.rollback()
             raise APIError(409, "job_finished", str(exc)) from exc
         session.commit()
-    return job_response(session, job)
+    return job_response(session, job, redactor, owner)
 
 
 @router.get(
@@ -284,6 +288,7 @@ def list_events(
     job_id: JobId,
     session: SessionDep,
     owner: OwnerDep,
+    redactor: RedactorDep,
     after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last event id seen.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="Page size (1..1000).")] = 100,
 ) -> EventList:
@@ -294,7 +299,7 @@ def list_events(
     rows = session.scalars(query.order_by(db.JobEvent.id).limit(limit + 1)).all()
     page = Page.of(rows, limit)
     return EventList(
-        data=[event_view(e) for e in page.rows],
+        data=events_response(session, list(page.rows), redactor, owner, job_id),
         has_more=page.has_more,
         next_after=page.next_after(lambda e: e.id),
     )

@@ -106,7 +106,8 @@ def list_models(
     ] = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> ModelList:
-    models = find_models(settings.resolved_model_roots)
+    roots = settings.resolved_model_roots
+    models = find_models(roots)
     if after is not None:
         ids = [m[0] for m in models]
         if after not in ids:
@@ -119,5 +120,5 @@ def list_models(
             facts = model_facts(folder)
         except OSError:  # removed while listing
             continue
-        data.append(ModelInfo(id=name, root=str(root), **facts))
+        data.append(ModelInfo(id=name, root=f"model_roots[{roots.index(root)}]", **facts))
     return ModelList(data=data, has_more=page.has_more, next_after=page.next_after(lambda m: m[0]))

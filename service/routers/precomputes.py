@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import or_, select
 
 from service import models as db
-from service.deps import OwnerDep, SessionDep, in_one_thread
+from service.deps import OwnerDep, RedactorDep, SessionDep, in_one_thread
 from service.errors import invalid
 from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
 from service.schemas import PrecomputeList, error_responses
@@ -31,6 +31,7 @@ router = APIRouter(prefix="/v1/precomputes", tags=["precomputes"])
 def list_precomputes(
     session: SessionDep,
     owner: OwnerDep,
+    redactor: RedactorDep,
     after: Annotated[
         str | None,
         Query(max_length=64, pattern=r"^[0-9A-Za-z_-]*$", description="The last key of the previous page."),
@@ -53,8 +54,16 @@ def list_precomputes(
         query.order_by(db.Precompute.created_at.desc(), db.Precompute.key.desc()).limit(limit + 1)
     ).all()
     page = Page.of(rows, limit)
+    # A store may have been computed by another key's job: its id is not shown (only that it exists).
+    computed_by = {p.job_id for p in page.rows if p.job_id}
+    own = (
+        set(session.scalars(select(db.Job.id).where(db.Job.id.in_(computed_by), db.Job.owner_id == owner)))
+        if computed_by
+        else set()
+    )
+    scrub = redactor.scrubber(session, owner, [], own=own)
     return PrecomputeList(
-        data=[precompute_view(p) for p in page.rows],
+        data=[precompute_view(p, scrub, mine=p.job_id in own) for p in page.rows],
         has_more=page.has_more,
         next_after=page.next_after(lambda p: p.key),
     )
