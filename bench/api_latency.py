@@ -77,7 +77,7 @@ def redis_db() -> Iterator[str]:
     """A Redis database number of our own (claimed like the test fixtures claim theirs)."""
     from service.scratch import redis_database
 
-    with redis_database(*REDIS, hold_seconds=3600) as number:
+    with redis_database(*REDIS) as number:
         yield f"redis://{REDIS[0]}:{REDIS[1]}/{number}"
 
 
