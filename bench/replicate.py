@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _replicate_model as rm
 import _replicate_report as report
+import _replicate_signals as sig
 from _common import environment_line
 
 from tvkd import taskworld as tw
@@ -212,7 +213,7 @@ def build_teacher(scale: Scale, world: tw.World, device: str) -> dict[str, Any]:
     rows = tw.demos(world.teacher_sft, wrong_rate=scale.wrong_rate, seed=world.seed + 1)
     rm.sft(teacher, rows, steps=scale.teacher_sft_steps, lr=scale.sft_lr, batch=2 * scale.batch, seed=1)
     sft_state = copy.deepcopy(teacher.state_dict())
-    data = rm.pref_data(
+    data = sig.pref_data(
         teacher, tw.pairs(world.teacher_pref, per_prompt=scale.pairs_per_prompt, seed=world.seed + 2)
     )
     rm.pref_train(
@@ -254,7 +255,7 @@ def run_method(seed: int, method: Method, start_state: dict) -> dict[str, Any]:
     scale, world = _CTX["scale"], _CTX["world"]
     t0 = time.perf_counter()
     student = _model(scale.student, start_state)
-    data = rm.pref_data(student, _CTX["pairs"], signals=_CTX["signals"], method=method, seed=seed)
+    data = sig.pref_data(student, _CTX["pairs"], signals=_CTX["signals"], method=method, seed=seed)
     metrics = rm.pref_train(
         student,
         data,
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in methods if m.name in wanted]
     if "DPO" not in {m.name for m in methods}:
         methods.insert(0, Method("DPO"))  # every comparison is against DPO on the same seeds
-    skipped = {m.name: why for m in methods if (why := rm.missing_feature(m))}
+    skipped = {m.name: why for m in methods if (why := sig.missing_feature(m))}
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", flush=True)
     methods = [m for m in methods if m.name not in skipped]
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     pairs = tw.pairs(world.student_pref, per_prompt=scale.pairs_per_prompt, seed=world.seed + 4)
-    signals = rm.teacher_signals(teachers, pairs, beta=scale.beta)
+    signals = sig.teacher_signals(teachers, pairs, beta=scale.beta)
     ctx = {
         "scale": scale,
         "world_seed": args.world_seed,
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         starts={s: r["gold"] for s, r in starts.items()},
         runs=runs,
         skipped=skipped,
-        accuracy=rm.shaping_accuracy(signals, pairs),
+        accuracy=sig.shaping_accuracy(signals, pairs),
         wall_s=time.perf_counter() - t_start,
         load=(load0, os.getloadavg()),
         command=" ".join(["python bench/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
