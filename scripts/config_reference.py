@@ -11,7 +11,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tvkd.config import ConfigField, JobOptions, MethodConfig, PrecomputeConfig, TrainConfig, config_fields
+from tvkd.config import (
+    ConfigField,
+    JobOptions,
+    MethodConfig,
+    PrecomputeConfig,
+    SFTConfig,
+    TrainConfig,
+    config_fields,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- CONFIG-REFERENCE:BEGIN -->", "<!-- CONFIG-REFERENCE:END -->"
@@ -55,6 +63,8 @@ def render() -> str:
             table(TrainConfig, skip=("method",)),
             "**Job options** (`JobOptions`; job `hyperparameters`; `tvkd train --FIELD`)",
             table(JobOptions),
+            "**Supervised fine-tuning** (`SFTConfig`; `tvkd sft --FIELD`)",
+            table(SFTConfig),
             "**Precompute** (`PrecomputeConfig`; `tvkd precompute`; derived from the method in a job)",
             table(PrecomputeConfig),
             "**Service settings** (environment or `.env`; `service/settings.py`)",

@@ -15,13 +15,14 @@ from tvkd.config import (
     JobOptions,
     MethodConfig,
     PrecomputeConfig,
+    SFTConfig,
     TrainConfig,
     _help,
     check_fields,
     config_fields,
 )
 
-CONFIGS = (MethodConfig, TrainConfig, JobOptions, PrecomputeConfig)
+CONFIGS = (MethodConfig, TrainConfig, JobOptions, PrecomputeConfig, SFTConfig)
 BOUNDED = [
     pytest.param(cls, f, id=f"{cls.__name__}.{f.name}")
     for cls in CONFIGS

@@ -26,10 +26,12 @@ from typing import Any, Literal
 QSource = Literal["logits", "logprobs"]
 Terminal = Literal["model", "zero"]
 Shaping = Literal["value", "logprob", "logit", "none"]
+JobKind = Literal["tvkd", "dpo", "sft"]
 
 Q_SOURCES: tuple[str, ...] = typing.get_args(QSource)
 TERMINALS: tuple[str, ...] = typing.get_args(Terminal)
 SHAPINGS: tuple[str, ...] = typing.get_args(Shaping)
+JOB_KINDS: tuple[str, ...] = typing.get_args(JobKind)
 
 BOUND_KEYS = ("ge", "gt", "le", "lt")
 
@@ -339,6 +341,68 @@ class TrainConfig:
         return cls(method=_build(MethodConfig, method), **data)
 
 
+def _like(cls: type, name: str, **change: Any) -> Any:
+    """The declaration of `cls.name` (help, bounds, choices, default) for another config class,
+    with `default=` or `help=` changed: a setting shared by two jobs is declared once."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = dict(f.metadata)
+    if "help" in change:
+        meta["help"] = change.pop("help")
+    if "default" not in change:
+        if f.default is not dataclasses.MISSING:
+            change["default"] = f.default
+        else:
+            change["default_factory"] = f.default_factory
+    return field(metadata=meta, **change)
+
+
+@dataclass
+class SFTConfig:
+    """One supervised fine-tuning job (`tvkd sft`, job kind "sft"): mean NLL of the response
+    tokens of chosen responses or prompt/completion rows. The training settings are those of
+    `TrainConfig` (same help, bounds and meaning); only defaults and wording differ."""
+
+    epochs: float = _like(TrainConfig, "epochs", help="Passes over the training rows (fractions allowed).")
+    max_steps: int = _like(TrainConfig, "max_steps")
+    batch_size: int = _like(TrainConfig, "batch_size", help="Rows (prompt + response) per micro-batch.")
+    grad_accum: int = _like(TrainConfig, "grad_accum")
+    learning_rate: float = _like(TrainConfig, "learning_rate", default=2e-5)
+    weight_decay: float = _like(TrainConfig, "weight_decay")
+    adam_beta1: float = _like(TrainConfig, "adam_beta1")
+    adam_beta2: float = _like(TrainConfig, "adam_beta2")
+    warmup_ratio: float = _like(TrainConfig, "warmup_ratio")
+    min_lr_ratio: float = _like(TrainConfig, "min_lr_ratio")
+    max_grad_norm: float = _like(TrainConfig, "max_grad_norm")
+    max_length: int = _like(TrainConfig, "max_length")
+    bf16: bool = _like(TrainConfig, "bf16")
+    seed: int = _like(TrainConfig, "seed")
+    save_every: int = _like(TrainConfig, "save_every")
+    keep_checkpoints: int = _like(TrainConfig, "keep_checkpoints")
+    eval_every: int = _like(TrainConfig, "eval_every")
+    eval_fraction: float = _like(
+        TrainConfig, "eval_fraction", help="Held-out fraction of the rows when no eval dataset is given."
+    )
+    log_every: int = _like(TrainConfig, "log_every")
+    lora: bool = _like(TrainConfig, "lora")
+    lora_r: int = _like(TrainConfig, "lora_r")
+    lora_alpha: float = _like(TrainConfig, "lora_alpha")
+    lora_dropout: float = _like(TrainConfig, "lora_dropout")
+    lora_target_modules: list[str] = _like(TrainConfig, "lora_target_modules")
+    gradient_checkpointing: bool = _like(TrainConfig, "gradient_checkpointing")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SFTConfig:
+        """Build from a flat dict; unknown keys (a TVKD method setting included) are an error
+        naming the key."""
+        return _build(cls, data)
+
+
 @dataclass
 class JobOptions:
     """Options of one job beyond its training settings: which rows it reads and how."""
@@ -391,25 +455,47 @@ def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class JobSpec:
-    """Everything one job needs: the models and data (local paths or hub ids), the settings, and
-    where to write. `teacher` may be None when the method does not use it.
+    """Everything one job needs: its kind, the models and data (local paths or hub ids), the
+    settings, and where to write. `teacher` may be None when the method does not use it.
 
-    A service job stores `settings()` at submit; a worker rebuilds the spec from it with its own
-    paths (`from_dict`), so the settings are validated once, by the dataclasses, and carried whole.
+    `kind` is one of JOB_KINDS: "tvkd" (the default: `train` a TrainConfig), "dpo" (a
+    TrainConfig whose method uses no teacher: alpha 0 or shaping 'none'), "sft" (`train` an
+    SFTConfig; no teacher). A service job stores `settings()` at submit; a worker rebuilds the
+    spec from it with its own paths (`from_dict`), so the settings are validated once, by the
+    dataclasses, and carried whole. Raises ConfigError naming `kind`, `alpha` or `teacher` when
+    the settings do not fit the kind.
     """
 
     teacher: str | None
     student: str
     dataset: str
-    train: TrainConfig
+    train: TrainConfig | SFTConfig
     output_dir: str
     store_root: str
     device: str = "cpu"
     options: JobOptions = field(default_factory=JobOptions)
+    kind: JobKind = "tvkd"
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, JOB_KINDS)
+        if (self.kind == "sft") != isinstance(self.train, SFTConfig):
+            want = "SFTConfig" if self.kind == "sft" else "TrainConfig"
+            raise ConfigError("kind", f"a {self.kind!r} job takes a {want}; got {type(self.train).__name__}")
+        if self.kind == "dpo" and self.uses_teacher:
+            raise ConfigError(
+                "alpha", f"a 'dpo' job trains plain DPO: alpha must be 0; got {self.train.method.alpha}"
+            )
+        if self.kind == "sft" and self.teacher:
+            raise ConfigError("teacher", "an 'sft' job has no teacher")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the job needs the teacher (and its value store)."""
+        return isinstance(self.train, TrainConfig) and self.train.method.uses_teacher
 
     def settings(self) -> dict[str, Any]:
-        """{"train": TrainConfig as a nested dict, "options": JobOptions as a dict} (JSON)."""
-        return {"train": self.train.to_dict(), "options": dataclasses.asdict(self.options)}
+        """{"kind", "train": the training config as a (nested) dict, "options": JobOptions} (JSON)."""
+        return {"kind": self.kind, "train": self.train.to_dict(), "options": dataclasses.asdict(self.options)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -417,11 +503,15 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
         data = dict(data)
+        kind = data.pop("kind", None) or "tvkd"
         train = data.pop("train", None) or {}
         options = data.pop("options", None) or {}
+        if not isinstance(train, TrainConfig | SFTConfig):
+            train = SFTConfig.from_dict(train) if kind == "sft" else TrainConfig.from_dict(train)
         return cls(
-            train=train if isinstance(train, TrainConfig) else TrainConfig.from_dict(train),
+            train=train,
             options=options if isinstance(options, JobOptions) else JobOptions.from_dict(options),
+            kind=kind,
             **data,
         )
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from tvkd.alignment import check_alignment
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, write_result
 from tvkd.atomic import write_json_atomic
 from tvkd.callbacks import Callbacks
-from tvkd.config import ConfigError, JobSpec, PrecomputeConfig
+from tvkd.completions import load_completions
+from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
+from tvkd.sft import SFTTrainer
 from tvkd.store import ValueStore
 from tvkd.trainer import Trainer, TrainResult
 
@@ -88,6 +91,11 @@ def _issues(report: DataReport, limit: int = 50) -> list[dict[str, Any]]:
     return [dataclasses.asdict(i) for i in report.issues[:limit]]
 
 
+def _loader(spec: JobSpec) -> Callable[..., tuple[list[PreferencePair], DataReport]]:
+    """How the job reads its rows: SFT examples (`tvkd.completions`) or preference pairs."""
+    return load_completions if spec.kind == "sft" else load_pairs
+
+
 def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
     """Load and split the data, load tokenizers (no weights), and check that the job can run.
 
@@ -99,19 +107,21 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
 
     cb = callbacks or Callbacks()
     t0 = time.perf_counter()
-    cfg, method = spec.train, spec.train.method
+    cfg = spec.train
+    method = cfg.method if isinstance(cfg, TrainConfig) else None
     cb.on_stage("validate", {"dataset": spec.dataset, "student": spec.student, "teacher": spec.teacher})
-    if method.uses_teacher and not spec.teacher:
+    if method is not None and method.uses_teacher and not spec.teacher:
         raise ConfigError(
             "teacher",
             f"alpha={method.alpha} with shaping={method.shaping!r} needs a teacher (or set alpha=0)",
         )
-    warnings = method.warnings()
+    warnings = method.warnings() if method is not None else []
     for w in warnings:
         cb.on_event("warning", w)
 
     on_error = spec.options.on_error
-    pairs, report = load_pairs(spec.dataset, on_error=on_error, limit=spec.options.limit)
+    load = _loader(spec)
+    pairs, report = load(spec.dataset, on_error=on_error, limit=spec.options.limit)
     if report.dropped:
         cb.on_event(
             "warning",
@@ -120,9 +130,7 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
         )
     eval_report = None
     if spec.options.eval_dataset:
-        eval_pairs, eval_report = load_pairs(
-            spec.options.eval_dataset, on_error=on_error, limit=spec.options.limit
-        )
+        eval_pairs, eval_report = load(spec.options.eval_dataset, on_error=on_error, limit=spec.options.limit)
         if eval_report.dropped:
             cb.on_event(
                 "warning",
@@ -142,19 +150,24 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
 
     load_config(spec.student)
     tokenizers = {"student": load_tokenizer(spec.student)}
-    if method.uses_teacher:
-        assert spec.teacher is not None
-        load_config(spec.teacher)
-        tokenizers["teacher"] = load_tokenizer(spec.teacher)
-    same = check_alignment(
-        method, pairs, student_tokenizer=tokenizers["student"], teacher_tokenizer=tokenizers.get("teacher")
-    )
-    same_tokenizer = same if "teacher" in tokenizers else None
+    same_tokenizer = None
+    if method is not None:
+        if method.uses_teacher:
+            assert spec.teacher is not None
+            load_config(spec.teacher)
+            tokenizers["teacher"] = load_tokenizer(spec.teacher)
+        same = check_alignment(
+            method,
+            pairs,
+            student_tokenizer=tokenizers["student"],
+            teacher_tokenizer=tokenizers.get("teacher"),
+        )
+        same_tokenizer = same if "teacher" in tokenizers else None
 
     # Template round-trip and lengths: every pair through every tokenizer that will see it.
     token_reports = {}
     for name, tok in tokenizers.items():
-        if name == "teacher" and same:
+        if name == "teacher" and same_tokenizer:
             continue  # the same tokenizer sees the same tokens
         _, rep = tokenize_pairs(tok, pairs, max_length=cfg.max_length, on_error=on_error)
         token_reports[name] = rep
@@ -204,13 +217,11 @@ def load_prepared(spec: JobSpec, path: str | os.PathLike[str]) -> Prepared:
     fingerprint), so a job never trains on other data than were checked.
     """
     record = json.loads(Path(path).read_text())
-    options = spec.options
-    pairs, report = load_pairs(spec.dataset, on_error=options.on_error, limit=options.limit)
+    options, load = spec.options, _loader(spec)
+    pairs, report = load(spec.dataset, on_error=options.on_error, limit=options.limit)
     eval_report = None
     if options.eval_dataset:
-        eval_pairs, eval_report = load_pairs(
-            options.eval_dataset, on_error=options.on_error, limit=options.limit
-        )
+        eval_pairs, eval_report = load(options.eval_dataset, on_error=options.on_error, limit=options.limit)
         pairs = pairs + eval_pairs
     fingerprint, expected = dataset_fingerprint(pairs), str(record["dataset_fingerprint"])
     if fingerprint != expected:
@@ -250,8 +261,9 @@ def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = 
     from tvkd.precompute import precompute_values
 
     cb = callbacks or Callbacks()
-    if not spec.train.method.uses_teacher:
-        cb.on_event("info", "plain DPO (alpha=0 or shaping='none'): no teacher precompute")
+    if not spec.uses_teacher:
+        what = "supervised fine-tuning" if spec.kind == "sft" else "plain DPO (alpha=0 or shaping='none')"
+        cb.on_event("info", f"{what}: no teacher precompute")
         return None
     assert spec.teacher is not None
     cb.on_stage("precompute", {"teacher": spec.teacher, "pairs": len(prepared.pairs)})
@@ -294,7 +306,22 @@ def train(
     callbacks: Callbacks | None = None,
     resume: bool = True,
 ) -> TrainResult:
-    """Reference pass, training, evaluation, samples and the final model folder."""
+    """Reference pass, training, evaluation, samples and the final model folder; for an "sft" job
+    the `tvkd.sft.SFTTrainer` recipe (no reference, no store)."""
+    if isinstance(spec.train, SFTConfig):
+        return _run(
+            SFTTrainer(
+                spec.train,
+                student=spec.student,
+                examples=prepared.pairs,
+                train_idx=prepared.train_idx,
+                eval_idx=prepared.eval_idx,
+                output_dir=spec.output_dir,
+                device=spec.device,
+                callbacks=callbacks,
+                resume=resume,
+            )
+        )
     trainer = Trainer(
         spec.train,
         student=spec.student,
@@ -308,6 +335,10 @@ def train(
         callbacks=callbacks,
         resume=resume,
     )
+    return _run(trainer)
+
+
+def _run(trainer: Trainer) -> TrainResult:
     try:
         trainer.setup()
         return trainer.train()
@@ -333,7 +364,7 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool =
     except PrecomputeStopped:
         cb.on_event("info", "stopped during the teacher precompute (finished shards are kept)")
     timings["precompute"] = time.perf_counter() - t
-    if pre is not None or not spec.train.method.uses_teacher:
+    if pre is not None or not spec.uses_teacher:
         t = time.perf_counter()
         result = train(spec, prepared, pre.store if pre is not None else None, cb, resume=resume)
         timings["train"] = time.perf_counter() - t

@@ -138,15 +138,7 @@ class Trainer:
 
     def setup(self) -> None:
         """Check, tokenize, load the student, compute π_ref, build the optimizer (and resume)."""
-        method = self.config.method
-        if method.uses_teacher and self.store is None:
-            raise ConfigError(
-                "alpha",
-                f"the method uses the teacher (alpha={method.alpha}, shaping={method.shaping!r}) but "
-                "no value store was given: precompute first, or train plain DPO (alpha=0)",
-            )
-        if self.store is not None and self.teacher is None:
-            raise ConfigError("teacher", "a value store was given without the teacher it came from")
+        self._check_inputs()
         if not self.train_idx:
             raise ValueError("no training pairs")
         self.cb.on_stage(
@@ -160,6 +152,17 @@ class Trainer:
         self._setup_optimizer()
         if self.resume:
             self._restore_latest()
+
+    def _check_inputs(self) -> None:
+        method = self.config.method
+        if method.uses_teacher and self.store is None:
+            raise ConfigError(
+                "alpha",
+                f"the method uses the teacher (alpha={method.alpha}, shaping={method.shaping!r}) but "
+                "no value store was given: precompute first, or train plain DPO (alpha=0)",
+            )
+        if self.store is not None and self.teacher is None:
+            raise ConfigError("teacher", "a value store was given without the teacher it came from")
 
     def _setup_data(self) -> None:
         cfg, method = self.config, self.config.method
@@ -204,7 +207,18 @@ class Trainer:
         if not self.resume and checkpoints.exists():
             self.cb.on_event("info", f"fresh start: removing old checkpoints in {checkpoints}")
             shutil.rmtree(checkpoints)
-        self.reference_path = reference_logps(  # before LoRA: π_ref is the initial student
+        self._reference_pass()  # before LoRA: π_ref is the initial student
+        if cfg.lora:
+            self.model = add_lora(self.model, cfg)
+            self._check_head()
+        if cfg.gradient_checkpointing:
+            set_checkpointing(self.model, True)
+        self.model.train()
+
+    def _reference_pass(self) -> None:
+        """log π_ref of every pair (stored in the pairs); a stop request during it stops the run."""
+        cfg = self.config
+        self.reference_path = reference_logps(
             self.model,
             self.train_set + self.eval_set,
             self.output_dir / REFERENCE_FILE,
@@ -218,12 +232,6 @@ class Trainer:
             callbacks=self.cb,
         )
         self.stopped = self.reference_path is None
-        if cfg.lora:
-            self.model = add_lora(self.model, cfg)
-            self._check_head()
-        if cfg.gradient_checkpointing:
-            set_checkpointing(self.model, True)
-        self.model.train()
 
     def _check_head(self) -> None:
         problem = head_problem(self.model, softcap_ok=False)

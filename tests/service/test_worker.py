@@ -318,7 +318,7 @@ def test_stages_carry_the_stored_spec_and_what_validate_prepared(
         row = s.get(Job, kept)
         assert row is not None
         train, options = split_settings({**job_body(tiny_assets, **hp)["hyperparameters"], "alpha": 0.7})
-        assert row.spec == {"train": train.to_dict(), "options": dataclasses.asdict(options)}
+        assert row.spec == {"kind": "tvkd", "train": train.to_dict(), "options": dataclasses.asdict(options)}
         assert row.spec["options"]["limit"] == 40
 
     validator = workers.start("validator", queues="default")  # validate only

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "models",
     "data",
     "precompute",
+    "sft",
     "train",
     "inspect",
 )

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tvkd.config import ConfigError, JobOptions, MethodConfig, TrainConfig, config_fields
+from tvkd.config import ConfigError, JobOptions, JobSpec, MethodConfig, TrainConfig, config_fields
 
 
 def add_config_flags(
@@ -115,11 +115,8 @@ def _table(train: dict[str, float], evaluation: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tvkd.callbacks import PrintCallbacks
     from tvkd.cli.precompute import default_store_root
-    from tvkd.data import DataError
-    from tvkd.models import ModelError
-    from tvkd.pipeline import JobSpec, run_job
+    from tvkd.config import JobSpec
 
     try:
         config, options = build_config(args), build_options(args)
@@ -136,6 +133,17 @@ def run(args: argparse.Namespace) -> int:
         device=_device(args.device),
         options=options,
     )
+    return execute(spec, resume=args.resume)
+
+
+def execute(spec: JobSpec, *, resume: bool) -> int:
+    """Run a job here with terminal progress (Ctrl-C stops after the step); print its metrics
+    and files. The exit code of the module docstring."""
+    from tvkd.callbacks import PrintCallbacks
+    from tvkd.data import DataError
+    from tvkd.models import ModelError
+    from tvkd.pipeline import run_job
+
     callbacks = PrintCallbacks()
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:  # not the main thread (e.g. called from a test runner's thread)
         previous = None
     try:
-        result = run_job(spec, callbacks, resume=args.resume)
+        result = run_job(spec, callbacks, resume=resume)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
