@@ -12,6 +12,7 @@ STATUS_COLOURS = {
     "failed": "red",
     "cancelled": "gray",
     "cancelling": "orange",
+    "waiting": "orange",
     "validating": "blue",
     "queued": "blue",
     "precomputing": "violet",
@@ -68,9 +69,18 @@ def progress_text(job: dict[str, Any]) -> str:
     return text.strip()
 
 
+def settings_text(job: dict[str, Any]) -> str:
+    """`α=0.7 β=0.1` (a TVKD job), `DPO β=0.1` (kind dpo) or `SFT` (kind sft, no α or β)."""
+    kind = job.get("kind") or "tvkd"
+    if kind == "sft" or job.get("alpha") is None:
+        return kind.upper()
+    ab = f"α={job['alpha']:g} β={job['beta']:g}"
+    return ab if kind == "tvkd" else f"{kind.upper()} {ab}"
+
+
 def job_label(job: dict[str, Any]) -> str:
     """`job_73278e29… · α=0.7 β=0.1 · succeeded`: enough to tell an α sweep apart."""
-    return f"{short_id(job['id'])} · α={job.get('alpha'):g} β={job.get('beta'):g} · {job.get('status')}"
+    return f"{short_id(job['id'])} · {settings_text(job)} · {job.get('status')}"
 
 
 def short_id(job_id: str, n: int = 12) -> str:

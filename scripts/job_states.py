@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from service.statemachine import FIRST_STAGE, STAGES, TERMINAL, TRANSITIONS, Status
+from service.statemachine import FIRST_STAGE, PATHS, STAGES, TERMINAL, TRANSITIONS, Status
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- JOB-STATES:BEGIN -->", "<!-- JOB-STATES:END -->"
@@ -33,6 +33,8 @@ def diagram() -> str:
     lines = ["```mermaid", "stateDiagram-v2", "    direction LR"]
     first = STAGES[FIRST_STAGE].status
     lines.append(f"    [*] --> {first} : POST /v1/jobs")
+    lines.append(f"    [*] --> {Status.WAITING} : POST /v1/jobs naming a job:ID model")
+    lines.append(f"    {Status.WAITING} --> {first} : the named jobs succeeded")
     seen: set[tuple[str, str]] = set()
 
     def edge(a: str, b: str, label: str) -> None:
@@ -54,7 +56,7 @@ def diagram() -> str:
 
 def stops() -> str:
     """The other moves of TRANSITIONS (cancel and failure), in words."""
-    flow = set()
+    flow = {(Status.WAITING, STAGES[FIRST_STAGE].status)}
     for s in STAGES.values():  # a hand-back: the stage waits in the queue and starts again
         flow |= {(s.status, Status.QUEUED), (Status.QUEUED, s.status)}
     for s in STAGES.values():
@@ -79,6 +81,13 @@ def stops() -> str:
     )
 
 
+def paths_table() -> str:
+    """Each job kind's path through the stages (PATHS)."""
+    rows = ["| job kind | stages |", "|---|---|"]
+    rows += [f"| `{kind}` | {' → '.join(f'`{s}`' for s in path)} |" for kind, path in PATHS.items()]
+    return "\n".join(rows)
+
+
 def render() -> str:
     return "\n\n".join(
         [
@@ -86,6 +95,7 @@ def render() -> str:
             "The stages and statuses below are generated from `service/statemachine.py` "
             "(`python scripts/job_states.py --write`; a test keeps them current).",
             stage_table(),
+            paths_table(),
             diagram(),
             stops(),
             END,

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from service import dependencies
 from service.models import Job, JobEvent, utcnow
 from service.statemachine import FIRST_STAGE, NOT_STARTED, STAGES, TERMINAL, Status, can_move
 
@@ -61,9 +62,12 @@ def _move(job: Job, status: str) -> None:
 # -------------------------------------------------------------------------------------------- API
 
 
-def new_job(**columns: Any) -> Job:
+def new_job(*, waiting: bool = False, **columns: Any) -> Job:
     """A submitted job: waiting for its first stage, with its send time set (committed with the
-    row, so a message lost before it is sent is re-sent by the reconciler)."""
+    row, so a message lost before it is sent is re-sent by the reconciler); or, `waiting` for the
+    jobs it names (service.dependencies), `waiting` and unsent."""
+    if waiting:
+        return Job(status=Status.WAITING, stage=FIRST_STAGE, enqueued_at=None, **columns)
     return Job(status=STAGES[FIRST_STAGE].status, stage=FIRST_STAGE, enqueued_at=utcnow(), **columns)
 
 
@@ -114,6 +118,8 @@ def start_stage(
     job = session.get(Job, job_id)
     if job is None:
         return Claim(None, None, "no such job")
+    if job.status == Status.WAITING:  # its first stage is sent when the jobs it names succeed
+        return Claim(None, None, "it is waiting for the jobs it names")
     holder = job.worker if job.lease_token else None
     token = acquire_lease(session, job_id, worker, timeout=timeout)
     session.refresh(job)
@@ -209,11 +215,12 @@ def finish(
     message: str,
     error: tuple[str, str] | None = None,
     data: dict[str, Any] | None = None,
-) -> None:
+) -> list[str]:
     """Move a job to a terminal status (no-op if it already is in one). `succeeded` only from its
-    last stage."""
+    last stage. The waiting jobs that name this one are settled (`settle`): returns the ids of
+    those released, for the caller to send after its commit."""
     if job.status in TERMINAL:
-        return
+        return []
     if status not in TERMINAL:
         raise JobStateError(f"{status} is not a terminal status")
     if status == Status.SUCCEEDED:
@@ -236,6 +243,45 @@ def finish(
         stage=job.stage,
         data=data,
     )
+    released: list[str] = []
+    for waiting in dependencies.dependents(session, job):
+        released += settle(session, waiting)
+    return released
+
+
+# -------------------------------------------------------------------------------------------- chains
+
+
+def settle(session: Session, job: Job) -> list[str]:
+    """A waiting job whose references (service.dependencies) have all succeeded moves to its
+    first stage's status, unsent (the caller sends it, else the reconciler does); one whose
+    reference failed, was cancelled or is gone fails with code `dependency_failed` (and its own
+    dependents with it). Returns the ids of the jobs released; nothing happens while a reference
+    is still on its way."""
+    if job.status != Status.WAITING:
+        return []
+    verdict = dependencies.verdict(session, job)
+    if verdict is None:
+        return []
+    action, why = verdict
+    if action == "fail":
+        code = dependencies.DEPENDENCY_FAILED
+        return finish(session, job, Status.FAILED, message=f"failed ({code}): {why}", error=(code, why))
+    _move(job, STAGES[FIRST_STAGE].status)
+    job.enqueued_at = None
+    named = ", ".join(f"the {f} job {r}" for f, r in dependencies.references(job).items())
+    add_event(session, job.id, f"{named} succeeded: the job starts", stage=job.stage)
+    return [job.id]
+
+
+def settle_waiting(session: Session) -> list[str]:
+    """`settle` every waiting job (the reconciler's pass); the ids released."""
+    released: list[str] = []
+    for job in session.scalars(
+        select(Job).where(Job.status == Status.WAITING).order_by(Job.created_at).with_for_update()
+    ).all():
+        released += settle(session, job)
+    return released
 
 
 # -------------------------------------------------------------------------------------------- leases

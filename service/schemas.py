@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.hyperparams import Hyperparameters, top_level_field
 from service.statemachine import STAGES, Status
+from tvkd.config import JOB_KINDS
 
 # The job statuses of the state machine, as an inline enum of strings in the OpenAPI document.
 JobStatus = Literal[tuple(s.value for s in Status)]  # type: ignore[valid-type]
@@ -65,14 +66,29 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 # Jobs
 
 
-class JobCreate(_Strict):
-    """A distillation job: the body of POST /v1/jobs."""
+JobKind = Literal[JOB_KINDS]  # type: ignore[valid-type]
 
-    teacher: Name = Field(
-        description="Teacher model: a folder name relative to a TVKD_MODEL_ROOTS root, an absolute path "
-        "inside one, or (with TVKD_ALLOW_HUB) a Hugging Face hub id. Checked even when alpha=0."
+
+class JobCreate(_Strict):
+    """A job: the body of POST /v1/jobs."""
+
+    kind: JobKind = Field(
+        default="tvkd",
+        description="'tvkd': distil the teacher into the student (TVKD; alpha 0 is DPO with the teacher "
+        "still named); 'dpo': plain DPO, no teacher (alpha 0, no teacher pass); 'sft': supervised "
+        "fine-tuning of `student` on the chosen responses or prompt/completion rows (no teacher, "
+        "no alpha/beta; `hyperparameters` are SFTConfig's and the job options).",
     )
-    student: Name = Field(description="Student model to train (initial weights), same rules as teacher.")
+    teacher: Name | None = Field(
+        default=None,
+        description="Teacher model (kind 'tvkd' only, required there): a folder name relative to a "
+        "TVKD_MODEL_ROOTS root, an absolute path inside one, (with TVKD_ALLOW_HUB) a Hugging Face hub "
+        "id, or `job:<id>`: the model another of your jobs makes (this job waits for it). Checked even "
+        "when alpha=0.",
+    )
+    student: Name = Field(
+        description="Student model to train (initial weights), same rules as teacher (`job:<id>` too)."
+    )
     dataset: Name = Field(
         description="Preference data: a file or `datasets` folder relative to a TVKD_DATA_ROOTS root, an "
         "absolute path inside one, or the id (`ds_…`) of a dataset this key uploaded."
@@ -104,14 +120,19 @@ class JobErrorInfo(BaseModel):
 class Job(BaseModel):
     id: str
     object: Literal["job"] = "job"
+    kind: JobKind
     status: JobStatus
     stage: str = Field(description="The stage that runs, or runs next: " + ", ".join(STAGES) + ".")
     progress: Progress
-    teacher: str
+    teacher: str | None
     student: str
     dataset: str
-    alpha: float
-    beta: float
+    depends_on: dict[str, str] = Field(
+        description="The jobs whose models this one uses, by field ({'teacher': 'job_…'}): a `waiting` "
+        "job starts once they have all succeeded, and fails (`dependency_failed`) if one does not."
+    )
+    alpha: float | None = Field(description="null for an 'sft' job.")
+    beta: float | None = Field(description="null for an 'sft' job.")
     hyperparameters: dict[str, Any] = Field(description="Every setting, defaults filled in.")
     metadata: dict[str, Any]
     warnings: list[str] = Field(description="Legal settings that are probably not what was meant.")

@@ -12,14 +12,25 @@ progress.
     evaluate     evaluating             default      tvkd.evaluate      run_evaluate    (succeeded)
 
 Between two stages a job shows `queued`; the first stage's status (`validating`) is also shown
-while the job waits for it. A stage's runner returns which of its `next` stages follows (the
-first one unless it says otherwise: validate skips precompute when the method uses no teacher);
-a stage with no `next` ends the job `succeeded`. Adding a stage, or another kind's path through
-the stages, is an entry here plus a runner in worker/stages.py.
+while the job waits for it. A job that names another job's output (`"job:<id>"` as its teacher
+or student) shows `waiting` until those jobs have succeeded, then goes on to `validating` (or
+ends `failed` if one of them fails or is cancelled).
+
+A job's kind decides its path through the stages (`PATHS`):
+
+    tvkd   validate → precompute → train → evaluate
+    dpo    validate → train → evaluate            (alpha 0: no teacher, no precompute)
+    sft    validate → train → evaluate            (supervised fine-tuning)
+
+A stage's runner may return another of its `next` stages (validate skips precompute when a tvkd
+job's method uses no teacher); otherwise the job follows its kind's path, and a stage at the end
+of it ends the job `succeeded`. Adding a stage, or another kind's path through the stages, is an
+entry here plus a runner in worker/stages.py.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -27,6 +38,7 @@ from enum import StrEnum
 class Status(StrEnum):
     """What a job is doing, as the API shows it (`job.status`)."""
 
+    WAITING = "waiting"  #: Waits for the jobs it names (`job:<id>`) to succeed; nothing runs yet.
     VALIDATING = "validating"  #: Submitted; its data, models and settings are being checked.
     QUEUED = "queued"  #: Waiting in a queue for its next stage.
     PRECOMPUTING = "precomputing"  #: The teacher pass writes the value store (or reuses it).
@@ -100,9 +112,27 @@ STAGES: dict[str, Stage] = {
     )
 }
 FIRST_STAGE = "validate"
+# Each job kind's stages in order (tvkd.config.JOB_KINDS); every step is one of the stage's `next`.
+PATHS: dict[str, tuple[str, ...]] = {
+    "tvkd": ("validate", "precompute", "train", "evaluate"),
+    "dpo": ("validate", "train", "evaluate"),
+    "sft": ("validate", "train", "evaluate"),
+}
+for _path in PATHS.values():
+    assert _path[0] == FIRST_STAGE and STAGES[_path[-1]].last
+    assert all(b in STAGES[a].next for a, b in itertools.pairwise(_path)), _path
+
+
+def next_stage(kind: str, stage: str) -> str | None:
+    """The stage after `stage` on the path of `kind` (None: the last one, the job succeeds)."""
+    path = PATHS[kind]
+    k = path.index(stage)
+    return path[k + 1] if k + 1 < len(path) else None
+
+
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys(s.queue for s in STAGES.values()))
 # A job in one of these has not started any work yet: cancel ends it at once.
-NOT_STARTED = frozenset({STAGES[FIRST_STAGE].status, Status.QUEUED})
+NOT_STARTED = frozenset({Status.WAITING, STAGES[FIRST_STAGE].status, Status.QUEUED})
 RUNNING = frozenset(s.status for s in STAGES.values())
 
 
@@ -113,6 +143,9 @@ def _transitions() -> dict[Status, frozenset[Status]]:
     # A worker starts the next stage; or the job is cancelled (nothing runs: it ends at once) or
     # failed without running (e.g. its re-sends are exhausted).
     out[Status.QUEUED] |= RUNNING | {Status.FAILED, Status.CANCELLED}
+    # A waiting job starts its first stage once the jobs it needs succeeded; fails when one of
+    # them failed or was cancelled; or is cancelled.
+    out[Status.WAITING] |= {STAGES[FIRST_STAGE].status, Status.FAILED, Status.CANCELLED}
     for stage in STAGES.values():
         out[stage.status] |= {Status.QUEUED} | stops  # a stage hands over (or back), fails, stops
         if stage.last:

@@ -22,7 +22,6 @@ is caught; a worker may run on another host with other mounts).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -35,10 +34,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service import dependencies
 from service.errors import invalid
 from service.models import Dataset, Job
 from service.settings import Settings
-from tvkd.config import ConfigError, JobSpec, split_settings
+from service.statemachine import Status
+from tvkd.config import ConfigError, JobSpec, split_settings, split_sft_settings
 from tvkd.models import HUB_ID_RE, ModelError, load_config, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ValidSpec:
 
     settings: dict[str, Any]
     warnings: list[str]
+    waiting: bool = False  # a model it names (`job:<id>`) is another job's that has not succeeded
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,15 +70,34 @@ def config_field_path(field: str) -> str:
     return field if field in ("alpha", "beta") else f"hyperparameters.{field}"
 
 
-def check_settings(alpha: float, beta: float, hyperparameters: dict[str, Any]) -> ValidSpec:
-    """Run tvkd's dataclass checks; a ConfigError is a 422 naming `alpha`, `beta` or
-    `hyperparameters.<name>`."""
+def check_settings(
+    alpha: float,
+    beta: float,
+    hyperparameters: dict[str, Any],
+    *,
+    kind: str = "tvkd",
+    given: frozenset[str] = frozenset(),
+) -> ValidSpec:
+    """Run tvkd's dataclass checks for a job of `kind`; a ConfigError is a 422 naming `alpha`,
+    `beta` or `hyperparameters.<name>`. `given` names the top-level and hyperparameter fields the
+    request spelled out: a "dpo" job's alpha defaults to 0 (and must be 0); an "sft" job takes
+    no alpha or beta and only the SFTConfig and job-option settings it gives (`hyperparameters`
+    holds only those, so the TVKD defaults do not leak into it)."""
     try:
+        if kind == "sft":
+            for name in ("alpha", "beta"):
+                if name in given:
+                    raise ConfigError(name, "an 'sft' job has no TVKD method settings")
+            train, options = split_sft_settings(hyperparameters)
+            return ValidSpec(JobSpec.kind_settings("sft", train, options), [])
+        if kind == "dpo":
+            alpha = alpha if "alpha" in given else 0.0
         train, options = split_settings({**hyperparameters, "alpha": alpha, "beta": beta})
+        if kind == "dpo" and train.method.uses_teacher:
+            raise ConfigError("alpha", f"a 'dpo' job trains plain DPO: alpha must be 0; got {alpha}")
     except ConfigError as exc:
         raise invalid(config_field_path(exc.field), exc.message) from exc
-    settings = {"train": train.to_dict(), "options": dataclasses.asdict(options)}
-    return ValidSpec(settings, train.method.warnings())
+    return ValidSpec(JobSpec.kind_settings(kind, train, options), train.method.warnings())
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,42 +269,63 @@ def check_job(
     checks: ModelChecks,
     owner_id: str,
     *,
-    teacher: str,
+    teacher: str | None,
     student: str,
     dataset: str,
     alpha: float,
     beta: float,
     hyperparameters: dict[str, Any],
+    kind: str = "tvkd",
+    given: frozenset[str] = frozenset(),
 ) -> ValidSpec:
-    """Every submit-time check, cheapest first; the first failure is raised as a 422."""
-    spec = check_settings(alpha, beta, hyperparameters)
+    """Every submit-time check, cheapest first; the first failure is raised as a 422. A model
+    named `"job:<id>"` is another job's output (service.dependencies): checked as a reference;
+    `ValidSpec.waiting` says whether one of them has not succeeded yet."""
+    spec = check_settings(alpha, beta, hyperparameters, kind=kind, given=given)
     resolve_dataset(settings, session, owner_id, dataset)
     if hyperparameters.get("eval_dataset"):
         resolve_dataset(
             settings, session, owner_id, hyperparameters["eval_dataset"], field="hyperparameters.eval_dataset"
         )
-    check_model(settings, checks, teacher, field="teacher")
-    check_model(settings, checks, student, field="student")
+    if kind == "tvkd" and not teacher:
+        raise invalid("teacher", "a 'tvkd' job needs a teacher (or submit kind 'dpo')", code="missing_field")
+    if kind != "tvkd" and teacher:
+        raise invalid("teacher", f"a {kind!r} job has no teacher")
+    for field, name in (("teacher", teacher), ("student", student)):
+        if name is None:
+            continue
+        if dependencies.job_ref(name) is None:
+            check_model(settings, checks, name, field=field)
+        elif dependencies.check_reference(session, owner_id, name, field=field).status != Status.SUCCEEDED:
+            spec.waiting = True
     return spec
+
+
+def _model(settings: Settings, session: Session, name: str, *, field: str) -> str:
+    ref = dependencies.job_ref(name)
+    if ref is None:
+        return resolve_model(settings, name, field=field)
+    return dependencies.model_of(settings, session, ref, field=field)
 
 
 def job_spec(settings: Settings, session: Session, job: Job, *, output_dir: str, store_root: str) -> JobSpec:
     """The spec a job stored at submit, with this process's paths: every name resolved again under
-    the roots (the teacher only when the method uses it). Raises APIError naming the field when a
-    name no longer resolves (a worker turns it into the job's error)."""
+    the roots (the teacher only when the method uses it; `"job:<id>"` to that job's model folder).
+    Raises APIError naming the field when a name no longer resolves (a worker turns it into the
+    job's error)."""
     spec = JobSpec.from_dict(
         {
             **job.spec,
             "teacher": None,
-            "student": resolve_model(settings, job.student, field="student"),
+            "student": _model(settings, session, job.student, field="student"),
             "dataset": resolve_dataset(settings, session, job.owner_id, job.dataset),
             "output_dir": output_dir,
             "store_root": store_root,
             "device": settings.torch_device,
         }
     )
-    if spec.train.method.uses_teacher:
-        spec.teacher = resolve_model(settings, job.teacher, field="teacher")
+    if spec.uses_teacher:
+        spec.teacher = _model(settings, session, job.teacher, field="teacher")
     if spec.options.eval_dataset:
         spec.options.eval_dataset = resolve_dataset(
             settings, session, job.owner_id, spec.options.eval_dataset, field="hyperparameters.eval_dataset"

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import dependencies
 from service import models as db
 from service import schemas as api
 from service.disclosure import Redactor, Scrub
@@ -50,11 +51,13 @@ def job_view(job: db.Job, scrub: Scrub, *, model_path: str | None = None) -> api
             fraction=min(1.0, done / total) if total > 0 else None,
             eta_seconds=finite(job.eta_seconds),
         ),
-        teacher=job.teacher,
+        kind=(job.spec or {}).get("kind") or "tvkd",
+        teacher=job.teacher or None,  # "" = no teacher (dpo, sft)
         student=job.student,
         dataset=job.dataset,
-        alpha=settings.pop("alpha"),
-        beta=settings.pop("beta"),
+        depends_on=dependencies.references(job),
+        alpha=settings.pop("alpha", None),
+        beta=settings.pop("beta", None),
         hyperparameters=scrub(settings),
         metadata=job.user_metadata or {},
         warnings=job_warnings(job),

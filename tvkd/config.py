@@ -448,9 +448,20 @@ def split_settings(flat: Mapping[str, Any]) -> tuple[TrainConfig, JobOptions]:
 
 def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The reverse of `split_settings`, on a stored spec's {"train": {..., "method": {...}},
-    "options": {...}}: every setting at the top level (method, then training, then options)."""
+    "options": {...}}: every setting at the top level (method, then training, then options).
+    An "sft" job's train settings have no method."""
     train = dict(settings["train"])
-    return {**train.pop("method"), **train, **settings["options"]}
+    return {**train.pop("method", {}), **train, **settings["options"]}
+
+
+def split_sft_settings(flat: Mapping[str, Any]) -> tuple[SFTConfig, JobOptions]:
+    """`split_settings` for an "sft" job: each key to the SFTConfig or JobOptions field of its
+    name (precompute_bf16 is not an SFT option). Raises ConfigError naming an unknown or invalid
+    setting (a TVKD method setting such as alpha included)."""
+    names = {f.name for f in dataclasses.fields(JobOptions)} - {"precompute_bf16"}
+    _refuse_unknown(flat, names | {f.name for f in dataclasses.fields(SFTConfig)})
+    options = JobOptions.from_dict({k: v for k, v in flat.items() if k in names})
+    return SFTConfig.from_dict({k: v for k, v in flat.items() if k not in names}), options
 
 
 @dataclass
@@ -495,7 +506,12 @@ class JobSpec:
 
     def settings(self) -> dict[str, Any]:
         """{"kind", "train": the training config as a (nested) dict, "options": JobOptions} (JSON)."""
-        return {"kind": self.kind, "train": self.train.to_dict(), "options": dataclasses.asdict(self.options)}
+        return self.kind_settings(self.kind, self.train, self.options)
+
+    @staticmethod
+    def kind_settings(kind: str, train: TrainConfig | SFTConfig, options: JobOptions) -> dict[str, Any]:
+        """`settings()` of a job of `kind` with these configs (what a service job stores)."""
+        return {"kind": kind, "train": train.to_dict(), "options": dataclasses.asdict(options)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,6 +16,10 @@ Every `interval` seconds it looks for jobs that are not terminal and that nothin
   between the insert and the enqueue). Sent.
 - cancel requested with no live lease (e.g. between stages, or its worker died while
   cancelling): finished `cancelled` here, since no worker would otherwise pick it up.
+- waiting for the jobs it names (`job:<id>`, service.dependencies): never sent; settled on each
+  pass (`jobstate.settle_waiting`: released and sent when they all succeeded, failed when one
+  failed or was cancelled). The usual release is at once, by the worker that finishes the last
+  of them; this pass covers a reference that finished between a submit's check and its commit.
 
 No leader election: every worker runs a reconciler, and each action on a job is claimed with a
 compare-and-set UPDATE on the row (the lease token / heartbeat / enqueued_at it saw), so when
@@ -42,7 +46,7 @@ from service.db import cached_sessions, transaction
 from service.models import Job, utcnow
 from service.queue import PUBLISH_ERRORS, embedded_folders, is_embedded, send_stage
 from service.settings import Settings
-from service.statemachine import TERMINAL
+from service.statemachine import FIRST_STAGE, TERMINAL, Status
 from worker.dispatch import queued_job_ids
 
 log = logging.getLogger("tvkd.worker.reconciler")
@@ -92,9 +96,17 @@ class Reconciler(threading.Thread):
         )
         columns = (Job.id, Job.stage, Job.lease_token, Job.heartbeat_at, Job.enqueued_at)
         columns += (Job.cancel_requested, Job.worker)
+        live = Job.status.not_in([*TERMINAL, Status.WAITING])
         with self.factory() as session:
-            candidates = list(session.execute(select(*columns).where(Job.status.not_in(TERMINAL), wanted)))
+            candidates = list(session.execute(select(*columns).where(live, wanted)))
         actions: list[tuple[str, str]] = []
+        with transaction(self.factory) as session:
+            released = jobstate.settle_waiting(session)
+            for job_id in released:
+                jobstate.mark_sent(session, job_id)
+        for job_id in released:
+            self._send(job_id, FIRST_STAGE)
+            actions.append((job_id, "released"))
         queued: set[str] | None = None
         inspected = False
         for row in candidates:

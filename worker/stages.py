@@ -115,7 +115,7 @@ class StageContext:
                     store_root=str(self.settings.artifacts / VALUES_DIR),
                 )
         except APIError as exc:
-            kind = ModelError if exc.code == "invalid_model" else DatasetNotFound
+            kind = ModelError if exc.code in ("invalid_model", "dependency_failed") else DatasetNotFound
             raise kind(f"{exc.field}: {exc.message}") from exc
 
     @property
@@ -141,14 +141,15 @@ def run_validate(ctx: StageContext) -> Outcome:
     prepared = pipeline.validate(spec, ctx.reporter)
     if ctx.flags.requested:
         return Outcome("stopped", message="stopped after validation")
-    uses_teacher = spec.train.method.uses_teacher
+    uses_teacher = spec.uses_teacher
     if not uses_teacher:
-        ctx.reporter.event("info", "plain DPO (alpha=0 or shaping='none'): no teacher precompute")
+        what = "supervised fine-tuning" if spec.kind == "sft" else "plain DPO (alpha=0 or shaping='none')"
+        ctx.reporter.event("info", f"{what}: no teacher precompute")
     pipeline.write_prepared(Path(spec.output_dir) / pipeline.PREPARED_FILE, prepared)
     summary = prepared.summary()
     return Outcome(
         "advance",
-        "precompute" if uses_teacher else "train",
+        None if uses_teacher else "train",  # None: the next stage of the job kind's path
         message="validation passed",
         result={
             "validate": {
@@ -341,7 +342,7 @@ def run_train(ctx: StageContext) -> Outcome:
     ctx.reporter.checkpoint_every = spec.train.save_every
     prepared = prepare(ctx)
     store = None
-    if spec.train.method.uses_teacher:
+    if spec.uses_teacher:
         key = ctx.job.precompute_key
         store = ValueStore.find(spec.store_root, key) if key else None
         if store is None:
@@ -509,7 +510,8 @@ def run_evaluate(ctx: StageContext) -> Outcome:
 def _api_settings(spec: dict[str, Any]) -> dict[str, Any]:
     """The stored settings as the API shows them: alpha and beta, then the flat rest."""
     flat = flat_settings(spec)
-    return {"alpha": flat.pop("alpha"), "beta": flat.pop("beta"), "hyperparameters": flat}
+    alpha, beta = flat.pop("alpha", None), flat.pop("beta", None)
+    return {"kind": spec.get("kind") or "tvkd", "alpha": alpha, "beta": beta, "hyperparameters": flat}
 
 
 def with_batch(spec: JobSpec, batch_size: int, grad_accum: int) -> JobSpec:

@@ -36,7 +36,7 @@ from service.jobstate import StaleMessage, add_event, finish
 from service.models import Job
 from service.queue import PUBLISH_ERRORS, send_stage
 from service.settings import Settings
-from service.statemachine import STAGES, Status
+from service.statemachine import FIRST_STAGE, Status, next_stage
 from tvkd.config import ConfigError
 from tvkd.data import DataError
 from tvkd.models import ModelError
@@ -116,15 +116,21 @@ def claim(
     return taken.job, taken.token
 
 
-def _send(ctx: StageContext, stage: str) -> None:
+def mark_sent(factory: sessionmaker[Session], job_id: str) -> None:
+    with transaction(factory) as session:
+        jobstate.mark_sent(session, job_id)
+
+
+def _send(ctx: StageContext, stage: str, job_id: str | None = None) -> None:
+    job_id = job_id or ctx.job.id
     try:
-        send_stage(ctx.app, ctx.job.id, stage)
+        send_stage(ctx.app, job_id, stage)
     except PUBLISH_ERRORS as exc:
-        log.warning("job %s: could not send %s (%s); the reconciler will", ctx.job.id, stage, exc)
+        log.warning("job %s: could not send %s (%s); the reconciler will", job_id, stage, exc)
         with transaction(ctx.factory) as session:
             add_event(
                 session,
-                ctx.job.id,
+                job_id,
                 f"the broker is unavailable ({type(exc).__name__}); {stage} will be sent when it is back",
                 level="warning",
                 stage=stage,
@@ -134,7 +140,9 @@ def _send(ctx: StageContext, stage: str) -> None:
 def complete(ctx: StageContext, outcome: Outcome) -> str:
     """Record how the stage ended: the job succeeds (last stage), is cancelled, goes back to its
     queue (the worker is shutting down) or on to the next stage, whose message is sent after the
-    commit (so a fast worker never sees the old stage)."""
+    commit (so a fast worker never sees the old stage). A job that succeeds releases the waiting
+    jobs that named its model (service.dependencies); their first stage is sent here too."""
+    released: list[str] = []
     with transaction(ctx.factory) as session:
         job = jobstate.held(session, ctx.job.id, ctx.token)
         if job is None:
@@ -145,16 +153,15 @@ def complete(ctx: StageContext, outcome: Outcome) -> str:
             jobstate.record(session, job.id, ctx.token, **outcome.job_values)
         session.refresh(job)
         if outcome.kind == "succeeded":
-            finish(session, job, Status.SUCCEEDED, message=outcome.message, data=outcome.data)
-            return "succeeded"
-        if ctx.flags.cancel or job.cancel_requested:
+            released = finish(session, job, Status.SUCCEEDED, message=outcome.message, data=outcome.data)
+        elif ctx.flags.cancel or job.cancel_requested:
             where = (
                 f"; checkpoint {outcome.data['checkpoint']} kept" if outcome.data.get("checkpoint") else ""
             )
             what = outcome.message or f"{ctx.stage} done"
             finish(session, job, Status.CANCELLED, message=f"cancelled ({what}{where})", data=outcome.data)
             return "cancelled"
-        if outcome.kind == "stopped":  # the worker is shutting down: let another one resume it
+        elif outcome.kind == "stopped":  # the worker is shutting down: let another one resume it
             jobstate.hand_back(
                 session,
                 job,
@@ -163,14 +170,16 @@ def complete(ctx: StageContext, outcome: Outcome) -> str:
                 data=outcome.data,
             )
         else:
-            jobstate.advance(
-                session,
-                job,
-                outcome.next_stage or STAGES[job.stage].next[0],
-                message=outcome.message,
-                data=outcome.data,
-            )
+            kind = (job.spec or {}).get("kind") or "tvkd"
+            to = outcome.next_stage or next_stage(kind, job.stage)
+            assert to is not None, f"{job.stage} is the last stage of a {kind} job: it must succeed"
+            jobstate.advance(session, job, to, message=outcome.message, data=outcome.data)
         send = job.stage
+    if outcome.kind == "succeeded":
+        for waiting in released:  # jobs that named this one's model and need nothing else now
+            mark_sent(ctx.factory, waiting)
+            _send(ctx, FIRST_STAGE, waiting)
+        return "succeeded"
     _send(ctx, send)
     return "handed_back" if outcome.kind == "stopped" else f"advanced to {send}"
 

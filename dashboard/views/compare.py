@@ -10,7 +10,7 @@ import streamlit as st
 
 from dashboard import charts, connection
 from dashboard.api_client import ApiClient
-from dashboard.formatting import job_label, short_id
+from dashboard.formatting import job_label, settings_text, short_id
 from dashboard.widgets import recent_jobs
 
 DEFAULT_METRICS = ("rewards/margins", "rewards/accuracies", "loss", "tvkd/shaping_accuracy")
@@ -19,7 +19,7 @@ RESULT_KEYS = {"eval": "eval_metrics", "train": "metrics"}
 
 
 def trace_label(job: dict[str, Any]) -> str:
-    return f"α={job['alpha']:g} β={job['beta']:g} · {short_id(job['id'], 8)}"
+    return f"{settings_text(job)} · {short_id(job['id'], 8)}"
 
 
 def final_table(jobs: list[dict[str, Any]], split: str, names: list[str]) -> pd.DataFrame:

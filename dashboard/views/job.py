@@ -38,8 +38,13 @@ def cell(text: str) -> str:
     return "`" + str(text).replace("`", "'").replace("|", "¦").replace("\n", " ") + "`"
 
 
+def optional(x: float | None) -> str:
+    return "—" if x is None else f"{x:g}"
+
+
 def header(job: dict[str, Any]) -> None:
-    st.markdown(f"### `{job['id']}` {badge(job['status'])}")
+    kind = job.get("kind") or "tvkd"
+    st.markdown(f"### `{job['id']}` {badge(job['status'])} · {kind}")
     p = job.get("progress") or {}
     if is_active(job):
         st.progress(p.get("fraction") or 0.0, text=progress_text(job))
@@ -47,8 +52,9 @@ def header(job: dict[str, Any]) -> None:
     done = f"{p.get('done', 0)}/{p.get('total', 0)}" if p.get("total") else "—"
     st.markdown(
         "| stage | done | ETA | α | β | teacher | student | dataset |\n|---|---|---|---|---|---|---|---|\n"
-        f"| {cell(job['stage'])} | {done} | {eta} | {job['alpha']:g} | {job['beta']:g} | "
-        f"{cell(job['teacher'])} | {cell(job['student'])} | {cell(job['dataset'])} |"
+        f"| {cell(job['stage'])} | {done} | {eta} | {optional(job.get('alpha'))} | "
+        f"{optional(job.get('beta'))} | {cell(job['teacher']) if job.get('teacher') else '—'} | "
+        f"{cell(job['student'])} | {cell(job['dataset'])} |"
     )
     st.caption(
         f"created {when(job.get('created_at'))} · started {when(job.get('started_at'))} · "
@@ -61,6 +67,57 @@ def header(job: dict[str, Any]) -> None:
     if job.get("model_path"):
         st.markdown("**Model folder** (a Hugging Face folder, relative to the API's artifact root):")
         st.code(job["model_path"], language=None)
+
+
+def chain_rows(client: ApiClient, job: dict[str, Any], recent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pipeline around `job`: the jobs whose models it uses (`depends_on`, followed up the
+    chain), then the jobs among `recent` that use its model, each with its role and status."""
+    rows: list[dict[str, Any]] = []
+    seen = {job["id"]}
+
+    def up(j: dict[str, Any], depth: int) -> None:
+        for field, ref in (j.get("depends_on") or {}).items():
+            if ref in seen:
+                continue
+            seen.add(ref)
+            try:
+                other = client.get_job(ref)
+            except ApiError:
+                other = {"id": ref, "kind": "?", "status": "unknown"}
+            up(other, depth + 1)
+            rows.append(_row(other, f"{field} of {j['id'][:12]}…" if depth else f"its {field}"))
+
+    up(job, 0)
+    rows.append(_row(job, "this job"))
+    for other in recent:
+        for field, ref in (other.get("depends_on") or {}).items():
+            if ref == job["id"] and other["id"] not in seen:
+                seen.add(other["id"])
+                rows.append(_row(other, f"uses its model as {field}"))
+    return rows
+
+
+def _row(job: dict[str, Any], role: str) -> dict[str, Any]:
+    return {
+        "role": role,
+        "job": job["id"],
+        "kind": job.get("kind") or "tvkd",
+        "status": job.get("status"),
+        "model": job.get("model_path"),
+    }
+
+
+def chain(client: ApiClient, job: dict[str, Any]) -> None:
+    """The pipeline this job is part of (`job:<id>` references), when it is part of one."""
+    recent = client.list_jobs(limit=100).get("data", [])
+    rows = chain_rows(client, job, recent)
+    if len(rows) == 1:
+        return
+    st.markdown("**Pipeline** (jobs whose models this one uses, and those that use its model)")
+    if job["status"] == "waiting":
+        named = ", ".join(f"{f} `{r}`" for f, r in (job.get("depends_on") or {}).items())
+        st.info(f"Waiting for {named} to succeed.")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
 def cancel_button(client: ApiClient, job: dict[str, Any]) -> None:
@@ -187,6 +244,7 @@ def final_metrics(job: dict[str, Any]) -> None:
 def show(client: ApiClient, job_id: str) -> bool:
     job = client.get_job(job_id)
     header(job)
+    chain(client, job)
     cancel_button(client, job)
     final_metrics(job)
     tabs = st.tabs(["Curves", "Timeline", "Events", "Checkpoints", "Settings"])

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from service import models as db
 from service import samples as samples_file
+from service.dependencies import references
 from service.deps import ID_RE, OwnerDep, RedactorDep, SessionDep, SettingsDep, checked_id, in_one_thread
 from service.errors import APIError, invalid, not_found
 from service.hyperparams import INT_MAX
@@ -151,8 +152,11 @@ def create_job(
     redactor: RedactorDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
-    hyperparameters = body.hyperparameters.model_dump()
+    # An sft job stores only the settings it gives (SFTConfig's own defaults fill the rest).
+    hyperparameters = body.hyperparameters.model_dump(exclude_unset=body.kind == "sft")
+    given = frozenset(body.model_fields_set | body.hyperparameters.model_fields_set)
     spec = {
+        **({"kind": body.kind} if body.kind != "tvkd" else {}),  # tvkd: hashes as before kinds
         "teacher": body.teacher,
         "student": body.student,
         "dataset": body.dataset,
@@ -179,10 +183,13 @@ def create_job(
         alpha=body.alpha,
         beta=body.beta,
         hyperparameters=hyperparameters,
+        kind=body.kind,
+        given=given,
     )
     job = new_job(
+        waiting=valid.waiting,
         owner_id=owner,
-        teacher=body.teacher,
+        teacher=body.teacher or "",  # no teacher (dpo, sft): "" (the API shows null)
         student=body.student,
         dataset=body.dataset,
         spec=valid.settings,
@@ -195,6 +202,9 @@ def create_job(
         try:
             session.flush()  # assigns the id for the events; a duplicate Idempotency-Key fails here
             add_event(session, job.id, "job submitted", stage=job.stage)
+            if valid.waiting:
+                named = ", ".join(f"the {f} job {r}" for f, r in references(job).items())
+                add_event(session, job.id, f"waiting for {named} to succeed", stage=job.stage)
             for warning in valid.warnings:
                 add_event(
                     session, job.id, warning, level="warning", stage=job.stage, data={"warning": warning}
@@ -209,7 +219,8 @@ def create_job(
                 raise
             response.status_code = 200
             return job_response(session, earlier, redactor, owner)
-    _enqueue(settings, request, job)  # outside the write lock: publishing writes nothing here
+    if not valid.waiting:  # a waiting job is sent when the jobs it names succeed
+        _enqueue(settings, request, job)  # outside the write lock: publishing writes nothing here
     return job_response(session, job, redactor, owner)
 
 

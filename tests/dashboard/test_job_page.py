@@ -83,3 +83,37 @@ def test_unknown_job(jobs: Jobs, dashboard_env: str) -> None:
     at = open_page("job", job="job_000000000000000000000000")
     no_exceptions(at)
     assert "No job `job_000000000000000000000000` for this key" in texts(at)
+
+
+def test_a_chain_of_jobs_is_shown_on_each_of_its_pages(
+    jobs: Jobs, api: str, tiny_assets: dict[str, str], dashboard_env: str
+) -> None:
+    # No worker runs: a DPO job on the finished TVKD job's model is released at once (validating);
+    # a distillation naming that DPO job's model waits for it.
+    with client(api) as c:
+        first = jobs.tvkd["id"]
+        body = {"kind": "dpo", "student": f"job:{first}", "dataset": tiny_assets["dataset"]}
+        dpo = c.post("/v1/jobs", json=body).json()
+        body = {**job_body(tiny_assets, 0.7), "teacher": f"job:{dpo['id']}", "student": f"job:{first}"}
+        last = c.post("/v1/jobs", json=body).json()
+    assert dpo["status"] == "validating" and last["status"] == "waiting"
+
+    at = open_page("job", job=last["id"])
+    no_exceptions(at)
+    text = texts(at)
+    assert f"`{last['id']}` :orange-badge[waiting] · tvkd" in text
+    assert f"Waiting for teacher `{dpo['id']}`" in text
+    chain = frame_with(at, "role")
+    assert list(chain["job"]) == [first, dpo["id"], last["id"]]
+    assert list(chain["role"]) == [f"student of {dpo['id'][:12]}…", "its teacher", "this job"]
+    assert list(chain["kind"]) == ["tvkd", "dpo", "tvkd"]
+
+    at = open_page("job", job=first)  # the head of the chain lists who uses its model
+    no_exceptions(at)
+    users = frame_with(at, "role")
+    assert {"uses its model as student"} == set(users["role"][users["job"] != first])
+    assert {dpo["id"], last["id"]} <= set(users["job"])
+    with client(api) as c:  # cancelling the DPO job fails the one waiting for it
+        assert c.post(f"/v1/jobs/{dpo['id']}/cancel").status_code == 200
+        after = c.get(f"/v1/jobs/{last['id']}").json()
+    assert after["status"] == "failed" and after["error"]["code"] == "dependency_failed"

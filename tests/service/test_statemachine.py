@@ -52,6 +52,24 @@ def _new(db: sessionmaker[Session]) -> str:
         return job.id
 
 
+def _waiting(db: sessionmaker[Session]) -> tuple[str, str]:
+    """(a job `waiting` for another's model, the job it names, not started yet)."""
+    named = _new(db)
+    with db() as s, s.begin():
+        job = jobstate.new_job(
+            waiting=True,
+            owner_id="key_1",
+            teacher="t",
+            student=f"job:{named}",
+            dataset="d",
+            spec={},
+            spec_hash="x",
+        )
+        s.add(job)
+        s.flush()
+        return job.id, named
+
+
 def _get(db: sessionmaker[Session], job_id: str) -> Job:
     with db() as s:
         job = s.get(Job, job_id)
@@ -76,6 +94,11 @@ def _advance(db: sessionmaker[Session], job_id: str, token: str, to: str) -> Non
 def _at(db: sessionmaker[Session], stage: str) -> tuple[str, str]:
     """A job running `stage` (reached along the table's first `next` choices): (id, token)."""
     job_id = _new(db)
+    return job_id, _at_existing(db, job_id, stage)
+
+
+def _at_existing(db: sessionmaker[Session], job_id: str, stage: str) -> str:
+    """Run the new job `job_id` up to `stage`; its lease token."""
     path = [FIRST_STAGE]
     while path[-1] != stage:
         path.append(next(n for n in STAGES[path[-1]].next if n == stage or _reaches(n, stage)))
@@ -83,7 +106,7 @@ def _at(db: sessionmaker[Session], stage: str) -> tuple[str, str]:
     for nxt in path[1:]:
         _advance(db, job_id, token, nxt)
         token = _start(db, job_id, nxt)
-    return job_id, token
+    return token
 
 
 def _reaches(a: str, b: str) -> bool:
@@ -177,11 +200,29 @@ def _job_in(db: sessionmaker[Session], status: Status, dst: Status) -> tuple[str
         job_id, token = _at(db, _last())
         _finish(db, job_id, token, status)
         return job_id, None
+    if status == Status.WAITING:
+        return _waiting(db)[0], None
     return _at(db, next(s.name for s in STAGES.values() if s.status == status))
+
+
+def _named(db: sessionmaker[Session], job_id: str) -> str:
+    ref = _get(db, job_id).student
+    assert ref.startswith("job:")
+    return ref[4:]
 
 
 def _perform(db: sessionmaker[Session], job_id: str, token: str | None, to: Status) -> None:
     """Move the job to `to` through the public function that does so."""
+    if _get(db, job_id).status == Status.WAITING and to != Status.CANCELLED:
+        # The job it names ends: succeeded releases it to its first stage; failed fails it.
+        named = _named(db, job_id)
+        if to == Status.FAILED:
+            _finish(db, named, None, Status.FAILED)
+            assert _get(db, job_id).error_code == "dependency_failed"
+        else:
+            named_token = _at_existing(db, named, _last())
+            _finish(db, named, named_token, Status.SUCCEEDED)
+        return
     if to in TERMINAL:
         _finish(db, job_id, token, to)
     elif to == Status.CANCELLING:
@@ -305,3 +346,42 @@ def test_cancel_before_start_ends_at_once_and_a_running_job_goes_cancelling(
     with db() as s, s.begin():
         claim = jobstate.start_stage(s, running, FIRST_STAGE, "w2", timeout=TIMEOUT, output_dir="x")
     assert claim.job is None and _get(db, running).status == Status.CANCELLED
+
+
+def test_a_waiting_job_starts_when_what_it_names_succeeds_and_fails_with_it(
+    db: sessionmaker[Session],
+) -> None:
+    job_id, named = _waiting(db)
+    with db() as s, s.begin():  # a stray message for its first stage runs nothing
+        claim = jobstate.start_stage(s, job_id, FIRST_STAGE, "w1", timeout=TIMEOUT, output_dir="x")
+    assert claim.job is None and "waiting" in claim.reason and _get(db, job_id).status == Status.WAITING
+    with db() as s, s.begin():  # nothing to settle while the named job runs
+        assert jobstate.settle_waiting(s) == []
+    token = _at_existing(db, named, _last())
+    with db() as s, s.begin():
+        job = jobstate.held(s, named, token)
+        assert job is not None
+        released = jobstate.finish(s, job, Status.SUCCEEDED, message="done")
+    assert released == [job_id]
+    job = _get(db, job_id)
+    assert job.status == STAGES[FIRST_STAGE].status and job.enqueued_at is None  # sent by the caller
+    # A chain of two waiting jobs: cancelling the head fails both, naming the cause.
+    second, head = _waiting(db)
+    with db() as s, s.begin():
+        third = jobstate.new_job(
+            waiting=True,
+            owner_id="key_1",
+            teacher=f"job:{second}",
+            student="s",
+            dataset="d",
+            spec={},
+            spec_hash="y",
+        )
+        s.add(third)
+        s.flush()
+        third_id = third.id
+    _cancel(db, head)
+    for waiting, cause in ((second, head), (third_id, second)):
+        job = _get(db, waiting)
+        assert job.status == Status.FAILED and job.error_code == "dependency_failed"
+        assert cause in (job.error_message or "")
