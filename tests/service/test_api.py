@@ -846,6 +846,22 @@ def test_client_cli(api: str, body: dict[str, Any], service_env: dict[str, str])
     assert bad_hp.returncode == 1 and "hyperparameters.nope" in bad_hp.stderr
     cancelled = tvkd("cancel", job["id"])
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    # A chain from the command line: --id-only for $(...), job:<id> for another job's model.
+    sft = tvkd(
+        "submit", "--kind", "sft", "--student", body["student"], "--dataset", body["dataset"], "--id-only"
+    )
+    assert sft.returncode == 0, sft.stderr
+    head = sft.stdout.strip()
+    CREATED.append((api, head))
+    dpo = tvkd(
+        "submit", "--kind", "dpo", "--student", f"job:{head}", "--dataset", body["dataset"], "--id-only"
+    )
+    assert dpo.returncode == 0, dpo.stderr
+    CREATED.append((api, dpo.stdout.strip()))
+    line = tvkd("status", dpo.stdout.strip()).stdout
+    assert "dpo" in line and "waiting" in line and f"(uses student={head})" in line
+    no_teacher = tvkd("submit", "--student", body["student"], "--dataset", body["dataset"])
+    assert no_teacher.returncode == 1 and "(field: teacher)" in no_teacher.stderr
     again = tvkd("cancel", job["id"])
     assert again.returncode == 1 and "409" in again.stderr
     no_key = subprocess.run(

@@ -37,12 +37,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     submit = subparsers.add_parser(
         "submit",
-        help="submit a distillation job to the API",
-        description="Submit a TVKD job. Hyperparameters as --hp key=value (values parsed as JSON when "
-        "they are JSON: --hp epochs=2 --hp lora=true --hp 'lora_target_modules=[\"q_proj\"]').",
+        help="submit a job (distillation, DPO or SFT) to the API",
+        description="Submit a job. Hyperparameters as --hp key=value (values parsed as JSON when "
+        "they are JSON: --hp epochs=2 --hp lora=true --hp 'lora_target_modules=[\"q_proj\"]'). A model "
+        "may be another of your jobs' output, job:<id>: the job waits for it.",
     )
-    submit.add_argument("--teacher", required=True, help="teacher model (name under the model roots)")
-    submit.add_argument("--student", required=True, help="student model (name under the model roots)")
+    submit.add_argument(
+        "--kind",
+        choices=("tvkd", "dpo", "sft"),
+        default=None,
+        help="tvkd (distillation, the API's default), dpo (no teacher) or sft (supervised fine-tuning)",
+    )
+    submit.add_argument(
+        "--teacher", help="teacher model (kind tvkd): a name under the model roots, or job:<id>"
+    )
+    submit.add_argument(
+        "--student", required=True, help="student model: a name under the model roots, or job:<id>"
+    )
     submit.add_argument("--dataset", required=True, help="dataset (path under the data roots, or ds_… id)")
     submit.add_argument("--alpha", type=float, default=None, help="shaping weight α (default: the API's)")
     submit.add_argument("--beta", type=float, default=None, help="DPO temperature β (default: the API's)")
@@ -53,6 +64,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--idempotency-key", default=None, help="retry-safe submit: same key, same job")
     submit.add_argument(
         "--wait", action="store_true", help="wait until the job ends; exit 0 only if it succeeded"
+    )
+    submit.add_argument(
+        "--id-only", action="store_true", help="print only the job id (JOB=$(tvkd submit ... --id-only))"
     )
     _common(submit)
     submit.set_defaults(func=cmd_submit)
@@ -148,7 +162,11 @@ def job_line(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     fraction = progress.get("fraction")
     pct = f"{100 * fraction:5.1f}%" if fraction is not None else "     -"
-    return f"{job['id']}  {job['status']:<12} {job['stage']:<10} {pct}  {job['student']} <- {job['teacher']}"
+    source = f" <- {job['teacher']}" if job.get("teacher") else ""
+    waits = ", ".join(f"{f}={r}" for f, r in (job.get("depends_on") or {}).items())
+    kind = job.get("kind") or "tvkd"
+    line = f"{job['id']}  {kind:<4} {job['status']:<12} {job['stage']:<10} {pct}  {job['student']}{source}"
+    return line + (f"  (uses {waits})" if waits else "")
 
 
 def progress_bar(job: dict[str, Any]) -> str:
@@ -173,13 +191,16 @@ def show_job(job: dict[str, Any]) -> None:
         print(f"  model: {job['model_path']}")
 
 
-def watch(client: Any, job_id: str, *, bar: bool) -> dict[str, Any]:
-    """Poll until the job ends, printing a progress bar (on a terminal) or status changes."""
-    tty = bar and sys.stdout.isatty()
+def watch(client: Any, job_id: str, *, bar: bool, quiet: bool = False) -> dict[str, Any]:
+    """Poll until the job ends, printing a progress bar (on a terminal) or status changes
+    (nothing when `quiet`)."""
+    tty = bar and sys.stdout.isatty() and not quiet
     last = None
     while True:
         job = _call(client, "GET", f"/v1/jobs/{job_id}")
-        if tty:
+        if quiet:
+            pass
+        elif tty:
             print("\r" + progress_bar(job).ljust(100), end="", flush=True)
         elif (job["status"], job["stage"]) != last:
             print(progress_bar(job) if bar else f"{job['id']}: {job['status']} ({job['stage']})", flush=True)
@@ -201,7 +222,11 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
-        body: dict[str, Any] = {"teacher": args.teacher, "student": args.student, "dataset": args.dataset}
+        body: dict[str, Any] = {"student": args.student, "dataset": args.dataset}
+        if args.kind is not None:
+            body["kind"] = args.kind
+        if args.teacher is not None:
+            body["teacher"] = args.teacher
         if args.alpha is not None:
             body["alpha"] = args.alpha
         if args.beta is not None:
@@ -211,6 +236,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
         with _client(args) as client:
             job = _call(client, "POST", "/v1/jobs", json=body, headers=headers)
+            if args.id_only:
+                print(job["id"])
+                if not args.wait:
+                    return 0
+                job = watch(client, job["id"], bar=False, quiet=True)
+                return 0 if job["status"] == "succeeded" else 1
             if args.json and not args.wait:
                 print(json.dumps(job, indent=2))
                 return 0
