@@ -42,9 +42,19 @@ def _run(script: str, *args: str, tmp_path: Path, timeout: int = 600) -> str:
 def test_step_time_smoke(tmp_path):
     out = _run("step_time.py", "--smoke", "--threads", "1", tmp_path=tmp_path)  # TRL: in the dev extra
     assert "| method" in out and "median step ms" in out
-    for name in ("TVKD (α=0.7)", "DPO (same step, α=0)", "TRL DPOTrainer"):
-        assert name in out
-    assert "TVKD ÷ DPO step" in out and "TVKD ÷ TRL step" in out
+    names = (
+        "TVKD (α=0.7)",
+        "TVKD (α=0.7), bf16",
+        "DPO (same step, α=0)",
+        "TRL DPOTrainer, ref forward every step",
+        "TRL DPOTrainer, precompute_ref_log_probs",
+        "TRL DPOTrainer, precompute_ref_log_probs, bf16",
+    )
+    for name in names:
+        assert f"| {name} " in out  # a timed row of the step table
+    assert "TVKD ÷ DPO step" in out and "TVKD ÷ TRL's best" in out
+    # padding_free is either timed or reported as not run, never silently dropped
+    assert "padding_free" in out
 
 
 @pytest.mark.slow
@@ -62,3 +72,10 @@ def test_gpu_cpu_smoke(tmp_path):
     assert "## Precompute" in out and "## Training step" in out
     assert "naive DPO step (full logits, ref forward)" in out
     assert (tmp_path / "out" / "gpu.json").is_file()  # written to $OUT like on the device
+
+
+@pytest.mark.slow
+def test_precompute_time_smoke(tmp_path):
+    out = _run("precompute_time.py", "--smoke", "--threads", "1", tmp_path=tmp_path)
+    assert "| path" in out and "tokens/s" in out and "B/response token" in out
+    assert "TVKD precompute_values" in out and "research method: fp16" in out
