@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from tvkd.data import PreferencePair, RowError
-from tvkd.logps import linear_logps, response_positions
+from tvkd.logps import linear_logps, logits_logps, response_positions
 from tvkd.modeling import decoder_hidden, output_head
 from tvkd.store import ValueStore
 from tvkd.tokenize import tokenize_pair
@@ -232,16 +232,51 @@ def step_order(n: int, step: int, seed: int, batch_size: int, grad_accum: int) -
 # The forward
 
 
-def policy_logps(model: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+def packed_layout(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's rows back to back in one row, without padding.
+
+    Returns input_ids [1, S] and position_ids [1, S] (restarting at 0 at each row; S = the
+    batch's real tokens) and the N packed positions whose next-token logits predict a response
+    token, row-major like `batch.labels`.
+    """
+    mask = batch.attention_mask.bool()
+    lengths = mask.sum(1)
+    width = mask.shape[1]
+    columns = torch.arange(width, device=mask.device)[None].expand_as(mask)
+    starts = torch.cumsum(lengths, 0) - lengths  # where each row begins in the packed row
+    packed_index = starts[:, None] + columns  # packed position of each real (row, column)
+    wanted = response_positions(batch.attention_mask, batch.prompt_lengths, batch.response_lengths)
+    return batch.input_ids[mask][None], columns[mask][None], packed_index[wanted]
+
+
+def policy_logps(
+    model: Any, batch: Batch, *, packed: bool = False, fused_head: bool = True, decoder: Any = None
+) -> tuple[Tensor, Tensor]:
     """log π(y_t | s_t) of every response token: ([B, T] chosen, [B, T] rejected), float32, 0 off mask.
 
     Only the decoder runs over the [2B, L] batch; the LM head and log-softmax run on the N
     response-predicting positions alone, a chunk at a time (`linear_logps`), so [2B, L, vocab]
     logits never exist. hidden[positions] and `labels` are both row-major, so they line up.
+
+    Speed options, each giving the same log-probs (tests/test_speed_levers.py):
+    `packed` runs the decoder on the rows back to back in one row without padding
+    (`packed_layout`); `fused_head=False` is the plain path instead of `linear_logps`: full
+    logits of the response positions, float32 log-softmax, gather; `decoder` replaces the model's
+    decoder module in the forward (e.g. `torch.compile(decoder)`, which shares its weights).
     """
-    decoder, weight, bias = output_head(model)
-    hidden = decoder_hidden(decoder, batch.input_ids, batch.attention_mask)
-    positions = response_positions(batch.attention_mask, batch.prompt_lengths, batch.response_lengths)
-    flat = linear_logps(hidden[positions], weight, batch.labels, bias)
+    core_decoder, weight, bias = output_head(model)
+    decoder = core_decoder if decoder is None else decoder
+    if packed:
+        input_ids, position_ids, positions = packed_layout(batch)
+        hidden = decoder_hidden(decoder, input_ids, None, position_ids)[0][positions]
+    else:
+        hidden = decoder_hidden(decoder, batch.input_ids, batch.attention_mask)
+        hidden = hidden[
+            response_positions(batch.attention_mask, batch.prompt_lengths, batch.response_lengths)
+        ]
+    if fused_head:
+        flat = linear_logps(hidden, weight, batch.labels, bias)
+    else:
+        flat = logits_logps(torch.nn.functional.linear(hidden, weight, bias), batch.labels)
     logps = flat.new_zeros(batch.response_mask.shape).masked_scatter(batch.response_mask, flat)
     return batch.split(logps)

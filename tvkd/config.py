@@ -317,6 +317,16 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    padding_free: bool = _help(
+        "Run each micro-batch's sequences back to back in one row, without padding (same log-probs; "
+        "fastest with flash or flex attention, which skip the other sequences' blocks).",
+        default=False,
+    )
+    torch_compile: bool = _help(
+        "torch.compile the student's decoder for the training step (same log-probs to float "
+        "tolerance; the first steps compile).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):

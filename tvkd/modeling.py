@@ -69,9 +69,22 @@ def output_head(model: Any) -> tuple[Any, Tensor, Tensor | None]:
     return core.get_decoder(), head.weight, head.bias
 
 
-def decoder_hidden(decoder: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The decoder's last hidden states [B, L, H] (no KV cache)."""
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+def decoder_hidden(
+    decoder: Any, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+) -> Tensor:
+    """The decoder's last hidden states [B, L, H] (no KV cache).
+
+    Packed rows (several sequences back to back in one row, no padding) pass attention_mask=None
+    and position_ids restarting at 0 at each sequence: transformers then keeps each sequence's
+    attention within itself (a block-diagonal causal mask for sdpa/eager/flex attention,
+    variable-length kernels for flash attention)."""
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        return_dict=True,
+    )
     return out.last_hidden_state
 
 

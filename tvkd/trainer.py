@@ -37,7 +37,7 @@ from tvkd.config import ConfigError, TrainConfig
 from tvkd.data import PreferencePair
 from tvkd.evaluate import evaluate_pairs, write_samples
 from tvkd.losses import loss_options, tvkd_loss
-from tvkd.modeling import add_lora, disable_dropout, head_problem, pad_token_id, unwrap
+from tvkd.modeling import add_lora, disable_dropout, head_problem, output_head, pad_token_id, unwrap
 from tvkd.modeling import set_activation_checkpointing as set_checkpointing
 from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.optim import adamw, warmup_cosine
@@ -127,6 +127,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
         self.reference_path: Path | None = None
+        self.step_decoder: Any = None  # torch.compile'd decoder (torch_compile=True), set by setup
         self.history: list[dict[str, Any]] = []
         self.last_metrics: dict[str, float] = {}
         # Metrics of the steps since the last report. A checkpoint carries them, so that a resumed
@@ -213,6 +214,11 @@ class Trainer:
             self._check_head()
         if cfg.gradient_checkpointing:
             set_checkpointing(self.model, True)
+        # torch.compile of the decoder for the training step: a wrapper sharing the module's
+        # weights (checkpoints and the saved model are the plain module's); shapes vary by batch.
+        self.step_decoder = (
+            torch.compile(output_head(self.model)[0], dynamic=True) if cfg.torch_compile else None
+        )
         self.model.train()
 
     def _reference_pass(self) -> None:
@@ -289,7 +295,9 @@ class Trainer:
         for examples in micro_batches:
             batch = collate(examples, self.pad_id, self.device)
             with self._autocast():
-                chosen, rejected = policy_logps(self.model, batch)  # one decoder pass, [2B, L]
+                chosen, rejected = policy_logps(  # one decoder pass, [2B, L] (or packed: [1, tokens])
+                    self.model, batch, packed=self.config.padding_free, decoder=self.step_decoder
+                )
             loss, batch_metrics = tvkd_loss(
                 chosen,
                 rejected,
