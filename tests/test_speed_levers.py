@@ -7,8 +7,8 @@ micro batch (one micro-batch of 2B pairs against two of B, accumulated). The ref
 plain path: the unpadded row's full logits, log-softmax in float64 (`plain_logps`).
 
 Tolerances: log-probs within 1e-5 absolute of the float64 plain path (float32 arithmetic over
-a few hundred logits); gradients within atol 1e-6 + rtol 1e-4 of the lever-off path; parameters
-after one AdamW step (lr 3e-3) within 1e-5. torch.compile is checked with the aot_eager backend
+a few hundred logits); gradients (of a test loss, or the trainer step's clipped gradients)
+within atol 1e-6 + rtol 1e-4 of the lever-off path. torch.compile is checked with the aot_eager backend
 (see COMPILE_BACKEND).
 """
 
@@ -23,7 +23,6 @@ import torch
 from tvkd.batch import collate, packed_layout, policy_logps
 from tvkd.config import TrainConfig
 from tvkd.modeling import set_activation_checkpointing
-from tvkd.models import load_causal_lm
 from tvkd.trainer import Trainer
 
 EVAL = 8
@@ -32,9 +31,6 @@ LOGP_ATOL = 1e-5
 # controls (the decoder wrapper, dynamic shapes, the custom head's autograd outside the graph).
 # Inductor itself compiles for minutes on 2 busy cores; bench/levers.py runs it.
 COMPILE_BACKEND = "aot_eager"
-# One AdamW step moves a weight by about lr = 3e-3 whatever its gradient; near-zero gradients
-# (|g| ~ eps) turn float32 summation-order differences into ~1e-6 differences of the step.
-PARAM_ATOL = 1e-5
 
 
 def make_trainer(models, pairs, store, out: Path, **settings) -> Trainer:
@@ -156,26 +152,27 @@ def test_compiled_decoder_equals_eager(setup):
 def test_trainer_levers_and_larger_micro_batch_take_the_plain_step(
     train_models, arith_store, tmp_path, monkeypatch
 ):
-    """One optimizer step over the same 8 pairs: plain (two micro-batches of 4, accumulated)
+    """One trainer step over the same 8 pairs: plain (two micro-batches of 4, accumulated)
     against one micro-batch of 8, and against padding_free + torch_compile (+ checkpointing)."""
     pairs, store = arith_store
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, **{**kw, "backend": COMPILE_BACKEND}))
 
     def run(name: str, **settings) -> list[torch.Tensor]:
+        """The clipped gradients the trainer's step hands to AdamW (its update, a sign-like
+        g / (|g| + eps), would magnify float32 noise of near-zero gradients)."""
         trainer = make_trainer(train_models, pairs, store, tmp_path / name, **settings)
         trainer.setup()
+        grads: list[torch.Tensor] = []
+        trainer.optimizer.step = lambda: grads.extend(p.grad.clone() for p in trainer.params)
         chosen = trainer.train_set[:8]
         size = trainer.config.batch_size
         trainer.train_step([chosen[k : k + size] for k in range(0, 8, size)])
-        out = [p.detach().clone() for p in trainer.model.parameters()]
         trainer.cleanup()
-        return out
+        return grads
 
     plain = run("plain", batch_size=4, grad_accum=2)
-    initial = list(load_causal_lm(train_models["student"]).parameters())
-    moved = max(float((a - b.detach()).abs().max()) for a, b in zip(plain, initial, strict=True))
-    assert moved > 1e-4  # the step moved the weights: the comparison is not vacuous
+    assert max(float(g.abs().max()) for g in plain) > 1e-3  # not vacuous
     others = {
         "micro batch 8": run("big", batch_size=8, grad_accum=1),
         "padding_free + torch_compile + checkpointing": run(
@@ -187,8 +184,7 @@ def test_trainer_levers_and_larger_micro_batch_take_the_plain_step(
             gradient_checkpointing=True,
         ),
     }
-    for name, params in others.items():
-        for a, b in zip(params, plain, strict=True):
-            torch.testing.assert_close(
-                a, b, atol=PARAM_ATOL, rtol=0.0, msg=lambda m, name=name: f"{name}: {m}"
-            )
+    for name, grads in others.items():
+        assert len(grads) == len(plain), name
+        for a, b in zip(grads, plain, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
