@@ -55,6 +55,21 @@ def time_calls(
     return out
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_argument(parser: Any) -> None:
+    """--clock wall|cpu: what a timing reads (see `CLOCKS`)."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: CPU seconds of this process (all threads), which waiting for "
+        "the cores of a busy shared machine does not inflate; use it with --threads 1 (idle OpenMP "
+        "threads spin and would count)",
+    )
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -31,7 +31,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,16 @@ if __package__ in (None, ""):  # `python bench/precompute_time.py` from a checko
 
 import numpy as np
 import torch
-from _common import default_hh_path, environment_line, hh_corpus, markdown_table, median, quiet
+from _common import (
+    CLOCKS,
+    add_clock_argument,
+    default_hh_path,
+    environment_line,
+    hh_corpus,
+    markdown_table,
+    median,
+    quiet,
+)
 
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair, RowError, load_pairs
@@ -104,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=PrecomputeConfig().batch_tokens)
     p.add_argument("--bf16", action="store_true", help="TVKD's decoder under bf16 autocast")
     p.add_argument("--skip-fp32", action="store_true", help="no float32 row of the research method")
+    add_clock_argument(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
     args = p.parse_args(argv)
@@ -116,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     quiet()
     print(environment_line())
     pairs, _ = load_pairs(args.data, on_error="drop", limit=args.pairs)
@@ -160,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats + 1):  # round 0 warms up (first calls, allocator) untimed
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 out = work / f"out-{r}-{names.index(name)}"
-                t0 = time.perf_counter()
+                t0 = clock()
                 paths[name](out)
-                elapsed = time.perf_counter() - t0
+                elapsed = clock() - t0
                 if r > 0:
                     seconds[name].append(elapsed)
                 shutil.rmtree(out)
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n## Precompute: {len(pairs)} HH pairs, {tokens[OURS]:,} teacher tokens "
         f"({counts[OURS][1]:,} response), teacher {args.hidden} hidden × {args.layers} layers, "
-        f"vocab {args.vocab}, {args.threads} threads, {args.repeats} repeats\n"
+        f"vocab {args.vocab}, {args.threads} threads, {args.clock} clock, {args.repeats} repeats\n"
     )
     rows = []
     for name in names:

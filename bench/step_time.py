@@ -50,6 +50,8 @@ if __package__ in (None, ""):  # `python bench/step_time.py` from a checkout tha
 
 import torch
 from _common import (
+    CLOCKS,
+    add_clock_argument,
     default_hh_path,
     environment_line,
     hh_corpus,
@@ -241,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    add_clock_argument(p)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument(
@@ -264,6 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     torch.manual_seed(0)
     quiet()
     print(environment_line())
@@ -358,15 +362,15 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 for k in range(args.batches):
                     for name in names[r % len(names) :] + names[: r % len(names)]:
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         count = methods[name](k)
-                        times[name].add(time.perf_counter() - t0, count)
+                        times[name].add(clock() - t0, count)
             psi_ms = loss_only_ms(cache[id(ours[0])], {TVKD: tvkd_opts, DPO: dpo_opts})
         trainer.cleanup()
 
     print(
         f"\n## Step time: {args.batch_size} pairs/step, ≤{args.max_length} tokens/sequence, "
-        f"{args.threads} threads, float32 unless marked bf16, "
+        f"{args.threads} threads, {args.clock} clock, float32 unless marked bf16, "
         f"{args.batches} batches × {args.repeats} repeats\n"
     )
     print(report(times, psi_ms))

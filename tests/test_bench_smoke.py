@@ -79,3 +79,18 @@ def test_precompute_time_smoke(tmp_path):
     out = _run("precompute_time.py", "--smoke", "--threads", "1", tmp_path=tmp_path)
     assert "| path" in out and "tokens/s" in out and "B/response token" in out
     assert "TVKD precompute_values" in out and "research method: fp16" in out
+
+
+@pytest.mark.slow
+def test_levers_smoke(tmp_path):
+    # aot_eager: the compile path without minutes of inductor C++ builds on a CI core
+    out = _run("levers.py", "--smoke", "--threads", "1", "--compile-backend", "aot_eager", tmp_path=tmp_path)
+    assert "| setting" in out and "time ÷ plain" in out
+    for name in (
+        "padding_free",
+        "fused head off",
+        "activation checkpointing on",
+        "micro batch",
+        "torch.compile",
+    ):
+        assert name in out
