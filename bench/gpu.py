@@ -13,20 +13,32 @@ Part (b), throughput on a Qwen2-shaped 0.5B model with random weights (hidden 89
   response positions + `tvkd_loss` + AdamW, against the naive DPO step (full logits → float32
   log_softmax → gather), once with precomputed reference log-probs and once with a reference
   forward each step as usual DPO trainers run it.
+- the levers, each beside the plain step in the same run (`--levers`, all by default):
+  activation checkpointing; a micro batch of twice the pairs (with and without checkpointing);
+  torch.compile of the decoder (precompute and step; first checked against eager log-probs);
+  on random lengths, the padded step against packed rows without padding, per attention kernel
+  (sdpa with a block-diagonal mask, flex_attention document masks on CUDA, flash_attention_2
+  when flash_attn is installed), each packed layout first checked against the padded log-probs.
 
 Model FLOPs use N = non-embedding parameters + the LM head (vocab × hidden, counted even when
 tied, because its matmul runs): 2·N per token forward, 6·N per token for a training step, plus
-2·N per token when the step also runs a reference forward. MFU = model FLOP/s ÷ peak (H100 bf16
-dense: 989 TFLOP/s). Both paths are credited with the same model FLOPs for the same tokens, so
-MFU compares like with like; ours skips the head on prompt positions, which MFU counts as work.
+2·N per token when the step also runs a reference forward. MFU = model FLOP/s ÷ peak (H100 and
+H200 bf16 dense: 989 TFLOP/s). Both paths are credited with the same model FLOPs for the same
+tokens, so MFU compares like with like; ours skips the head on prompt positions, which MFU
+counts as work; tokens are real tokens (padding is not counted).
+
+One call does everything, within `--budget-s` (420 s): a measurement not started by then is a
+row "skipped", a lever that fails on the installed stack is a row with its error, and the JSON
+(`$OUT/gpu.json` when OUT is set, or `--json`) is rewritten after every section, so a killed
+call still leaves what it measured. Exit status 1 when a correctness check fails.
+`bench/gpu_run.sh` is the prepared command for a lent machine.
 
 Runs on torch ≥ 2.11 / transformers ≥ 5.17. `--cpu-smoke` shrinks everything so the script can
-run (and be tested) on a CPU; its numbers mean nothing. Writes JSON to `$OUT/gpu.json` when OUT
-is set (or to `--json`).
+run (and be tested) on a CPU; its numbers mean nothing.
 
-    python bench/gpu.py                      # on a GPU machine
-    python bench/gpu.py --compile --packing --lengths random
-    python bench/gpu.py --cpu-smoke
+    python bench/gpu.py                      # on a GPU machine: checks, then every table
+    python bench/gpu.py --levers compile,packed --budget-s 300
+    python bench/gpu.py --cpu-smoke --compile-backend aot_eager
 """
 
 from __future__ import annotations
@@ -35,10 +47,12 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,7 +353,7 @@ def build_model(args: argparse.Namespace, device: torch.device):
     config = Qwen2Config(
         **shape,
         tie_word_embeddings=True,
-        max_position_embeddings=max(4096, args.seq_len * 2 * args.pairs if args.packing else args.seq_len),
+        max_position_embeddings=max(4096, args.seq_len),  # packed rows restart their positions
         use_cache=False,
     )
     torch.manual_seed(args.seed)
@@ -349,22 +363,38 @@ def build_model(args: argparse.Namespace, device: torch.device):
     return model
 
 
-def check_packing(model, args: argparse.Namespace, vocab: int, device: torch.device) -> Check:
+def check_packing(model, args: argparse.Namespace, vocab: int, device: torch.device, *, name: str) -> Check:
     """Packed rows (position_ids restarting per sequence, no mask) must give the padded layout's
     log-probs: catches an attention implementation that lets packed sequences see each other."""
     kw = dict(
         pairs=args.pairs, seq_len=args.seq_len, prompt_len=args.prompt_len, vocab=vocab,
-        lengths=args.lengths, device=device, seed=args.seed,
+        lengths="random", device=device, seed=args.seed,
     )  # fmt: skip
     padded, packed = make_batch(packing=False, **kw), make_batch(packing=True, **kw)
     head = model.get_output_embeddings().weight
     was_training = model.training
     model.eval()
     with torch.no_grad(), _matmul_precision("highest"):
-        a = linear_logps(_decoder_hidden(model, padded)[padded.resp_index], head, padded.labels)
+        with _attn(model, args.attn):
+            a = linear_logps(_decoder_hidden(model, padded)[padded.resp_index], head, padded.labels)
         b = linear_logps(_decoder_hidden(model, packed)[packed.resp_index], head, packed.labels)
     model.train(was_training)
-    return _compare("packed = padded log-probs, fp32", b, a, atol=1e-3, rtol=1e-4)
+    # fp32 on both sides; a flash/flex kernel computes in bf16 (fp32 inputs are cast), hence the
+    # looser tolerance when the packed side is not sdpa/eager.
+    exact = model.config._attn_implementation in ("sdpa", "eager")
+    return _compare(name + ", fp32", b, a, atol=1e-3 if exact else 5e-2, rtol=1e-4 if exact else 0.0)
+
+
+def check_compiled(model, batch: Batch, decoder, *, name: str) -> Check:
+    """The compiled decoder's log-probs against the eager decoder's (fp32, exact matmuls)."""
+    head = model.get_output_embeddings().weight
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _matmul_precision("highest"):
+        a = linear_logps(_decoder_hidden(model, batch)[batch.resp_index], head, batch.labels)
+        b = linear_logps(_decoder_hidden(model, batch, decoder)[batch.resp_index], head, batch.labels)
+    model.train(was_training)
+    return _compare(name, b, a, atol=1e-3, rtol=1e-4)
 
 
 def flop_params(model) -> int:
@@ -388,8 +418,9 @@ def _padded(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     return out.index_put((batch.row, batch.col), values)
 
 
-def _decoder_hidden(model, batch: Batch) -> torch.Tensor:
-    out = model.get_decoder()(
+def _decoder_hidden(model, batch: Batch, decoder=None) -> torch.Tensor:
+    """Last hidden states [rows · L, H]; `decoder` replaces the model's (a compiled wrapper)."""
+    out = (model.get_decoder() if decoder is None else decoder)(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
@@ -409,14 +440,14 @@ def _full_logits(model, batch: Batch) -> torch.Tensor:
     return out.logits
 
 
-def make_precompute_ours(model, batch: Batch, args, dtype):
+def make_precompute_ours(model, batch: Batch, args, dtype, decoder=None):
     head = model.get_output_embeddings().weight
     device = batch.input_ids.device
 
     @torch.no_grad()
     def step():
         with _autocast(device, dtype):
-            hidden = _decoder_hidden(model, batch)
+            hidden = _decoder_hidden(model, batch, decoder)
         sig = teacher_signals(
             hidden[batch.resp_index], head, labels=batch.labels, chunk_size=args.values_chunk
         )
@@ -464,14 +495,14 @@ def _dpo_loss(
     return loss
 
 
-def make_train_ours(model, batch: Batch, args, dtype, optimizer):
+def make_train_ours(model, batch: Batch, args, dtype, optimizer, decoder=None):
     head = model.get_output_embeddings()
     ref, values, mask = _loss_inputs(batch, args.seed)
     device = batch.input_ids.device
 
     def step():
         with _autocast(device, dtype):
-            hidden = _decoder_hidden(model, batch)
+            hidden = _decoder_hidden(model, batch, decoder)
             logps = linear_logps(
                 hidden[batch.resp_index], head.weight, batch.labels, chunk_size=args.logps_chunk
             )
@@ -583,17 +614,29 @@ def table(measures: list[Measure], baseline: str | None, peak_tflops: float | No
     return markdown_table(head, rows) + f"\n\nspeed-up = baseline median ÷ path median; baseline: {baseline}"
 
 
+LEVERS = ("checkpointing", "micro", "packed", "flex", "compile")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="Tiny sizes on the CPU (tests the script only).")
     p.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512, help="Prompt + response tokens per side.")
-    p.add_argument("--prompt-len", type=int, default=128, help="Prompt tokens (with --lengths fixed).")
-    p.add_argument("--lengths", choices=["fixed", "random"], default="fixed")
-    p.add_argument("--packing", action="store_true", help="Pack all sequences into one row (position_ids).")
-    p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flash_attention_2, eager.")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (both paths).")
+    p.add_argument("--prompt-len", type=int, default=128, help="Prompt tokens (fixed lengths).")
+    p.add_argument("--attn", default="sdpa", help="attn_implementation of the padded paths.")
+    p.add_argument(
+        "--levers",
+        default=",".join(LEVERS),
+        help="comma-separated levers measured beside the plain step ('' for none): checkpointing "
+        "(activation checkpointing), micro (twice the pairs per micro-batch), packed (random lengths: "
+        "padded vs packed rows with sdpa, and flash_attention_2 when flash_attn is installed), flex "
+        "(packed rows with flex_attention document masks; CUDA only), compile (torch.compile of the "
+        "decoder, precompute and step)",
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compile lever."
+    )
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="Autocast dtype.")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -615,6 +658,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="On CUDA, also time the precompute with a TF32 head matmul (default on).",
     )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="wall-clock budget: measurements not started by then are reported as skipped, so one "
+        "call on a lent machine always ends with its tables and JSON",
+    )
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument("--skip-precompute", action="store_true")
     p.add_argument("--skip-train", action="store_true")
@@ -629,17 +679,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", default=None, help="Write results here (default: $OUT/gpu.json when OUT is set)."
     )
     args = p.parse_args(argv)
+    args.levers = [x for x in args.levers.split(",") if x]
+    unknown = sorted(set(args.levers) - set(LEVERS))
+    if unknown:
+        p.error(f"--levers: unknown {unknown}; choose from {', '.join(LEVERS)}")
     if args.cpu_smoke:
         args.device = args.device or "cpu"
         args.pairs, args.seq_len, args.prompt_len = min(args.pairs, 2), min(args.seq_len, 64), 16
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
         args.dtype = "fp32"
-    if args.lengths == "fixed" and not 1 <= args.prompt_len < args.seq_len:
+    if not 1 <= args.prompt_len < args.seq_len:
         p.error("--prompt-len must be in [1, --seq-len)")
     return args
 
 
+class Runner:
+    """Times named paths under the wall-clock budget; a path that raises (a lever this software
+    stack does not run) or comes after the budget becomes a row with the reason, not a crash."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, start: float):
+        self.args, self.device, self.deadline = args, device, start + args.budget_s
+
+    def __call__(self, name: str, factory, batch: Batch, flops_per_token: float) -> Measure:
+        if time.perf_counter() > self.deadline:
+            return Measure(name, [], batch.n_tokens, flops_per_token, None, error="skipped: --budget-s spent")
+        try:
+            fn = factory()
+            return measure(
+                name,
+                fn,
+                tokens=batch.n_tokens,
+                flops_per_token=flops_per_token,
+                device=self.device,
+                args=self.args,
+            )
+        except Exception as exc:  # reported in the table and the JSON
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            return Measure(
+                name, [], batch.n_tokens, flops_per_token, None, error=f"{type(exc).__name__}: {first}"
+            )
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _checkpointing(model):
+    from tvkd.modeling import set_activation_checkpointing
+
+    set_activation_checkpointing(model, True)
+    try:
+        yield
+    finally:
+        set_activation_checkpointing(model, False)
+
+
+@contextlib.contextmanager
+def _attn(model, implementation: str):
+    """The model's attention implementation switched for a block."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _with(ctx_factory, factory):
+    """A step factory whose every call runs inside a fresh `ctx_factory()` context."""
+
+    def build():
+        fn = factory()
+
+        def run():
+            with ctx_factory():
+                fn()
+
+        return run
+
+    return build
+
+
 def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -649,8 +772,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     shape = SMOKE if args.cpu_smoke else QWEN2_05B
     results: dict = {"environment": environment_line(str(device)), "args": vars(args).copy()}
+    out = args.json or (str(Path(os.environ["OUT"]) / "gpu.json") if os.environ.get("OUT") else None)
+
+    def save() -> None:  # after every section, so a killed run still leaves what it measured
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(results, indent=2, default=str))
+
     print(environment_line(str(device)))
     failed = False
+    check_rows = ["check", "max abs err", "max rel err", "tolerance", "result"]
 
     if not args.skip_correctness:
         positions = 64 if args.cpu_smoke else 512
@@ -662,116 +793,223 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         print(f"\n## Correctness on {device} vs float64 CPU reference\n")
+        print(markdown_table(check_rows, [c.row() for c in checks]))
+        results["correctness"] = [c.__dict__ for c in checks]
+        failed = not all(c.ok for c in checks if "(info)" not in c.name)
+        save()
+
+    if args.skip_precompute and args.skip_train:
+        return _finish(failed, out, save)
+    model = build_model(args, device)
+    n_flop = flop_params(model)
+    kw = dict(
+        seq_len=args.seq_len, prompt_len=args.prompt_len, vocab=shape["vocab_size"],
+        device=device, seed=args.seed,
+    )  # fmt: skip
+    batch = make_batch(pairs=args.pairs, lengths="fixed", packing=False, **kw)
+    timed = Runner(args, device, start)
+    compile_ = "compile" in args.levers
+
+    def compiled_decoder():
+        return torch.compile(model.get_decoder(), backend=args.compile_backend)
+
+    # The naive DPO step's frozen reference: a copy of the initial weights (bf16 under bf16
+    # autocast: a frozen model needs no fp32 master copy), parked on the CPU until its own
+    # measurement, so it weighs on no other path's peak memory.
+    want_ref = not (args.skip_train or args.skip_naive or args.no_ref_forward)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False).cpu() if want_ref else None
+    if ref_model is not None and dtype is not None:
+        ref_model.to(dtype)
+    desc = (
+        f"{args.pairs} pairs x {args.seq_len} tokens (prompt {args.prompt_len}), "
+        f"{batch.n_tokens} tokens/step of which {int(batch.resp_lens.sum())} response; "
+        f"N = {n_flop / 1e6:.2f}M FLOP-params; "
+        f"autocast {args.dtype}; attn {args.attn}; levers {','.join(args.levers) or 'none'}"
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\nmodel: Qwen2-shaped, {n_params / 1e6:.2f}M parameters; {desc}")
+    results["setup"] = desc
+
+    if not args.skip_precompute:
+        model.eval()
+        pre: list[Measure] = []
+        naive_pre = "naive precompute (full logits)"
+        with _matmul_precision("highest"):
+            pre.append(
+                timed(
+                    "tvkd precompute (exact head)",
+                    lambda: make_precompute_ours(model, batch, args, dtype),
+                    batch,
+                    2 * n_flop,
+                )
+            )
+            if not args.skip_naive:
+                pre.append(
+                    timed(naive_pre, lambda: make_precompute_naive(model, batch, dtype), batch, 2 * n_flop)
+                )
+            if compile_:
+                pre.append(
+                    timed(
+                        "tvkd precompute (exact head) + torch.compile",
+                        lambda: make_precompute_ours(model, batch, args, dtype, compiled_decoder()),
+                        batch,
+                        2 * n_flop,
+                    )
+                )
+        if args.tf32_head and on_gpu:
+            with _matmul_precision("high"):
+                pre.append(
+                    timed(
+                        "tvkd precompute (TF32 head)",
+                        lambda: make_precompute_ours(model, batch, args, dtype),
+                        batch,
+                        2 * n_flop,
+                    )
+                )
+        print("\n## Precompute (teacher forward + values and token log-probs)\n")
+        print(table(pre, naive_pre, peak))
+        results["precompute"] = [m.to_dict(peak) for m in pre]
+        save()
+
+    if not args.skip_train:
+        model.train()
+
+        def adamw() -> torch.optim.Optimizer:
+            # fused AdamW is the fast CUDA path; the CPU smoke keeps the default implementation
+            return torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True if on_gpu else None)
+
+        def ours(b: Batch, decoder_factory=None):
+            return lambda: make_train_ours(
+                model, b, args, dtype, adamw(), decoder_factory() if decoder_factory else None
+            )
+
+        tr: list[Measure] = []
+        naive_pre_ref = "naive DPO step (full logits, precomputed ref)"
+        naive_fwd_ref = "naive DPO step (full logits, ref forward)"
+        tr.append(timed("tvkd step (fused logps, precomputed ref)", ours(batch), batch, 6 * n_flop))
+        if not args.skip_naive:
+            tr.append(
+                timed(
+                    naive_pre_ref,
+                    lambda: make_train_naive(model, batch, args, dtype, adamw()),
+                    batch,
+                    6 * n_flop,
+                )
+            )
+            if ref_model is not None:
+                ref_model.to(device)
+                # model FLOPs: 6·N for the policy step + 2·N for the reference forward
+                tr.append(
+                    timed(
+                        naive_fwd_ref,
+                        lambda: make_train_naive(model, batch, args, dtype, adamw(), ref_model=ref_model),
+                        batch,
+                        8 * n_flop,
+                    )
+                )
+                ref_model.cpu()
+        if "checkpointing" in args.levers:
+            tr.append(
+                timed(
+                    "tvkd step + activation checkpointing",
+                    _with(lambda: _checkpointing(model), ours(batch)),
+                    batch,
+                    6 * n_flop,
+                )
+            )
+        if "micro" in args.levers:
+            big = make_batch(pairs=2 * args.pairs, lengths="fixed", packing=False, **kw)
+            tr.append(timed(f"tvkd step, micro batch {2 * args.pairs} pairs", ours(big), big, 6 * n_flop))
+            if "checkpointing" in args.levers:
+                tr.append(
+                    timed(
+                        f"tvkd step, micro batch {2 * args.pairs} pairs + checkpointing",
+                        _with(lambda: _checkpointing(model), ours(big)),
+                        big,
+                        6 * n_flop,
+                    )
+                )
+            del big
+        if compile_:
+            try:
+                check = check_compiled(
+                    model, batch, compiled_decoder(), name="compiled = eager log-probs, fp32"
+                )
+                print("\n" + markdown_table(check_rows, [check.row()]))
+                results.setdefault("correctness", []).append(check.__dict__)
+                failed = failed or not check.ok
+            except Exception as exc:  # the timed row below reports the same failure
+                print(f"\ntorch.compile check: {type(exc).__name__}: {exc}"[:300])
+            tr.append(timed("tvkd step + torch.compile", ours(batch, compiled_decoder), batch, 6 * n_flop))
+        baseline = naive_fwd_ref if any(m.name == naive_fwd_ref and m.times for m in tr) else naive_pre_ref
+        print(
+            f"\n## Training step (forward + backward + AdamW), {args.pairs} pairs x {args.seq_len} tokens\n"
+        )
+        print(table(tr, baseline, peak))
+        results["train"] = [m.to_dict(peak) for m in tr]
+        save()
+
+        if "packed" in args.levers or "flex" in args.levers:
+            failed = _packing_section(model, args, kw, timed, ours, n_flop, peak, results, save) or failed
+
+    return _finish(failed, out, save)
+
+
+def _packing_section(model, args, kw, timed, ours, n_flop, peak, results, save) -> bool:
+    """Random lengths: the padded step against packed rows (no padding), per attention kernel,
+    each packed layout first checked against the padded log-probs."""
+    device = kw["device"]
+    padded = make_batch(pairs=args.pairs, lengths="random", packing=False, **kw)
+    packed = make_batch(pairs=args.pairs, lengths="random", packing=True, **kw)
+    kernels = []
+    if "packed" in args.levers:
+        kernels.append("sdpa")
+        if importlib.util.find_spec("flash_attn") is not None and device.type == "cuda":
+            kernels.append("flash_attention_2")
+    if "flex" in args.levers and device.type == "cuda":
+        kernels.append("flex_attention")
+    base = "tvkd step, random lengths, padded"
+    rows: list[Measure] = [timed(base, ours(padded), padded, 6 * n_flop)]
+    checks: list[Check] = []
+    failed = False
+    for kernel in kernels:
+        name = f"tvkd step, random lengths, packed ({kernel})"
+        try:
+            with _attn(model, kernel):
+                checks.append(
+                    check_packing(model, args, kw["vocab"], device, name=f"packed = padded, {kernel}")
+                )
+        except Exception as exc:  # a kernel this stack lacks: reported, not fatal
+            rows.append(
+                Measure(
+                    name, [], packed.n_tokens, 6 * n_flop, None, error=f"{type(exc).__name__}: {exc}"[:160]
+                )
+            )
+            continue
+        failed = failed or not checks[-1].ok
+        rows.append(
+            timed(name, _with(lambda kernel=kernel: _attn(model, kernel), ours(packed)), packed, 6 * n_flop)
+        )
+    print(
+        f"\n## Packing: {args.pairs} pairs of random lengths ≤ {args.seq_len}, {padded.n_tokens} real tokens "
+        f"(padded grid {padded.input_ids.numel()} positions)\n"
+    )
+    if checks:
         print(
             markdown_table(
                 ["check", "max abs err", "max rel err", "tolerance", "result"], [c.row() for c in checks]
             )
+            + "\n"
         )
-        results["correctness"] = [c.__dict__ for c in checks]
-        failed = not all(c.ok for c in checks if "(info)" not in c.name)
+    print(table(rows, base, peak))
+    results["packing"] = {"checks": [c.__dict__ for c in checks], "rows": [m.to_dict(peak) for m in rows]}
+    save()
+    return failed
 
-    if not (args.skip_precompute and args.skip_train):
-        model = build_model(args, device)
-        n_flop = flop_params(model)
-        batch = make_batch(
-            pairs=args.pairs,
-            seq_len=args.seq_len,
-            prompt_len=args.prompt_len,
-            vocab=shape["vocab_size"],
-            lengths=args.lengths,
-            packing=args.packing,
-            device=device,
-            seed=args.seed,
-        )
-        if args.packing:
-            check = check_packing(model, args, shape["vocab_size"], device)
-            print(
-                "\n"
-                + markdown_table(
-                    ["check", "max abs err", "max rel err", "tolerance", "result"], [check.row()]
-                )
-            )
-            results.setdefault("correctness", []).append(check.__dict__)
-            failed = failed or not check.ok
-        # The naive DPO step's frozen reference: a copy of the initial weights (bf16 under bf16
-        # autocast: a frozen model needs no fp32 master copy), made before any torch.compile and
-        # parked on the CPU until its own measurement, so it weighs on no other path's peak memory.
-        want_ref = not (args.skip_train or args.skip_naive or args.no_ref_forward)
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False).cpu() if want_ref else None
-        if ref_model is not None and dtype is not None:
-            ref_model.to(dtype)
-        if args.compile:
-            model.model = torch.compile(model.model)
-            if ref_model is not None:
-                ref_model.model = torch.compile(ref_model.model)
-        layout = "packed" if args.packing else "padded"
-        desc = (
-            f"{args.pairs} pairs x {args.seq_len} tokens ({args.lengths} lengths, {layout}), "
-            f"{batch.n_tokens} tokens/step of which {int(batch.resp_lens.sum())} response; "
-            f"N = {n_flop / 1e6:.2f}M FLOP-params; autocast {args.dtype}; attn {args.attn}"
-            + ("; torch.compile" if args.compile else "")
-        )
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"\nmodel: Qwen2-shaped, {n_params / 1e6:.2f}M parameters; {desc}")
-        results["setup"] = desc
 
-        def timed(name: str, fn, flops_per_token: float) -> Measure:
-            return measure(
-                name, fn, tokens=batch.n_tokens, flops_per_token=flops_per_token, device=device, args=args
-            )
-
-        if not args.skip_precompute:
-            model.eval()
-            pre: list[Measure] = []
-            naive_pre = "naive precompute (full logits)"
-            with _matmul_precision("highest"):
-                ours = make_precompute_ours(model, batch, args, dtype)
-                pre.append(timed("tvkd precompute (exact head)", ours, 2 * n_flop))
-            if args.tf32_head and on_gpu:
-                with _matmul_precision("high"):
-                    pre.append(timed("tvkd precompute (TF32 head)", ours, 2 * n_flop))
-            if not args.skip_naive:
-                pre.append(timed(naive_pre, make_precompute_naive(model, batch, dtype), 2 * n_flop))
-            print("\n## Precompute (teacher forward + values and token log-probs)\n")
-            print(table(pre, naive_pre, peak))
-            results["precompute"] = [m.to_dict(peak) for m in pre]
-
-        if not args.skip_train:
-            model.train()
-
-            def adamw() -> torch.optim.Optimizer:
-                # fused AdamW is the fast CUDA path; the CPU smoke keeps the default implementation
-                return torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True if on_gpu else None)
-
-            tr: list[Measure] = []
-            naive_pre_ref = "naive DPO step (full logits, precomputed ref)"
-            naive_fwd_ref = "naive DPO step (full logits, ref forward)"
-            tr.append(
-                timed(
-                    "tvkd step (fused logps, precomputed ref)",
-                    make_train_ours(model, batch, args, dtype, adamw()),
-                    6 * n_flop,
-                )
-            )
-            if not args.skip_naive:
-                tr.append(
-                    timed(naive_pre_ref, make_train_naive(model, batch, args, dtype, adamw()), 6 * n_flop)
-                )
-                if ref_model is not None:
-                    ref_model.to(device)
-                    step = make_train_naive(model, batch, args, dtype, adamw(), ref_model=ref_model)
-                    # model FLOPs: 6·N for the policy step + 2·N for the reference forward
-                    tr.append(timed(naive_fwd_ref, step, 8 * n_flop))
-                    del step
-            baseline = naive_fwd_ref if any(m.name == naive_fwd_ref for m in tr) else naive_pre_ref
-            print("\n## Training step (forward + backward + AdamW)\n")
-            print(table(tr, baseline, peak))
-            results["train"] = [m.to_dict(peak) for m in tr]
-
-    out = args.json or (str(Path(os.environ["OUT"]) / "gpu.json") if os.environ.get("OUT") else None)
+def _finish(failed: bool, out: str | None, save) -> int:
+    save()
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2, default=str))
         print(f"\nwrote {out}")
     if failed:
         print("\nCORRECTNESS FAILED", file=sys.stderr)

@@ -6,6 +6,7 @@ print its table. Nothing here asserts a timing: the numbers of a smoke run mean 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,13 +66,33 @@ def test_store_bytes_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_cpu_smoke(tmp_path):
-    out = _run(
-        "gpu.py", "--cpu-smoke", "--packing", "--lengths", "random", "--threads", "1", tmp_path=tmp_path
-    )
+    # every lever in one call, as on a lent GPU (aot_eager: no minutes of inductor C++ builds)
+    out = _run("gpu.py", "--cpu-smoke", "--threads", "1", "--compile-backend", "aot_eager", tmp_path=tmp_path)
     assert "## Correctness" in out and "FAIL" not in out and "PASS" in out
-    assert "## Precompute" in out and "## Training step" in out
+    assert "## Precompute" in out and "## Training step" in out and "## Packing" in out
     assert "naive DPO step (full logits, ref forward)" in out
-    assert (tmp_path / "out" / "gpu.json").is_file()  # written to $OUT like on the device
+    for row in (
+        "tvkd step + activation checkpointing",
+        "tvkd step, micro batch 4 pairs",
+        "tvkd step + torch.compile",
+        "tvkd precompute (exact head) + torch.compile",
+        "tvkd step, random lengths, packed (sdpa)",
+        "packed = padded, sdpa",
+        "compiled = eager log-probs",
+    ):
+        assert f"| {row}" in out, row
+    assert "Error:" not in out and "skipped" not in out  # every row was measured
+    data = json.loads((tmp_path / "out" / "gpu.json").read_text())  # written to $OUT like on the device
+    assert {"correctness", "precompute", "train", "packing"} <= set(data)
+    assert all(m["tokens_per_s"] > 0 for m in data["train"])
+
+
+def test_gpu_budget_reports_skipped_rows(tmp_path):
+    out = _run(
+        "gpu.py", "--cpu-smoke", "--threads", "1", "--skip-correctness", "--levers", "", "--budget-s", "0",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert "skipped: --budget-s spent" in out and "## Training step" in out
 
 
 @pytest.mark.slow
