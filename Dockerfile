@@ -18,7 +18,7 @@ COPY tvkd/ tvkd/
 COPY service/ service/
 COPY worker/ worker/
 COPY dashboard/ dashboard/
-RUN PYTHON=python3 scripts/setup.sh service,dashboard && rm -rf /root/.cache/pip
+RUN PYTHON=python3 scripts/setup.sh service,dashboard,trackers && rm -rf /root/.cache/pip
 
 VOLUME ["/data"]
 EXPOSE 8000 8501

@@ -37,7 +37,10 @@ def _field(f: ConfigField) -> tuple[Any, Any]:
     else:
         default = {"default": f.default}
     kw: dict[str, Any] = {**default, "description": f.help, **f.bounds}
-    if f.choices is not None and typing.get_origin(hint) is not typing.Literal:
+    if f.choices is not None and hint == list[str]:  # a list of names, each one of the choices
+        hint = list[typing.Literal[f.choices]]  # type: ignore[valid-type]
+        kw["max_length"] = len(f.choices)
+    elif f.choices is not None and typing.get_origin(hint) is not typing.Literal:
         hint = typing.Literal[f.choices]
     if hint is str:
         hint = Name

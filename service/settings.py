@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tvkd.trackers import TrackerSettings
 
 PathList = Annotated[list[str], NoDecode]
 
@@ -66,8 +68,34 @@ class Settings(BaseSettings):
         default="auto",
         description="Torch device of the workers: auto (cuda when available), cpu, cuda, cuda:1.",
     )
+    tensorboard_dir: Path | None = Field(
+        default=None,
+        description="TensorBoard root of jobs with `report_to: [tensorboard]` (a folder per job id); "
+        "empty = <artifact root>/tensorboard.",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="",
+        description="MLflow tracking URI of `report_to: [mlflow]` jobs (a run per job id); empty = a file "
+        "store in TVKD_HOME/mlruns (not under the artifact root: MLflow's file store takes no path through "
+        "a folder named 'artifacts'). Several machines: a tracking server's URI.",
+    )
+    mlflow_experiment: str = Field(default="tvkd", description="MLflow experiment of the jobs' runs.")
+    wandb_project: str = Field(default="tvkd", description="W&B project of `report_to: [wandb]` jobs.")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        default="offline",
+        description="W&B mode: offline (run folders under TVKD_WANDB_DIR; `wandb sync` uploads them), "
+        "online (needs WANDB_API_KEY and network) or disabled.",
+    )
+    wandb_dir: Path | None = Field(
+        default=None, description="Where W&B writes its run folders; empty = <artifact root>/wandb."
+    )
+    log_model: bool = Field(
+        default=False,
+        description="Upload each reporting job's final model folder to MLflow/W&B as an artifact "
+        "(otherwise only its path is logged).",
+    )
 
-    @field_validator("artifact_root", mode="before")
+    @field_validator("artifact_root", "tensorboard_dir", "wandb_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -96,6 +124,19 @@ class Settings(BaseSettings):
     @property
     def artifacts(self) -> Path:
         return (self.artifact_root or self.home_dir / "artifacts").expanduser().resolve()
+
+    def tracker_settings(self, run_name: str) -> TrackerSettings:
+        """Where a job's `report_to` trackers write (tvkd/trackers.py): a run named `run_name`."""
+        return TrackerSettings(
+            run_name=run_name,
+            tensorboard_dir=str(self.tensorboard_dir or self.artifacts / "tensorboard"),
+            mlflow_tracking_uri=self.mlflow_tracking_uri or str(self.home_dir / "mlruns"),
+            mlflow_experiment=self.mlflow_experiment,
+            wandb_project=self.wandb_project,
+            wandb_mode=self.wandb_mode,
+            wandb_dir=str(self.wandb_dir or self.artifacts / "wandb"),
+            log_model=self.log_model,
+        )
 
     @property
     def embedded_broker_dir(self) -> Path:

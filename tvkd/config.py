@@ -32,6 +32,8 @@ Q_SOURCES: tuple[str, ...] = typing.get_args(QSource)
 TERMINALS: tuple[str, ...] = typing.get_args(Terminal)
 SHAPINGS: tuple[str, ...] = typing.get_args(Shaping)
 JOB_KINDS: tuple[str, ...] = typing.get_args(JobKind)
+# Experiment trackers a job can report to (TRL's `report_to` names); tvkd/trackers.py.
+REPORTERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
 
 BOUND_KEYS = ("ge", "gt", "le", "lt")
 
@@ -80,7 +82,12 @@ class ConfigField:
         """Raise ConfigError naming this field when `value` has the wrong type or is out of range."""
         if value is None and self.optional:
             return
-        if self.choices is not None:
+        if self.choices is not None and self.type == list[str]:  # a list of names, each a choice
+            if not _is_a(value, list[str]):
+                raise ConfigError(self.name, f"must be a list of names; got {value!r}")
+            for item in value:
+                _check_choice(self.name, item, self.choices)
+        elif self.choices is not None:
             _check_choice(self.name, value, self.choices)
         elif self.type is int:
             _check_int(self.name, value, **self.bounds)
@@ -427,9 +434,19 @@ class JobOptions:
     precompute_bf16: bool = _help(
         "Run the teacher pass under bf16 autocast (values stay float32).", default=False
     )
+    report_to: list[str] = _help(
+        "Experiment trackers that receive the metrics, the settings and the model's path (TRL's "
+        "`report_to`); where their runs go is the machine's setting (README: Experiment trackers).",
+        default_factory=list,
+        choices=REPORTERS,
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, tuple):  # a tuple of names is taken too
+            self.report_to = list(self.report_to)
         check_fields(self)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError("report_to", f"names a tracker twice: {self.report_to}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobOptions:

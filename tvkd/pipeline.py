@@ -21,12 +21,13 @@ from typing import Any
 from tvkd.alignment import check_alignment
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, write_result
 from tvkd.atomic import write_json_atomic
-from tvkd.callbacks import Callbacks
+from tvkd.callbacks import CallbackList, Callbacks
 from tvkd.completions import load_completions
-from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig
+from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig, flat_settings
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.sft import SFTTrainer
 from tvkd.store import ValueStore
+from tvkd.trackers import TrackerCallbacks, TrackerSettings, open_trackers
 from tvkd.trainer import Trainer, TrainResult
 
 PREPARED_FILE = "prepared.json"  # what validate prepared, for the later stages (`load_prepared`)
@@ -305,9 +306,20 @@ def train(
     store: ValueStore | None,
     callbacks: Callbacks | None = None,
     resume: bool = True,
+    trackers: TrackerSettings | None = None,
 ) -> TrainResult:
     """Reference pass, training, evaluation, samples and the final model folder; for an "sft" job
-    the `tvkd.sft.SFTTrainer` recipe (no reference, no store)."""
+    the `tvkd.sft.SFTTrainer` recipe (no reference, no store).
+
+    The job's `report_to` trackers (tvkd/trackers.py) get the metrics, the settings and the final
+    model's path; `trackers` says where their runs go (default: `TrackerSettings.for_output`)."""
+    tracker = open_trackers(
+        spec.options.report_to,
+        trackers or TrackerSettings.for_output(spec.output_dir),
+        flat_settings(spec.settings()),
+    )
+    if tracker is not None:
+        callbacks = CallbackList([callbacks, tracker])
     if isinstance(spec.train, SFTConfig):
         return _run(
             SFTTrainer(
@@ -320,7 +332,8 @@ def train(
                 device=spec.device,
                 callbacks=callbacks,
                 resume=resume,
-            )
+            ),
+            tracker,
         )
     trainer = Trainer(
         spec.train,
@@ -335,18 +348,29 @@ def train(
         callbacks=callbacks,
         resume=resume,
     )
-    return _run(trainer)
+    return _run(trainer, tracker)
 
 
-def _run(trainer: Trainer) -> TrainResult:
+def _run(trainer: Trainer, tracker: TrackerCallbacks | None = None) -> TrainResult:
+    """setup → train → cleanup; the trackers' runs end with the model's path and the status."""
+    result: TrainResult | None = None
     try:
         trainer.setup()
-        return trainer.train()
+        result = trainer.train()
+        return result
     finally:
         trainer.cleanup()
+        if tracker is not None:
+            tracker.close(result.model_dir if result else None, result.status if result else "failed")
 
 
-def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool = True) -> JobResult:
+def run_job(
+    spec: JobSpec,
+    callbacks: Callbacks | None = None,
+    *,
+    resume: bool = True,
+    trackers: TrackerSettings | None = None,
+) -> JobResult:
     """validate → precompute → train; writes output_dir/result.json (also when stopped)."""
     from tvkd.precompute import PrecomputeStopped
 
@@ -366,7 +390,8 @@ def run_job(spec: JobSpec, callbacks: Callbacks | None = None, *, resume: bool =
     timings["precompute"] = time.perf_counter() - t
     if pre is not None or not spec.uses_teacher:
         t = time.perf_counter()
-        result = train(spec, prepared, pre.store if pre is not None else None, cb, resume=resume)
+        store = pre.store if pre is not None else None
+        result = train(spec, prepared, store, cb, resume=resume, trackers=trackers)
         timings["train"] = time.perf_counter() - t
         status = result.status
     record = ResultFile(

@@ -354,7 +354,12 @@ def run_train(ctx: StageContext) -> Outcome:
 
     def attempt(batch_size: int, grad_accum: int) -> Any:
         return pipeline.train(
-            with_batch(spec, batch_size, grad_accum), prepared, store, ctx.reporter, resume=True
+            with_batch(spec, batch_size, grad_accum),
+            prepared,
+            store,
+            ctx.reporter,
+            resume=True,
+            trackers=ctx.settings.tracker_settings(ctx.job.id),
         )
 
     def on_retry(exc: BaseException, old: tuple[int, int], new: tuple[int, int], n: int) -> None:

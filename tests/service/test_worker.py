@@ -304,14 +304,21 @@ def test_stages_carry_the_stored_spec_and_what_validate_prepared(
 ) -> None:
     """The spec is validated and stored at submit; validate writes prepared.json; the next stages
     load both instead of checking again (an edited split is used as written), and a dataset
-    changed since validate fails the job."""
+    changed since validate fails the job. The job's `report_to` trackers write where the server's
+    settings say (default: under the artifact root), a run per job id."""
     from tvkd.config import split_settings
 
     no_workers(workers)
     data = service_home / "data"
     for name in ("kept.jsonl", "changed.jsonl"):
         (data / name).write_text((data / tiny_assets["dataset"]).read_text())
-    hp = {"max_steps": 2, "batch_size": 4, "limit": 40, "eval_fraction": 0.25}
+    hp = {
+        "max_steps": 2,
+        "batch_size": 4,
+        "limit": 40,
+        "eval_fraction": 0.25,
+        "report_to": ["tensorboard", "mlflow"],
+    }
     kept = submit(api, {**tiny_assets, "dataset": "kept.jsonl"}, **hp)
     changed = submit(api, {**tiny_assets, "dataset": "changed.jsonl"}, **hp)
     with db() as s:
@@ -339,10 +346,33 @@ def test_stages_carry_the_stored_spec_and_what_validate_prepared(
     workers.start()
     job = wait_status(api, kept, {"succeeded"}, timeout=90, pool=workers)
     assert (job["result"]["train"]["train_pairs"], job["result"]["train"]["eval_pairs"]) == (32, 8)
+    assert_tracked(service_home / "artifacts", kept, job["result"]["train"]["metrics"])
     job = wait_status(api, changed, {"failed"}, timeout=60, pool=workers)
     assert (
         job["error"]["code"] == "data_error" and "changed since the validate stage" in job["error"]["message"]
     )
+
+
+def assert_tracked(artifacts: Path, job_id: str, last: dict[str, float]) -> None:
+    """TensorBoard events in <artifacts>/tensorboard/<job id> and a finished MLflow run named by the
+    job id in the file store TVKD_HOME/mlruns, both ending with the job's last metrics."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tvkd.trackers import _mlflow_uri
+
+    tb = EventAccumulator(str(artifacts / "tensorboard" / job_id))
+    tb.Reload()
+    assert [(p.step, p.value) for p in tb.Scalars("train/loss")][-1] == (
+        2,
+        pytest.approx(last["loss"], rel=1e-6),
+    )
+    mlflow = MlflowClient(tracking_uri=_mlflow_uri(str(artifacts.parent / "mlruns")))
+    experiment = mlflow.get_experiment_by_name("tvkd")
+    (run,) = mlflow.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{job_id}'")
+    assert run.info.status == "FINISHED" and run.data.params["max_steps"] == "2"
+    assert run.data.metrics["rewards/accuracies"] == pytest.approx(last["rewards/accuracies"], rel=1e-6)
+    assert run.data.tags["model_dir"] == str(artifacts / "jobs" / job_id / "model")
 
 
 def test_bad_rows_fail_validation_naming_the_rows(

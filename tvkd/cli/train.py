@@ -17,9 +17,12 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvkd.config import ConfigError, JobOptions, JobSpec, MethodConfig, TrainConfig, config_fields
+
+if TYPE_CHECKING:
+    from tvkd.trackers import TrackerSettings
 
 
 def add_config_flags(
@@ -43,6 +46,8 @@ def add_config_flags(
             kw["action"] = argparse.BooleanOptionalAction
         elif f.type == list[str]:
             kw.update(nargs="+", metavar="NAME")
+            if f.choices is not None:
+                kw.update(choices=f.choices, metavar=None)
         elif f.choices is not None:
             kw.update(type=str, choices=f.choices)
         else:
@@ -74,6 +79,15 @@ def register(subparsers: Any) -> None:
     )
     job.add_argument(
         "--store-root", help="value store root (default: $TVKD_ARTIFACT_ROOT/values, else ./.tvkd/values)"
+    )
+    job.add_argument(
+        "--run-name", help="the run's name in the --report-to trackers (default: the output folder's name)"
+    )
+    job.add_argument(
+        "--logging-dir",
+        help="TensorBoard root of --report-to tensorboard (default: OUTPUT/runs); MLflow and W&B "
+        "read MLFLOW_TRACKING_URI (default: a file store in OUTPUT/mlruns), MLFLOW_EXPERIMENT_NAME, "
+        "WANDB_PROJECT, WANDB_MODE (default: offline) and WANDB_DIR (default: OUTPUT)",
     )
     add_config_flags(
         p.add_argument_group("job options (JobOptions)"), JobOptions, aliases={"eval_dataset": "--eval-data"}
@@ -117,6 +131,7 @@ def _table(train: dict[str, float], evaluation: dict[str, float]) -> str:
 def run(args: argparse.Namespace) -> int:
     from tvkd.cli.precompute import default_store_root
     from tvkd.config import JobSpec
+    from tvkd.trackers import TrackerSettings
 
     try:
         config, options = build_config(args), build_options(args)
@@ -133,10 +148,11 @@ def run(args: argparse.Namespace) -> int:
         device=_device(args.device),
         options=options,
     )
-    return execute(spec, resume=args.resume)
+    trackers = TrackerSettings.for_output(args.output, run_name=args.run_name, logging_dir=args.logging_dir)
+    return execute(spec, resume=args.resume, trackers=trackers)
 
 
-def execute(spec: JobSpec, *, resume: bool) -> int:
+def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = None) -> int:
     """Run a job here with terminal progress (Ctrl-C stops after the step); print its metrics
     and files. The exit code of the module docstring."""
     from tvkd.callbacks import PrintCallbacks
@@ -157,7 +173,7 @@ def execute(spec: JobSpec, *, resume: bool) -> int:
     except ValueError:  # not the main thread (e.g. called from a test runner's thread)
         previous = None
     try:
-        result = run_job(spec, callbacks, resume=resume)
+        result = run_job(spec, callbacks, resume=resume, trackers=trackers)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
