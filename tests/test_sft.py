@@ -185,6 +185,18 @@ def test_the_two_row_forms_and_their_bad_rows(arith_data, tmp_path):
     assert examples[1].prompt_messages == ({"role": "user", "content": "2+2?"},) and examples[1].chosen == "4"
 
 
+def test_sft_config_has_every_training_setting_but_the_excluded():
+    # The trainer's machinery reads TrainConfig's settings from the SFTConfig too: a setting
+    # added to TrainConfig must be added to SFTConfig or excluded there on purpose.
+    from tvkd.config import SFT_EXCLUDED, config_fields
+
+    train = {f.name: f for f in config_fields(TrainConfig)}
+    sft = {f.name: f for f in config_fields(SFTConfig)}
+    assert set(sft) == set(train) - set(SFT_EXCLUDED)
+    for name, f in sft.items():
+        assert (f.type, f.bounds, f.choices) == (train[name].type, train[name].bounds, train[name].choices)
+
+
 def test_job_kinds_check_their_settings():
     base = {"teacher": None, "student": "s", "dataset": "d", "output_dir": "o", "store_root": "r"}
     spec = JobSpec.from_dict({**base, "kind": "sft", "train": {"learning_rate": 1e-4}})

@@ -373,11 +373,17 @@ def _like(cls: type, name: str, **change: Any) -> Any:
     return field(metadata=meta, **change)
 
 
+# TrainConfig settings an SFT job does not have: the TVKD method, per-token samples of pairs,
+# and packing (padding_free packs preference pairs; SFT rows are not packed yet).
+SFT_EXCLUDED = ("method", "num_samples", "padding_free")
+
+
 @dataclass
 class SFTConfig:
     """One supervised fine-tuning job (`tvkd sft`, job kind "sft"): mean NLL of the response
     tokens of chosen responses or prompt/completion rows. The training settings are those of
-    `TrainConfig` (same help, bounds and meaning); only defaults and wording differ."""
+    `TrainConfig` (same help, bounds and meaning; only defaults and wording differ), all but
+    `SFT_EXCLUDED`: a new TrainConfig setting must be added here or there (a test checks)."""
 
     epochs: float = _like(TrainConfig, "epochs", help="Passes over the training rows (fractions allowed).")
     max_steps: int = _like(TrainConfig, "max_steps")
@@ -406,6 +412,7 @@ class SFTConfig:
     lora_dropout: float = _like(TrainConfig, "lora_dropout")
     lora_target_modules: list[str] = _like(TrainConfig, "lora_target_modules")
     gradient_checkpointing: bool = _like(TrainConfig, "gradient_checkpointing")
+    torch_compile: bool = _like(TrainConfig, "torch_compile")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -107,10 +107,11 @@ def collate_rows(
     )
 
 
-def completion_logps(model: Any, batch: CompletionBatch) -> Tensor:
-    """log π_θ(y_t | s_t) of every completion token of the batch, float32 [N] (rows back to back)."""
-    decoder, weight, bias = output_head(model)
-    hidden = decoder_hidden(decoder, batch.input_ids, batch.attention_mask)
+def completion_logps(model: Any, batch: CompletionBatch, *, decoder: Any = None) -> Tensor:
+    """log π_θ(y_t | s_t) of every completion token of the batch, float32 [N] (rows back to back).
+    `decoder` replaces the model's decoder module (the trainer's torch.compile'd one)."""
+    core, weight, bias = output_head(model)
+    hidden = decoder_hidden(core if decoder is None else decoder, batch.input_ids, batch.attention_mask)
     positions = response_positions(batch.attention_mask, batch.prompt_lengths, batch.completion_lengths)
     return linear_logps(hidden[positions], weight, batch.labels, bias)
 
@@ -190,7 +191,7 @@ class SFTTrainer(Trainer):
         for rows in micro_batches:
             batch = collate_rows(rows, self.pad_id, self.device)
             with self._autocast():
-                logps = completion_logps(self.model, batch)
+                logps = completion_logps(self.model, batch, decoder=self.step_decoder)
             loss = -logps.sum() / n_tokens
             loss.backward()
             nll += float(loss.detach())
