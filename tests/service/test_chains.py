@@ -207,3 +207,48 @@ def test_kinds_check_their_settings(api: str, tiny_assets: dict[str, str]) -> No
         assert r.status_code == 422 and r.json()["error"]["field"] == field, (body, r.text)
         if code:
             assert r.json()["error"]["code"] == code, (body, r.text)
+
+
+def test_the_reconciler_never_sends_a_waiting_job_and_releases_one_the_trigger_missed(
+    api: str, workers: WorkerPool, tiny_assets: dict[str, str], database_url: str, redis_db: int
+) -> None:
+    """A reference that succeeds between a submit's check and its commit is not seen by the
+    trigger at its completion; the reconciler's pass releases the waiting job then."""
+    import json
+
+    import redis
+    from conftest import REDIS_HOST, REDIS_PORT
+    from sqlalchemy import update
+
+    from service.db import make_engine, session_factory
+    from service.models import Job
+    from service.queue import get_app
+    from service.settings import Settings
+    from worker.reconciler import Reconciler
+
+    for proc in workers.procs:
+        proc.kill9()
+    fields = {k[5:].lower(): v for k, v in workers.env.items() if k.startswith("TVKD_")}
+    settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+    data = tiny_assets["dataset"]
+    head = create(api, {"kind": "sft", "student": tiny_assets["student"], "dataset": data})
+    tail = create(api, {"kind": "dpo", "student": f"job:{head['id']}", "dataset": data})
+    broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db)
+
+    def sent(job_id: str) -> int:
+        return sum(json.loads(m)["headers"]["id"].startswith(job_id) for m in broker.lrange("default", 0, -1))
+
+    time.sleep(settings.requeue_after + 0.5)  # old enough to count as "never sent" if it were not waiting
+    reconciler = Reconciler(get_app(settings), settings)
+    assert tail["id"] not in {j for j, _ in reconciler.run_once()} and sent(tail["id"]) == 0
+    assert job(api, tail["id"])["status"] == "waiting"
+    engine = make_engine(database_url)
+    try:
+        with session_factory(engine)() as s, s.begin():  # the head succeeds without its trigger
+            s.execute(update(Job).where(Job.id == head["id"]).values(status="succeeded", stage="evaluate"))
+    finally:
+        engine.dispose()
+    assert (tail["id"], "released") in reconciler.run_once()
+    assert job(api, tail["id"])["status"] == "validating" and sent(tail["id"]) == 1
+    with client(api) as c:
+        c.post(f"/v1/jobs/{tail['id']}/cancel")
