@@ -44,15 +44,22 @@ def call(c: dict, r: dict, **opts):
     )  # fmt: skip
 
 
-def reference_h(side: dict, b: int, *, alpha, beta, gamma, terminal, shaping, value_beta, length_normalize):
-    """h(y) of MATH.md for row b, in float64 Python arithmetic."""
+def reference_h(side: dict, b: int, *, alpha, beta, gamma, terminal, shaping, value_beta, length_normalize,
+                ended=None):  # fmt: skip
+    """h(y) of MATH.md for row b, in float64 Python arithmetic (`ended[b]`: the row ends with
+    its end token, for terminal="pre_eos"; None = every row)."""
+    ended = [True] * side["mask"].shape[0] if ended is None else [bool(x) for x in ended]
     n = int(side["mask"][b].sum())
     v = [float(x) for x in side["values"][b]]
     total_ratio, total_psi = 0.0, 0.0
     for t in range(n):  # token t+1 of MATH.md; state s_{t+1} is v[t], s_{t+2} is v[t+1]
         total_ratio += float(side["policy"][b, t]) - float(side["ref"][b, t])
         if shaping == "value":
-            v_next = 0.0 if (terminal == "zero" and t == n - 1) else v[t + 1]
+            v_next = v[t + 1]
+            if t == n - 1 and terminal == "zero":
+                v_next = 0.0
+            elif t == n - 1 and terminal == "pre_eos" and ended[b]:
+                v_next = v[t]  # V(s_{T+1}) := V(s_T)
             total_psi += gamma * v_next - v[t]
         elif shaping == "logprob":
             total_psi += float(side["t_logps"][b, t])
@@ -63,11 +70,19 @@ def reference_h(side: dict, b: int, *, alpha, beta, gamma, terminal, shaping, va
     return beta * total_ratio + alpha * total_psi
 
 
-def reference_loss(c: dict, r: dict, **opts) -> float:
+def reference_nll(side: dict, b: int) -> float:
+    """NLL(y) of MATH.md ("sft_weight"): mean over the row's tokens of −log π_θ."""
+    n = int(side["mask"][b].sum())
+    return -sum(float(side["policy"][b, t]) for t in range(n)) / n
+
+
+def reference_loss(c: dict, r: dict, *, sft_weight: float = 0.0, chosen_ended=None, rejected_ended=None,
+                   **opts) -> float:  # fmt: skip
     losses = []
     for b in range(c["mask"].shape[0]):
-        z = reference_h(c, b, **opts) - reference_h(r, b, **opts)
-        losses.append(math.log1p(math.exp(-z)) if z > -30 else -z)  # −log σ(z), stable
+        z = reference_h(c, b, ended=chosen_ended, **opts) - reference_h(r, b, ended=rejected_ended, **opts)
+        dpo = math.log1p(math.exp(-z)) if z > -30 else -z  # −log σ(z), stable
+        losses.append(dpo + sft_weight * reference_nll(c, b))
     return sum(losses) / len(losses)
 
 
@@ -92,6 +107,11 @@ DEFAULTS = dict(alpha=0.7, beta=0.1, gamma=1.0, terminal="model", shaping="value
         {"shaping": "logit", "value_beta": 2.0},
         {"length_normalize": True},
         {"shaping": "none"},
+        {"terminal": "pre_eos"},
+        {"terminal": "pre_eos", "gamma": 0.9, "alpha": 1.5},
+        {"sft_weight": 0.5},
+        {"sft_weight": 2.0, "terminal": "pre_eos", "length_normalize": True, "beta": 0.3},
+        {"sft_weight": 1.0, "alpha": 0.0},
     ],
 )
 def test_loss_matches_float64_reference(seed, opts):
@@ -232,7 +252,14 @@ def test_metrics_definitions():
         "tvkd/shaping_chosen": (0.5 * sum_psi_c).mean().item(),
         "tvkd/shaping_rejected": (0.5 * sum_psi_r).mean().item(),
         "tvkd/shaping_accuracy": (sum_psi_c > sum_psi_r).double().mean().item(),
+        "tvkd/shaping_ties": (sum_psi_c == sum_psi_r).double().mean().item(),
         "tvkd/shaped_accuracy": (h_c > h_r).double().mean().item(),
+        "tvkd/offset": (0.5 * (sum_psi_c - sum_psi_r)).mean().item(),
+        # σ(h_l − h_w) ÷ σ(β·(Δ_l − Δ_w)), mean over pairs
+        "tvkd/gradient_scale": (torch.sigmoid(h_r - h_c) / torch.sigmoid(0.2 * (ratio_r - ratio_c)))
+        .mean()
+        .item(),
+        "nll/chosen": (-torch.where(c["mask"], c["policy"], 0).sum(-1) / lengths_c).mean().item(),
     }
     assert set(m) == set(expected)
     for name, value in expected.items():
@@ -257,3 +284,91 @@ def test_bad_inputs_name_the_argument():
         call(c, r, **{**DEFAULTS, "beta": 0.0})
     with pytest.raises(ValueError, match="terminal"):
         call(c, r, **{**DEFAULTS, "terminal": "end"})
+
+
+# --------------------------------------------------------------------------------------------
+# MATH.md property 10 (sft_weight), terminal="pre_eos", and the metrics that may be absent
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_property10_sft_weight_zero_changes_nothing_and_its_gradient(seed):
+    c, r = make_batch(seed)
+    for opts in ({}, {"terminal": "pre_eos", "shaping": "logprob"}, {"alpha": 0.0}):
+        base, base_m = call(c, r, **{**DEFAULTS, **opts})
+        zero, zero_m = call(c, r, **{**DEFAULTS, **opts, "sft_weight": 0.0})
+        assert zero.item() == base.item()  # exactly: the term is not added at λ = 0
+        assert zero_m == base_m
+    # λ > 0 adds λ·NLL(y_w) per pair: the loss grows by λ·mean NLL, and only chosen log-probs
+    # get the extra gradient −λ/(B·T_w) per token.
+    lam = 0.7
+    base, _ = call(c, r, **DEFAULTS)
+    with_sft, m = call(c, r, **{**DEFAULTS, "sft_weight": lam})
+    nll = [reference_nll(c, b) for b in range(c["mask"].shape[0])]
+    assert with_sft.item() == pytest.approx(base.item() + lam * sum(nll) / len(nll), rel=1e-12)
+    assert m["nll/chosen"] == pytest.approx(sum(nll) / len(nll), rel=1e-12)
+    c["policy"].requires_grad_(True)
+    r["policy"].requires_grad_(True)
+
+    def f(pc, pr):
+        return call({**c, "policy": pc}, {**r, "policy": pr}, **{**DEFAULTS, "sft_weight": lam})[0]
+
+    # Central finite differences in float64 (gradcheck's eps 1e-6): agreement to 1e-8 absolute.
+    assert torch.autograd.gradcheck(f, (c["policy"], r["policy"]), eps=1e-6, atol=1e-8)
+    g_sft = torch.autograd.grad(f(c["policy"], r["policy"]), c["policy"])[0]
+    g_base = torch.autograd.grad(call({**c}, {**r}, **DEFAULTS)[0], c["policy"])[0]
+    extra = -lam / (c["mask"].shape[0] * c["mask"].sum(-1, keepdim=True).double())
+    torch.testing.assert_close(g_sft - g_base, torch.where(c["mask"], extra, 0.0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pre_eos_ends_at_the_state_before_the_end_token(seed):
+    from tvkd.values import shaping_from_values
+
+    side = make_side(torch.Generator().manual_seed(seed), 6, 11)
+    lengths = side["mask"].sum(-1)
+    ended = torch.tensor([True, False, True, True, False, True])
+    psi = shaping_from_values(side["values"], side["mask"], gamma=1.0, terminal="pre_eos", ended=ended)
+    all_ended = shaping_from_values(side["values"], side["mask"], gamma=1.0, terminal="pre_eos")
+    for b in range(6):
+        n = int(lengths[b])
+        end = side["values"][b, n - 1] if ended[b] else side["values"][b, n]  # V(s_T) or V(s_{T+1})
+        assert psi[b].sum().item() == pytest.approx((end - side["values"][b, 0]).item(), rel=1e-12, abs=1e-12)
+        v_t = side["values"][b, n - 1]
+        assert all_ended[b].sum().item() == pytest.approx((v_t - side["values"][b, 0]).item(), abs=1e-12)
+    # With its own per-row flags, the loss matches the float64 reference.
+    c, r = make_batch(seed)
+    ce, re_ = torch.arange(5) % 2 == 0, torch.arange(5) % 3 == 0
+    opts = {**DEFAULTS, "terminal": "pre_eos", "gamma": 0.8}
+    loss, _ = call(c, r, **opts, chosen_ended=ce, rejected_ended=re_)
+    want = reference_loss(c, r, **opts, chosen_ended=ce, rejected_ended=re_)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_shaping_accuracy_is_absent_when_the_shaping_is_off_or_zero():
+    c, r = make_batch(3)
+    assert "tvkd/shaping_accuracy" in call(c, r, **DEFAULTS)[1]
+    for opts in ({"alpha": 0.0}, {"shaping": "none"}):
+        _, m = call(c, r, **{**DEFAULTS, **opts})
+        assert "tvkd/shaping_accuracy" not in m and "tvkd/shaping_ties" not in m
+        assert m["tvkd/offset"] == 0.0 and m["tvkd/gradient_scale"] == pytest.approx(1.0, rel=1e-12)
+    # Values constant along each response: every ψ is 0 (γ = 1), so the shaping is identically zero.
+    for side in (c, r):
+        side["values"] = side["values"][:, :1].expand_as(side["values"]).clone()
+    _, m = call(c, r, **DEFAULTS)
+    assert "tvkd/shaping_accuracy" not in m and m["tvkd/offset"] == 0.0
+
+
+def test_gradient_scale_stays_finite_where_the_sigmoids_underflow():
+    # DPO margin β·(Δ_w − Δ_l) = 1000 and a shaping offset of 1: both σ(h_l − h_w) and
+    # σ(β·(Δ_l − Δ_w)) underflow to 0 in float64 (0/0 = NaN), their ratio is e^{-1}.
+    c, r = make_batch(4, batch=3)
+    lengths = c["mask"].sum(-1, keepdim=True).double()
+    c["ref"] = torch.where(c["mask"], c["policy"] - 10000.0 / lengths, 0.0)
+    r["ref"] = r["policy"].clone()
+    for side, end in ((c, 1.0 / 0.7), (r, 0.0)):
+        side["values"].zero_()
+        side["values"][torch.arange(3), side["mask"].sum(-1)] = end
+    _, m = call(c, r, **DEFAULTS)
+    assert m["rewards/margins"] == pytest.approx(1000.0, rel=1e-12)
+    assert m["tvkd/offset"] == pytest.approx(1.0, rel=1e-12)
+    assert m["tvkd/gradient_scale"] == pytest.approx(math.exp(-1.0), rel=1e-9)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Literal, TextIO
 
-Split = Literal["train", "eval"]
+Split = Literal["train", "eval", "teacher"]  # "teacher": the precompute's teacher check, at step 0
 Level = Literal["info", "warning", "error"]
 
 
@@ -29,7 +29,8 @@ class Callbacks:
         """`done` of `total` units of `stage` are finished; `eta_seconds` None when unknown."""
 
     def on_metrics(self, step: int, metrics: dict[str, float], split: Split) -> None:
-        """Training metrics every `log_every` optimizer steps, or held-out metrics."""
+        """Training metrics every `log_every` optimizer steps, held-out metrics, or (split
+        "teacher", step 0) the teacher check of `tvkd.teacher_check`."""
 
     def on_event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
         """Something a user should read: dropped rows, warnings, resumes, failures."""
@@ -80,6 +81,7 @@ LINE_METRICS = (
     "rewards/margins",
     "tvkd/shaped_accuracy",
     "tvkd/shaping_accuracy",
+    "nll/chosen",
     "grad_norm",
     "lr",
 )
@@ -138,7 +140,8 @@ class PrintCallbacks(Callbacks):
             self._close_bar()
 
     def on_metrics(self, step: int, metrics: dict[str, float], split: Split) -> None:
-        self._write(f"[{split} step {step}] {format_metrics(metrics)}")
+        names = metrics if split == "teacher" else LINE_METRICS
+        self._write(f"[{split} step {step}] {format_metrics(metrics, names)}")
 
     def on_event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
         self._write(f"[{level}] {message}")

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-QSource = Literal["logits", "logprobs"]
-Terminal = Literal["model", "zero"]
+QSource = Literal["logits", "logprobs", "implicit"]
+Terminal = Literal["model", "zero", "pre_eos"]
 Shaping = Literal["value", "logprob", "logit", "none"]
 JobKind = Literal["tvkd", "dpo", "sft"]
 
@@ -207,11 +207,14 @@ class MethodConfig:
     )
     gamma: float = _help("Discount γ in ψ_t = γ·V(s_{t+1}) − V(s_t).", default=1.0, ge=0.0, le=1.0)
     terminal: Terminal = _help(
-        "'model': V(s_{T+1}) is the teacher's value after the last token; 'zero': V(s_{T+1}) := 0.",
+        "'model': V(s_{T+1}) is the teacher's value after the last token; 'zero': V(s_{T+1}) := 0; "
+        "'pre_eos': V(s_{T+1}) := V(s_T), the state where the teacher chose to end (MATH.md).",
         default="model",
     )
     q_source: QSource = _help(
-        "'logits': Q = teacher logits; 'logprobs': Q = teacher log-probabilities (V≡0 at β_v=1).",
+        "'logits': Q = teacher logits; 'logprobs': Q = teacher log-probabilities (V≡0 at β_v=1); "
+        "'implicit': V = β_v·Σ log π_φ/π_φref, the teacher's DPO reward (needs teacher_reference; "
+        "set value_beta to the teacher's DPO β).",
         default="logits",
     )
     shaping: Shaping = _help(
@@ -221,6 +224,13 @@ class MethodConfig:
     )
     length_normalize: bool = _help(
         "Divide each response's summed log-ratio and shaping by its token count.", default=False
+    )
+    sft_weight: float = _help(
+        "Weight λ of the NLL of the chosen response (mean over its tokens) added to each pair's "
+        "loss (RPO; TRL's 'sft' term). 0 = off.",
+        default=0.0,
+        ge=0.0,
+        le=1e4,
     )
 
     def __post_init__(self) -> None:
@@ -252,7 +262,9 @@ class MethodConfig:
 class PrecomputeConfig:
     """The teacher pass that produces the value store (its fields are part of the content key)."""
 
-    q_source: QSource = _help("See MethodConfig.q_source.", default="logits")
+    q_source: QSource = _help(
+        "See MethodConfig.q_source ('implicit' runs teacher_reference too).", default="logits"
+    )
     value_beta: float = _help("See MethodConfig.value_beta.", default=1.0, gt=0.0)
     topk: int = _help("Also store the top-k teacher logits and ids per state (0 = off).", default=0, ge=0)
     token_stats: bool = _help(
@@ -429,8 +441,14 @@ class SFTConfig:
 
 @dataclass
 class JobOptions:
-    """Options of one job beyond its training settings: which rows it reads and how."""
+    """Options of one job beyond its training settings: which rows it reads and how, and the
+    teacher's reference model (a model reference, resolved like `teacher`)."""
 
+    teacher_reference: str | None = _help(
+        "The model the teacher was DPO-trained from (e.g. its SFT checkpoint; same tokenizer as "
+        "the teacher). Needed by q_source='implicit' (MATH.md, 'Teacher soft value').",
+        default=None,
+    )
     eval_dataset: str | None = _help(
         "Held-out pairs (same rules as `dataset`); default: `eval_fraction` of the dataset.", default=None
     )
@@ -477,7 +495,18 @@ def split_settings(flat: Mapping[str, Any]) -> tuple[TrainConfig, JobOptions]:
     TrainConfig field of its name. Raises ConfigError naming an unknown or invalid setting."""
     names = {f.name for f in dataclasses.fields(JobOptions)}
     options = JobOptions.from_dict({k: v for k, v in flat.items() if k in names})
-    return TrainConfig.from_dict({k: v for k, v in flat.items() if k not in names}), options
+    train = TrainConfig.from_dict({k: v for k, v in flat.items() if k not in names})
+    require_teacher_reference(train.method, options)
+    return train, options
+
+
+def require_teacher_reference(method: MethodConfig, options: JobOptions) -> None:
+    """`q_source="implicit"` (when the method uses the teacher) needs `teacher_reference`."""
+    if method.uses_teacher and method.q_source == "implicit" and not options.teacher_reference:
+        raise ConfigError(
+            "teacher_reference",
+            "q_source='implicit' needs the model the teacher was DPO-trained from (e.g. its SFT checkpoint)",
+        )
 
 
 def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -490,9 +519,9 @@ def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def split_sft_settings(flat: Mapping[str, Any]) -> tuple[SFTConfig, JobOptions]:
     """`split_settings` for an "sft" job: each key to the SFTConfig or JobOptions field of its
-    name (precompute_bf16 is not an SFT option). Raises ConfigError naming an unknown or invalid
-    setting (a TVKD method setting such as alpha included)."""
-    names = {f.name for f in dataclasses.fields(JobOptions)} - {"precompute_bf16"}
+    name (precompute_bf16 and teacher_reference are not SFT options). Raises ConfigError naming
+    an unknown or invalid setting (a TVKD method setting such as alpha included)."""
+    names = {f.name for f in dataclasses.fields(JobOptions)} - {"precompute_bf16", "teacher_reference"}
     _refuse_unknown(flat, names | {f.name for f in dataclasses.fields(SFTConfig)})
     options = JobOptions.from_dict({k: v for k, v in flat.items() if k in names})
     return SFTConfig.from_dict({k: v for k, v in flat.items() if k not in names}), options

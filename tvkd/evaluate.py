@@ -8,7 +8,7 @@ batches are concatenated before the means are taken, so a short last batch weigh
 (dashboard heatmaps):
 
     {"version": 1, "step": int, "teacher_logp_source": "store" | "teacher" | null, "note": str | null,
-     "loss_options": {alpha, beta, gamma, terminal, shaping, value_beta, length_normalize},
+     "loss_options": {alpha, beta, gamma, terminal, shaping, value_beta, length_normalize, sft_weight},
      "samples": [
        {"index": int, "row": int, "prompt": str | [messages],
         "chosen": {"text": str,
@@ -52,7 +52,7 @@ def evaluate(
     `loss_options` are the keyword options of `tvkd_loss` (see `tvkd.losses.loss_options`).
     """
     opts = dict(loss_options)
-    alpha, beta = opts.pop("alpha"), opts.pop("beta")
+    alpha, beta, sft_weight = opts.pop("alpha"), opts.pop("beta"), opts.pop("sft_weight", 0.0)
     was_training = model.training
     model.eval()
     parts: list[PairTerms] = []
@@ -77,7 +77,7 @@ def evaluate(
     if not parts:
         return {}
     terms = PairTerms(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PairTerms)})
-    _, metrics = loss_and_metrics(terms, alpha=alpha, beta=beta)
+    _, metrics = loss_and_metrics(terms, alpha=alpha, beta=beta, sft_weight=sft_weight)
     metrics["pairs"] = float(terms.logps_chosen.shape[0])
     return metrics
 

@@ -95,8 +95,12 @@ def inspect_response(
     reference_model: Any = None,
     student_tokenizer: Any = None,
     max_length: int = 2048,
+    teacher_reference_model: Any = None,
 ) -> InspectResult:
     """Per-token teacher values, shaping ψ and (with student + reference) the DPO log-ratio.
+
+    `teacher_reference_model`: the model the teacher was DPO-trained from (same tokenizer),
+    required by `method.q_source == "implicit"` (V = β_v·Σ log π_φ/π_φref; MATH.md).
 
     `prompt` is text or a list of chat messages (rendered with the tokenizers' chat templates).
     Rows follow the teacher's tokens, or the student's when `student_tokenizer` tokenizes the
@@ -106,6 +110,8 @@ def inspect_response(
     from tvkd.teacher import compute_pair_signals  # heavy module; only needed here
 
     method = method or MethodConfig()
+    if method.q_source == "implicit" and teacher_reference_model is None:
+        raise ValueError("q_source='implicit' needs the teacher's reference model (teacher_reference)")
     if (student_model is None) != (reference_model is None):
         raise ValueError("give both student_model and reference_model (the log-ratio needs both), or neither")
     pair = _make_pair(prompt, response)
@@ -115,7 +121,9 @@ def inspect_response(
         token_stats=True,
         max_length=max_length,
     )
-    t_pair, values = compute_pair_signals(teacher_model, teacher_tokenizer, pair, config)
+    t_pair, values = compute_pair_signals(
+        teacher_model, teacher_tokenizer, pair, config, reference=teacher_reference_model
+    )
     t_values = torch.as_tensor(values.chosen_values, dtype=torch.float32)
     t_logps = torch.as_tensor(values.chosen_token_logps, dtype=torch.float32)
     t_logits = torch.as_tensor(values.chosen_token_logits, dtype=torch.float32)

@@ -1,7 +1,9 @@
 """The TVKD loss of MATH.md, from per-token tensors.
 
     h(y) = Σ_t [ β·(log π_θ(y_t|s_t) − log π_ref(y_t|s_t)) + α·ψ_t ]
-    L    = − log σ( h(y_w) − h(y_l) ),   averaged over the pairs of the batch
+    L    = − log σ( h(y_w) − h(y_l) ) + λ·NLL(y_w),   averaged over the pairs of the batch
+
+(λ = `sft_weight`, default 0; NLL(y_w) = mean over the chosen tokens of −log π_θ.)
 
 `tvkd_loss` is the public entry point: drop it into any training loop that can produce
 per-response-token log-probabilities. ψ is a constant with respect to θ (teacher tensors are
@@ -31,6 +33,7 @@ class PairTerms:
     shaping_rejected: Tensor
     logps_chosen: Tensor  # Σ_t log π_θ over y_w (never normalised; a TRL-style metric)
     logps_rejected: Tensor
+    tokens_chosen: Tensor  # T of y_w (the NLL term and `nll/chosen` are means over its tokens)
 
 
 def _masked_sum(x: Tensor, mask: Tensor) -> Tensor:
@@ -64,10 +67,12 @@ def shaping_terms(
     teacher_logits: Tensor | None,
     value_beta: float,
     side: str = "chosen",
+    ended: Tensor | None = None,
 ) -> Tensor:
-    """ψ_t per token for one side, by shaping mode (MATH.md "Shaping modes"); zero off the mask."""
+    """ψ_t per token for one side, by shaping mode (MATH.md "Shaping modes"); zero off the mask.
+    `ended` [B] bool: which responses end with their end token (terminal="pre_eos"; None = all)."""
     if mode == "value":
-        return shaping_from_values(values, mask, gamma=gamma, terminal=terminal)
+        return shaping_from_values(values, mask, gamma=gamma, terminal=terminal, ended=ended)
     if mode == "logprob":
         if teacher_logps is None:
             raise ValueError(f"shaping='logprob' needs {side}_teacher_logps (precompute token_stats=True)")
@@ -106,8 +111,10 @@ def pair_terms(
     rejected_teacher_logits: Tensor | None = None,
     value_beta: float = 1.0,
     length_normalize: bool = False,
+    chosen_ended: Tensor | None = None,
+    rejected_ended: Tensor | None = None,
 ) -> PairTerms:
-    """The per-pair sums behind the loss (same arguments as `tvkd_loss`, without α/β)."""
+    """The per-pair sums behind the loss (same arguments as `tvkd_loss`, without α/β/λ)."""
     _check_side("chosen", policy_chosen_logps, ref_chosen_logps, chosen_values, chosen_mask)
     _check_side("rejected", policy_rejected_logps, ref_rejected_logps, rejected_values, rejected_mask)
     if chosen_mask.shape[0] != rejected_mask.shape[0]:
@@ -115,7 +122,7 @@ def pair_terms(
     # Sums in at least float32 whatever the inputs (float64 stays float64 for reference checks).
     dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
 
-    def side(logps: Tensor, ref: Tensor, values: Tensor, mask: Tensor, t_lp, t_lg, name: str):
+    def side(logps: Tensor, ref: Tensor, values: Tensor, mask: Tensor, t_lp, t_lg, ended, name: str):
         psi = shaping_terms(
             shaping,
             values.to(dtype),
@@ -126,6 +133,7 @@ def pair_terms(
             teacher_logits=None if t_lg is None else t_lg.to(dtype),
             value_beta=value_beta,
             side=name,
+            ended=ended,
         )
         logps = logps.to(dtype)
         logratio = _masked_sum(logps - ref.to(dtype), mask)
@@ -142,6 +150,7 @@ def pair_terms(
         chosen_mask,
         chosen_teacher_logps,
         chosen_teacher_logits,
+        chosen_ended,
         "chosen",
     )
     lr_r, sh_r, lp_r = side(
@@ -151,50 +160,81 @@ def pair_terms(
         rejected_mask,
         rejected_teacher_logps,
         rejected_teacher_logits,
+        rejected_ended,
         "rejected",
     )
-    return PairTerms(lr_c, lr_r, sh_c, sh_r, lp_c, lp_r)
+    return PairTerms(lr_c, lr_r, sh_c, sh_r, lp_c, lp_r, chosen_mask.sum(-1).to(dtype))
 
 
-def loss_and_metrics(terms: PairTerms, *, alpha: float, beta: float) -> tuple[Tensor, dict[str, float]]:
-    """L = mean −log σ(h_w − h_l) and the MATH.md metrics, from per-pair terms."""
+def loss_and_metrics(
+    terms: PairTerms, *, alpha: float, beta: float, sft_weight: float = 0.0
+) -> tuple[Tensor, dict[str, float]]:
+    """L = mean over pairs of [−log σ(h_w − h_l) + λ·NLL(y_w)] and the MATH.md metrics.
+
+    `tvkd/shaping_accuracy` and `tvkd/shaping_ties` are absent from the dict when the shaping is
+    off (α = 0) or identically zero on these pairs (every Σψ is 0); every other metric is always
+    there. `tvkd/gradient_scale` = mean σ(h_l − h_w) / σ(β·(Δ_l − Δ_w)), formed as the exp of a
+    difference of log-sigmoids so that it stays finite where both sigmoids underflow.
+    """
     h_chosen = beta * terms.logratio_chosen + alpha * terms.shaping_chosen
     h_rejected = beta * terms.logratio_rejected + alpha * terms.shaping_rejected
-    loss = -F.logsigmoid(h_chosen - h_rejected).mean()
+    margin = h_chosen - h_rejected
+    per_pair = -F.logsigmoid(margin)
+    nll = -terms.logps_chosen / terms.tokens_chosen.clamp(min=1)
+    if sft_weight:  # exactly the DPO/TVKD loss at λ = 0 (MATH.md property 10)
+        per_pair = per_pair + sft_weight * nll
+    loss = per_pair.mean()
 
     with torch.no_grad():
         r_c, r_r = beta * terms.logratio_chosen, beta * terms.logratio_rejected
         s_c, s_r = alpha * terms.shaping_chosen, alpha * terms.shaping_rejected
+        dtype = r_c.dtype
+        raw_c, raw_r = terms.shaping_chosen, terms.shaping_rejected
+        shaping_on = alpha > 0 and bool(((raw_c != 0) | (raw_r != 0)).any())
+        grad_scale = torch.exp(F.logsigmoid(-margin) - F.logsigmoid(-(r_c - r_r)))
         stats = torch.stack(
             [
                 loss.detach(),
                 r_c.mean(),
                 r_r.mean(),
                 (r_c - r_r).mean(),
-                (r_c > r_r).to(r_c.dtype).mean(),
+                (r_c > r_r).to(dtype).mean(),
                 terms.logps_chosen.mean(),
                 terms.logps_rejected.mean(),
                 s_c.mean(),
                 s_r.mean(),
-                (terms.shaping_chosen > terms.shaping_rejected).to(r_c.dtype).mean(),
-                (h_chosen > h_rejected).to(r_c.dtype).mean(),
+                (raw_c > raw_r).to(dtype).mean(),
+                (raw_c == raw_r).to(dtype).mean(),
+                (h_chosen > h_rejected).to(dtype).mean(),
+                (s_c - s_r).mean(),
+                grad_scale.mean(),
+                nll.detach().mean(),
             ]
         )
         values = stats.double().tolist()  # one device sync for every metric
-    names = [
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/margins",
-        "rewards/accuracies",
-        "logps/chosen",
-        "logps/rejected",
-        "tvkd/shaping_chosen",
-        "tvkd/shaping_rejected",
-        "tvkd/shaping_accuracy",
-        "tvkd/shaped_accuracy",
-    ]
-    return loss, dict(zip(names, values, strict=True))
+    metrics = dict(zip(_METRIC_NAMES, values, strict=True))
+    if not shaping_on:
+        del metrics["tvkd/shaping_accuracy"], metrics["tvkd/shaping_ties"]
+    return loss, metrics
+
+
+_METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "tvkd/shaping_chosen",
+    "tvkd/shaping_rejected",
+    "tvkd/shaping_accuracy",
+    "tvkd/shaping_ties",
+    "tvkd/shaped_accuracy",
+    "tvkd/offset",
+    "tvkd/gradient_scale",
+    "nll/chosen",
+)
 
 
 def tvkd_loss(
@@ -218,6 +258,9 @@ def tvkd_loss(
     rejected_teacher_logits: Tensor | None = None,
     value_beta: float = 1.0,
     length_normalize: bool = False,
+    sft_weight: float = 0.0,
+    chosen_ended: Tensor | None = None,
+    rejected_ended: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """TVKD loss (MATH.md "Loss") and its metrics.
 
@@ -225,10 +268,16 @@ def tvkd_loss(
     masks bool [B, T], True on the row's tokens, contiguous from 0; chosen and rejected may have
     different T. Values [B, T+1]: index t−1 holds V(s_t), index T_b the terminal V(s_{T_b+1}).
     `*_teacher_logps` / `*_teacher_logits` [B, T] feed the 'logprob' / 'logit' shaping modes.
-    Returns (scalar loss, metrics dict of floats named as in MATH.md "Metrics").
+    `*_ended` [B] bool: rows whose response ends with its end-of-response token, for
+    terminal="pre_eos" (None = every row, as `tvkd.tokenize.tokenize_pair` makes them).
+    `sft_weight` λ ≥ 0 adds λ·NLL(y_w) (mean −log π_θ over the chosen tokens) per pair.
+    Returns (scalar loss, metrics dict of floats named as in MATH.md "Metrics"; see
+    `loss_and_metrics` for the ones that may be absent).
     """
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0; got {alpha}")
+    if not sft_weight >= 0:
+        raise ValueError(f"sft_weight must be >= 0; got {sft_weight}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0; got {beta}")
     terms = pair_terms(
@@ -249,8 +298,10 @@ def tvkd_loss(
         rejected_teacher_logits=rejected_teacher_logits,
         value_beta=value_beta,
         length_normalize=length_normalize,
+        chosen_ended=chosen_ended,
+        rejected_ended=rejected_ended,
     )
-    return loss_and_metrics(terms, alpha=alpha, beta=beta)
+    return loss_and_metrics(terms, alpha=alpha, beta=beta, sft_weight=sft_weight)
 
 
 def loss_options(method: MethodConfig, *, shaping: str | None = None) -> dict[str, Any]:
@@ -264,4 +315,5 @@ def loss_options(method: MethodConfig, *, shaping: str | None = None) -> dict[st
         "shaping": shaping or method.shaping,
         "value_beta": method.value_beta,
         "length_normalize": method.length_normalize,
+        "sft_weight": method.sft_weight,
     }

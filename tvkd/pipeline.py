@@ -27,6 +27,7 @@ from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, Train
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.sft import SFTTrainer
 from tvkd.store import ValueStore
+from tvkd.teacher_check import teacher_check
 from tvkd.trackers import TrackerCallbacks, TrackerSettings, open_trackers
 from tvkd.trainer import Trainer, TrainResult
 
@@ -104,6 +105,7 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
     expensive work.
     """
     from tvkd.models import load_config, load_tokenizer
+    from tvkd.precompute import check_teacher_reference
     from tvkd.tokenize import tokenize_pairs
 
     cb = callbacks or Callbacks()
@@ -157,6 +159,10 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
             assert spec.teacher is not None
             load_config(spec.teacher)
             tokenizers["teacher"] = load_tokenizer(spec.teacher)
+            reference = spec.options.teacher_reference
+            if method.q_source == "implicit" and reference:
+                load_config(reference)
+            check_teacher_reference(precompute_config(spec), reference, tokenizers["teacher"])
         same = check_alignment(
             method,
             pairs,
@@ -257,7 +263,9 @@ def precompute_config(spec: JobSpec) -> PrecomputeConfig:
 def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = None) -> Any:
     """Teacher values for every pair (reused when cached); None when the method needs no teacher.
 
-    Raises `tvkd.precompute.PrecomputeStopped` when `callbacks.should_stop()`.
+    Then the teacher check on the training pairs (`tvkd.teacher_check`): metrics with split
+    "teacher" at step 0, an event (a warning when its interval includes 0.5), and
+    `result.teacher_check`. Raises `tvkd.precompute.PrecomputeStopped` when `callbacks.should_stop()`.
     """
     from tvkd.precompute import precompute_values
 
@@ -284,7 +292,12 @@ def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = 
         progress=progress,
         should_stop=cb.should_stop,
         on_error=spec.options.on_error,
+        teacher_reference=spec.options.teacher_reference,
     )
+    result.teacher_check = teacher_check(result.store, prepared.train_idx, spec.train.method)
+    cb.on_metrics(0, result.teacher_check.metrics(), "teacher")
+    level = "warning" if result.teacher_check.chance else "info"
+    cb.on_event(level, result.teacher_check.message(), result.teacher_check.to_dict())
     how = "reused cached" if result.cached else f"computed ({result.tokens_per_second:.0f} tokens/s)"
     cb.on_event(
         "info",
@@ -417,6 +430,7 @@ def run_job(
             "seconds": pre.seconds,
             "tokens": pre.tokens,
             "tokens_per_second": pre.tokens_per_second,
+            "teacher_check": pre.teacher_check.to_dict() if pre.teacher_check else None,
         },
         train=None
         if result is None

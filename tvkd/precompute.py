@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from tvkd.config import PrecomputeConfig
+from tvkd.config import ConfigError, PrecomputeConfig
 from tvkd.data import DataError, DataReport, PreferencePair, RowError, RowIssue, dataset_fingerprint
 from tvkd.modeling import model_device, pad_token_id
 from tvkd.store import (
@@ -56,6 +56,7 @@ class PrecomputeResult:
     seconds: float
     tokens_per_second: float
     waited: float = 0.0  # seconds spent waiting for another process computing the same key
+    teacher_check: Any = None  # tvkd.teacher_check.TeacherCheck, set by tvkd.pipeline.precompute
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ def _compute_shard(
     run: _Run,
     progress: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
+    reference: Any = None,
 ) -> list[PairValues | None]:
     seqs = [s for slot, tp in enumerate(tokenized) if tp is not None for s in sequences(slot, tp)]
     arrays: list[dict[str, Any]] = [{} for _ in tokenized]
@@ -122,7 +124,8 @@ def _compute_shard(
         if should_stop is not None and should_stop():
             raise PrecomputeStopped("precompute stopped on request; finished shards are kept")
         t0 = time.perf_counter()
-        for s, side_arrays in zip(batch, run_batch(model, batch, config, pad_id, device), strict=True):
+        signals = run_batch(model, batch, config, pad_id, device, reference)
+        for s, side_arrays in zip(batch, signals, strict=True):
             arrays[s.slot].update(side_arrays)
             if len(arrays[s.slot]) == n_fields:  # the pair's second side just finished
                 run.done += 1
@@ -142,6 +145,7 @@ def _fill_store(
     run: _Run,
     progress: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
+    reference: Any = None,
 ) -> None:
     done = writer.done_shards()
     run.done = sum(len(writer.shard_range(i)) for i in done)
@@ -153,7 +157,7 @@ def _fill_store(
             continue
         t0, tokens0 = time.perf_counter(), run.tokens
         tokenized, issues = _tokenize_shard(tokenizer, pairs, writer.shard_range(i), config.max_length)
-        records = _compute_shard(model, tokenized, config, pad_id, run, progress, should_stop)
+        records = _compute_shard(model, tokenized, config, pad_id, run, progress, should_stop, reference)
         info = {
             "issues": [vars(issue) for issue in issues],
             "teacher_tokens": run.tokens - tokens0,
@@ -162,24 +166,55 @@ def _fill_store(
         writer.write_shard(i, records, info=info)
 
 
+def check_teacher_reference(
+    config: PrecomputeConfig, teacher_reference: str | Path | None, tokenizer: Any
+) -> None:
+    """`q_source="implicit"` needs a teacher reference with the teacher's tokenizer (the two
+    models score the same token ids). Raises ConfigError naming `teacher_reference`."""
+    from tvkd.models import load_tokenizer, tokenizer_fingerprint
+
+    if config.q_source != "implicit":
+        return
+    if not teacher_reference:
+        raise ConfigError(
+            "teacher_reference",
+            "q_source='implicit' needs the model the teacher was DPO-trained from (e.g. its SFT checkpoint)",
+        )
+    if tokenizer_fingerprint(load_tokenizer(str(teacher_reference))) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            "teacher_reference",
+            f"{teacher_reference} does not have the teacher's tokenizer (vocabulary, special tokens "
+            "and chat template must be the same: both models score the teacher's token ids)",
+        )
+
+
 def precompute_key(
     teacher: str | Path,
     pairs: Sequence[PreferencePair],
     config: PrecomputeConfig,
     *,
     tokenizer: Any = None,
+    teacher_reference: str | Path | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(store key, key fields) of a precompute request, without loading the teacher's weights
-    (they are hashed, with a per-file cache). Lets a caller ask whether it is cached."""
+    (they are hashed, with a per-file cache). Lets a caller ask whether it is cached.
+    With `q_source="implicit"` the teacher reference and its weights are part of the key (it is
+    ignored otherwise); ConfigError when it is missing or has another tokenizer."""
     from tvkd.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(teacher))
+    check_teacher_reference(config, teacher_reference, tokenizer)
+    reference = None
+    if config.q_source == "implicit":
+        assert teacher_reference is not None
+        reference = (str(teacher_reference), model_fingerprint(str(teacher_reference)))
     fields = key_fields(
         teacher=str(teacher),
         teacher_fingerprint=model_fingerprint(str(teacher)),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         dataset_fingerprint=dataset_fingerprint(pairs),
         config=config,
+        teacher_reference=reference,
     )
     return content_key(fields), fields
 
@@ -196,6 +231,8 @@ def precompute_values(
     on_error: Literal["raise", "drop"] = "drop",
     model: Any = None,
     tokenizer: Any = None,
+    teacher_reference: str | Path | None = None,
+    reference_model: Any = None,
 ) -> PrecomputeResult:
     """Teacher values for `pairs` under `store_root`, computed once per content key.
 
@@ -203,6 +240,9 @@ def precompute_values(
     on_error="drop"; with "raise" a DataError lists every such row before any teacher work.
     `model`/`tokenizer` skip loading them from `teacher` (which still names and fingerprints the
     teacher, so pass the matching path); a given model stays on its own device.
+    `teacher_reference` (`reference_model` likewise) is the model the teacher was DPO-trained
+    from, needed by `q_source="implicit"` (MATH.md) and part of the key then; ConfigError when
+    it is missing or does not share the teacher's tokenizer.
     """
     from tvkd.models import load_causal_lm, load_tokenizer
 
@@ -210,7 +250,9 @@ def precompute_values(
         raise ValueError(f"on_error must be 'raise' or 'drop'; got {on_error!r}")
     start = time.perf_counter()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(teacher))
-    key, fields = precompute_key(teacher, pairs, config, tokenizer=tokenizer)
+    key, fields = precompute_key(
+        teacher, pairs, config, tokenizer=tokenizer, teacher_reference=teacher_reference
+    )
     source = f"precompute({teacher}, max_length={config.max_length})"
 
     def result(store: ValueStore, run: _Run | None, waited: float = 0.0) -> PrecomputeResult:
@@ -244,10 +286,19 @@ def precompute_values(
                 return result(found, None, waited)
             if model is None:
                 model = load_causal_lm(teacher, dtype=torch.float32, device=device)
+            reference = None
+            if config.q_source == "implicit":
+                reference = reference_model
+                if reference is None:
+                    assert teacher_reference is not None  # checked by precompute_key
+                    device = model_device(model)
+                    reference = load_causal_lm(teacher_reference, dtype=torch.float32, device=device)
             run = _Run(total=len(pairs))
-            with eval_mode(model):
+            with eval_mode(model), eval_mode(reference):
                 _verify_first(model, tokenizer, pairs, config)
-                _fill_store(writer, model, tokenizer, pairs, config, run, progress, should_stop)
+                if reference is not None:
+                    _verify_first(reference, tokenizer, pairs, config)
+                _fill_store(writer, model, tokenizer, pairs, config, run, progress, should_stop, reference)
             store = writer.finalize(
                 timings={
                     "seconds": round(time.perf_counter() - start, 3),

@@ -66,14 +66,23 @@ def key_fields(
     tokenizer_fingerprint: str,
     dataset_fingerprint: str,
     config: PrecomputeConfig,
+    teacher_reference: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything that changes the stored numbers, and nothing else.
 
     batch_tokens, chunk_size and shard_size only change float summation order (and the file
     split), so they stay out: a rerun with a bigger batch finds the same store. bf16 changes the
-    teacher's hidden states well beyond float noise, so the precision is in.
+    teacher's hidden states well beyond float noise, so the precision is in. `teacher_reference`
+    (name, weights fingerprint) is in with `q_source="implicit"` (the values are the teacher's
+    log-ratio to it). The training-time options γ, terminal and shaping are not: they are applied
+    to the stored V when the loss is formed, so one store serves them all.
     """
+    reference = {}
+    if teacher_reference is not None:
+        name, fingerprint = teacher_reference
+        reference = {"teacher_reference": name, "teacher_reference_fingerprint": fingerprint}
     return {
+        **reference,
         "teacher": str(teacher),
         "teacher_fingerprint": teacher_fingerprint,
         "tokenizer_fingerprint": tokenizer_fingerprint,

@@ -10,10 +10,16 @@ soft-capping reproduced), which `verify_head` also checks numerically once per m
 
 `compute_pair_signals` runs one pair (the inspector, evaluation samples); the dataset pass
 (`tvkd.precompute`) packs many into batches with `batches_by_tokens` and `run_batch`.
+
+`q_source="implicit"` runs a second model over the same batch, the teacher's reference (the
+model it was DPO-trained from, same tokenizer): both give the log-prob of each response token,
+and V is the running sum of their difference (`tvkd.values.implicit_values`). Top-k and token
+statistics stay the teacher's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ from tvkd.data import PreferencePair
 from tvkd.modeling import decoder_hidden, head_problem, model_device, output_head, pad_token_id, softcap_of
 from tvkd.store import SIDES, PairValues
 from tvkd.tokenize import TokenizedPair, tokenize_pair
-from tvkd.values import TeacherSignals, teacher_signals
+from tvkd.values import TeacherSignals, implicit_values, teacher_signals
 
 # Relative tolerance of the one-off check that our head reproduces the model's own logits.
 _HEAD_CHECK_RTOL = 1e-3
@@ -117,7 +123,8 @@ def _forward_flat(
     )
     cols = starts + offsets
     labels = None
-    if config.token_stats:
+    implicit = config.q_source == "implicit"
+    if config.token_stats or implicit:
         nxt = (cols + 1).clamp(max=input_ids.shape[1] - 1)
         labels = torch.where(offsets == counts[rows] - 1, -100, input_ids[rows, nxt])
     # Outside autocast: the head runs in float32 whatever precision the decoder ran in.
@@ -126,7 +133,8 @@ def _forward_flat(
         w,
         b,
         labels=labels,
-        q_source=config.q_source,
+        # "implicit": these logsumexp values are unused (run_batch replaces them).
+        q_source="logits" if implicit else config.q_source,
         value_beta=config.value_beta,
         topk=config.topk,
         softcap=softcap,
@@ -167,9 +175,18 @@ def _pad_batch(seqs: Sequence[TeacherSequence], pad_id: int, device: torch.devic
 
 
 def run_batch(
-    model: Any, seqs: Sequence[TeacherSequence], config: PrecomputeConfig, pad_id: int, device: torch.device
+    model: Any,
+    seqs: Sequence[TeacherSequence],
+    config: PrecomputeConfig,
+    pad_id: int,
+    device: torch.device,
+    reference: Any = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Store arrays of each sequence of the batch (keys `<side>_values`, ...)."""
+    """Store arrays of each sequence of the batch (keys `<side>_values`, ...). `reference` is the
+    teacher's reference model, required by (and only used for) `q_source="implicit"`."""
+    implicit = config.q_source == "implicit"
+    if implicit and reference is None:
+        raise ValueError("q_source='implicit' needs the teacher's reference model (teacher_reference)")
     ids, mask = _pad_batch(seqs, pad_id, device)
     # V(s_1) is at the last prompt position; T+1 states in all.
     spans = [(s.prompt_len - 1, len(s.ids) - s.prompt_len + 1) for s in seqs]
@@ -178,10 +195,21 @@ def run_batch(
     # a stored row owns its memory (a view would pin the whole batch until its shard is written).
     host = {name: t.cpu().numpy() for name, t in vars(flat).items() if t is not None}
     bounds = np.cumsum([0] + [n for _, n in spans])
-    return [
-        _side_arrays({name: a[bounds[r] : bounds[r + 1]] for name, a in host.items()}, s.side)
-        for r, s in enumerate(seqs)
-    ]
+    rows = [{name: a[bounds[r] : bounds[r + 1]] for name, a in host.items()} for r in range(len(seqs))]
+    if implicit:
+        ref_ids, ref_mask = ids.to(model_device(reference)), mask.to(model_device(reference))
+        ref_config = dataclasses.replace(config, topk=0, token_stats=True)
+        ref_lp = _forward_flat(reference, ref_ids, ref_mask, spans, ref_config).token_logps
+        assert ref_lp is not None
+        ref_host = ref_lp.cpu().numpy()
+        for r, row in enumerate(rows):
+            # The span's last position is the state after the response: it has no token.
+            teacher_lp = torch.from_numpy(row["token_logps"][:-1])
+            ref_row = torch.from_numpy(ref_host[bounds[r] : bounds[r + 1] - 1])
+            row["values"] = implicit_values(teacher_lp, ref_row, config.value_beta).numpy()
+            if not config.token_stats:
+                del row["token_logps"], row["token_logits"]
+    return [_side_arrays(row, s.side) for row, s in zip(rows, seqs, strict=True)]
 
 
 def batches_by_tokens(seqs: list[TeacherSequence], batch_tokens: int) -> list[list[TeacherSequence]]:
@@ -217,24 +245,31 @@ def sequences(slot: int, tp: TokenizedPair) -> list[TeacherSequence]:
 
 
 def compute_pair_signals(
-    model: Any, tokenizer: Any, pair: PreferencePair, config: PrecomputeConfig
+    model: Any, tokenizer: Any, pair: PreferencePair, config: PrecomputeConfig, reference: Any = None
 ) -> tuple[TokenizedPair, PairValues]:
-    """The teacher's signals for one pair (inspector, evaluation samples). RowError if unusable."""
+    """The teacher's signals for one pair (inspector, evaluation samples). RowError if unusable.
+    `reference`: the teacher's reference model, for `q_source="implicit"`."""
     tp = tokenize_pair(tokenizer, pair, max_length=config.max_length)
-    with eval_mode(model):
-        verify_once(model, tp.prompt_ids + tp.chosen_ids)
-        sides = run_batch(model, sequences(0, tp), config, pad_token_id(tokenizer), model_device(model))
+    ids = tp.prompt_ids + tp.chosen_ids
+    with eval_mode(model), eval_mode(reference):
+        verify_once(model, ids)
+        if reference is not None:
+            verify_once(reference, ids)
+        seqs = sequences(0, tp)
+        sides = run_batch(model, seqs, config, pad_token_id(tokenizer), model_device(model), reference)
     return tp, PairValues(**sides[0], **sides[1])
 
 
 class eval_mode:
     """model.eval() for the duration (a teacher with dropout on would give random values)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any) -> None:  # None: nothing to do
         self.model, self.was_training = model, bool(getattr(model, "training", False))
 
     def __enter__(self) -> None:
-        self.model.eval()
+        if self.model is not None:
+            self.model.eval()
 
     def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+        if self.model is not None:
+            self.model.train(self.was_training)

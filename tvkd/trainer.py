@@ -291,7 +291,8 @@ class Trainer:
     def train_step(self, micro_batches: list[list[TrainPair]]) -> dict[str, float]:
         """One optimizer step over the micro-batches; returns its metrics (pair-weighted means)."""
         n_pairs = sum(len(mb) for mb in micro_batches)
-        metrics: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}  # pairs behind each metric (some are absent in some batches)
         for examples in micro_batches:
             batch = collate(examples, self.pad_id, self.device)
             with self._autocast():
@@ -311,7 +312,8 @@ class Trainer:
             # even when the last micro-batch of an epoch is short.
             (loss * (batch.size / n_pairs)).backward()
             for name, value in batch_metrics.items():
-                metrics[name] = metrics.get(name, 0.0) + value * batch.size / n_pairs
+                sums[name] = sums.get(name, 0.0) + value * batch.size
+                weights[name] = weights.get(name, 0.0) + batch.size
             self.tokens_seen += batch.tokens
         lr = self.scheduler.get_last_lr()[0]
         # max_grad_norm = 0 turns clipping off; the norm is still reported.
@@ -322,6 +324,7 @@ class Trainer:
             self.cb.on_event("warning", f"non-finite gradient norm at step {self.step + 1}: step skipped")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        metrics = {name: total / weights[name] for name, total in sums.items()}
         return {**metrics, "grad_norm": grad_norm, "lr": lr, "epoch": (self.step + 1) / self.steps_per_epoch}
 
     def train(self) -> TrainResult:
@@ -369,7 +372,9 @@ class Trainer:
     def _report(self) -> None:
         """Mean of the steps since the last report; lr and epoch as of the last step."""
         window, self.window = self.window, []
-        metrics = {k: sum(m[k] for m in window) / len(window) for k in window[-1]}
+        # A metric absent from some steps (tvkd/shaping_accuracy) is the mean of those that have it.
+        names = dict.fromkeys(k for m in window for k in m)
+        metrics = {k: sum(v) / len(v) for k in names if (v := [m[k] for m in window if k in m])}
         metrics["lr"], metrics["epoch"] = window[-1]["lr"], window[-1]["epoch"]
         self.last_metrics = metrics
         self.history.append({"step": self.step, "split": "train", **metrics})

@@ -4,6 +4,8 @@ MATH.md, "Teacher soft value":  V_φ(s) = β_v · logsumexp_a( Q_φ(s, a) / β_v
 Q = the raw logits z (`q_source="logits"`) or the log-probabilities z − logsumexp(z)
 (`q_source="logprobs"`). Everything is computed exactly over the full vocabulary in float32,
 a chunk of positions at a time, so the [positions × vocab] float32 matrix is never whole.
+`q_source="implicit"` is not a function of one model's logits: `implicit_values` builds it from
+the teacher's and its reference's token log-probabilities (V(s_1) = 0, then β_v·Σ log-ratios).
 """
 
 from __future__ import annotations
@@ -15,14 +17,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tvkd.config import Q_SOURCES, TERMINALS
+from tvkd.config import TERMINALS
 
 DEFAULT_CHUNK = 256
+# The value sources that are a logsumexp of one model's logits ("implicit" needs two models).
+LOGIT_Q_SOURCES = ("logits", "logprobs")
 
 
 def _check_q_source(q_source: str, value_beta: float) -> None:
-    if q_source not in Q_SOURCES:
-        raise ValueError(f"q_source must be one of {Q_SOURCES}; got {q_source!r}")
+    if q_source == "implicit":
+        raise ValueError(
+            "q_source='implicit' is not a function of one model's logits: compute the teacher's and "
+            "its reference's token log-probs and call tvkd.values.implicit_values"
+        )
+    if q_source not in LOGIT_Q_SOURCES:
+        raise ValueError(f"q_source must be one of {LOGIT_Q_SOURCES}; got {q_source!r}")
     if not value_beta > 0:
         raise ValueError(f"value_beta must be > 0; got {value_beta}")
 
@@ -158,18 +167,43 @@ def _teacher_signals(
     return TeacherSignals(values, tok_lp, tok_lg, tk_v, tk_i)
 
 
+def implicit_values(teacher_logps: Tensor, reference_logps: Tensor, value_beta: float) -> Tensor:
+    """V_φ at the T+1 states of one response for `q_source="implicit"` (MATH.md, "Teacher soft
+    value"): V(s_1) = 0, V(s_{t+1}) = β_v · Σ_{k≤t} (log π_φ(y_k|s_k) − log π_φref(y_k|s_k)).
+
+    `teacher_logps`, `reference_logps`: [T] log-probs of the response tokens under the teacher and
+    the model it was DPO-trained from (same tokenizer). The running sum is taken in float64, so
+    the stored float32 values carry no accumulated rounding. Returns float32 [T+1].
+    """
+    if teacher_logps.shape != reference_logps.shape or teacher_logps.dim() != 1:
+        raise ValueError(
+            f"teacher and reference log-probs must be the same [T] shape; got "
+            f"{tuple(teacher_logps.shape)} and {tuple(reference_logps.shape)}"
+        )
+    if not value_beta > 0:
+        raise ValueError(f"value_beta must be > 0; got {value_beta}")
+    ratio = teacher_logps.double() - reference_logps.double()
+    out = torch.zeros(ratio.shape[0] + 1, dtype=torch.float64, device=ratio.device)
+    out[1:] = value_beta * torch.cumsum(ratio, 0)
+    return out.float()
+
+
 def shaping_from_values(
     values: Tensor,
     mask: Tensor,
     *,
     gamma: float = 1.0,
     terminal: str = "model",
+    ended: Tensor | None = None,
 ) -> Tensor:
     """ψ_t = γ·V(s_{t+1}) − V(s_t) for t = 1..T_b of each row, zero elsewhere.
 
     values [B, T+1] (index t−1 holds V(s_t); index T_b holds the terminal V(s_{T_b+1}));
     mask [B, T] bool, True on the row's T_b response tokens, contiguous from index 0.
-    With terminal="zero", V(s_{T_b+1}) := 0. Returns [B, T] in the dtype of `values`, detached.
+    With terminal="zero", V(s_{T_b+1}) := 0. With terminal="pre_eos", V(s_{T_b+1}) := V(s_{T_b})
+    for the rows whose response ends with its end-of-response token: `ended` [B] bool, None =
+    every row (what `tvkd.tokenize.tokenize_pair` guarantees unless a response was truncated).
+    Returns [B, T] in the dtype of `values`, detached.
     """
     if terminal not in TERMINALS:
         raise ValueError(f"terminal must be one of {TERMINALS}; got {terminal!r}")
@@ -180,10 +214,18 @@ def shaping_from_values(
             f"got values {tuple(values.shape)} and mask {tuple(mask.shape)}"
         )
     current, nxt = values[:, :-1], values[:, 1:]
-    if terminal == "zero":
+    if terminal in ("zero", "pre_eos"):
         lengths = mask.sum(-1, keepdim=True)
         positions = torch.arange(mask.shape[-1], device=mask.device).unsqueeze(0)
-        nxt = torch.where(positions == lengths - 1, torch.zeros_like(nxt), nxt)
+        last = positions == lengths - 1  # [B, T]: the row's last token (its end token)
+        if terminal == "zero":
+            nxt = torch.where(last, torch.zeros_like(nxt), nxt)
+        else:
+            if ended is not None:
+                if ended.shape != (mask.shape[0],) or ended.dtype != torch.bool:
+                    raise ValueError(f"ended must be a bool [B] = [{mask.shape[0]}] tensor")
+                last = last & ended.to(mask.device).unsqueeze(-1)
+            nxt = torch.where(last, current, nxt)
     psi = gamma * nxt - current
     return torch.where(mask, psi, torch.zeros_like(psi))
 

@@ -192,7 +192,7 @@ def test_openapi_document_is_complete(api: str) -> None:
     lr = hp["properties"]["learning_rate"]
     assert lr["exclusiveMinimum"] == 0 and lr["maximum"] == 1 and lr["default"] == 5e-6
     assert hp["properties"]["gamma"]["minimum"] == 0 and hp["properties"]["gamma"]["maximum"] == 1
-    assert hp["properties"]["terminal"]["enum"] == ["model", "zero"]
+    assert hp["properties"]["terminal"]["enum"] == ["model", "zero", "pre_eos"]
     job_create = schemas["JobCreate"]
     assert set(job_create["required"]) == {"student", "dataset"}  # teacher: kind tvkd only
     assert job_create["properties"]["beta"]["exclusiveMinimum"] == 0

@@ -232,7 +232,7 @@ def test_submit_succeeds(
         samples = c.get(f"/v1/jobs/{job_id}/samples").json()["data"]
         ckpts = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
         evs = c.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-    assert {m["split"] for m in metrics} == {"train", "eval"}
+    assert {m["split"] for m in metrics} == {"train", "eval", "teacher"}  # teacher: the teacher check
     assert train_steps(db, job_id) == [1, 2, 3, 4, 5, 6]
     assert samples and samples[0]["chosen"]["tokens"] > 0
     assert ckpts and ckpts[-1]["step"] == 6 and all((artifacts / c["path"]).is_dir() for c in ckpts)

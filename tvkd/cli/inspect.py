@@ -2,7 +2,8 @@
 
     tvkd inspect --teacher T --prompt TEXT --response TEXT [--student S --reference R]
                  [--signal psi|value|logratio|teacher_logp] [--alpha A --beta B --gamma G
-                 --terminal model|zero --q-source logits|logprobs --value-beta BV] [--json]
+                 --terminal model|zero|pre_eos --q-source logits|logprobs|implicit
+                 --teacher-reference TR --value-beta BV] [--json]
     tvkd inspect --teacher T --messages '[{"role": "user", "content": "..."}]' --response TEXT
     tvkd inspect --samples RUN_DIR[/samples.json] [--index K] [--json]
 
@@ -32,6 +33,10 @@ def register(subparsers: Any) -> None:
     )
     src = parser.add_argument_group("what to inspect")
     src.add_argument("--teacher", help="teacher model folder (or hub id where online)")
+    src.add_argument(
+        "--teacher-reference",
+        help="the model the teacher was DPO-trained from (needed by --q-source implicit)",
+    )
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--messages", help="prompt as a JSON list of chat messages (instead of --prompt)")
     src.add_argument("--response", help="response text")
@@ -141,6 +146,8 @@ def _run_response(args: argparse.Namespace) -> int:
         return _error("--student and --reference go together")
     if args.signal == "logratio" and args.student is None:
         return _error("--signal logratio needs --student and --reference")
+    if args.q_source == "implicit" and not args.teacher_reference:
+        return _error("--q-source implicit needs --teacher-reference (the teacher's DPO starting point)")
     prompt: Any = args.prompt
     if args.messages is not None:
         try:
@@ -168,12 +175,22 @@ def _run_response(args: argparse.Namespace) -> int:
 
     from tvkd.data import RowError
     from tvkd.inspect import inspect_response
-    from tvkd.models import ModelError, load_causal_lm, load_tokenizer
+    from tvkd.models import ModelError, load_causal_lm, load_tokenizer, tokenizer_fingerprint
     from tvkd.render import render_table
 
     try:
         teacher_tok = load_tokenizer(args.teacher)
         teacher = load_causal_lm(args.teacher, dtype=torch.float32, device=args.device)
+        teacher_reference = None
+        if args.q_source == "implicit":
+            ref_tok = load_tokenizer(args.teacher_reference)
+            if tokenizer_fingerprint(ref_tok) != tokenizer_fingerprint(teacher_tok):
+                return _error(
+                    f"--teacher-reference {args.teacher_reference} has another tokenizer than the teacher"
+                )
+            teacher_reference = load_causal_lm(
+                args.teacher_reference, dtype=torch.float32, device=args.device
+            )
         student = reference = student_tok = None
         if args.student:
             student_tok = load_tokenizer(args.student)
@@ -192,6 +209,7 @@ def _run_response(args: argparse.Namespace) -> int:
             reference_model=reference,
             student_tokenizer=student_tok,
             max_length=args.max_length,
+            teacher_reference_model=teacher_reference,
         )
     except (RowError, ValueError) as exc:
         return _error(str(exc))

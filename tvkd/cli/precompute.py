@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tvkd.config import Q_SOURCES, ConfigError, PrecomputeConfig, field_help
+from tvkd.config import Q_SOURCES, ConfigError, MethodConfig, PrecomputeConfig, field_help
 
 _DEFAULTS = PrecomputeConfig()
 
@@ -32,6 +32,10 @@ def register(subparsers: Any) -> None:
         description="Run the teacher over a preference dataset and store V at every response state.",
     )
     p.add_argument("--teacher", required=True, help="teacher model folder (or cached hub id)")
+    p.add_argument(
+        "--teacher-reference",
+        help="the model the teacher was DPO-trained from; needed by --q-source implicit",
+    )
     p.add_argument("--data", required=True, help="JSONL(.gz)/JSON/Parquet file or datasets folder")
     p.add_argument(
         "--store-root",
@@ -85,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from tvkd.models import ModelError
     from tvkd.precompute import precompute_values
     from tvkd.teacher import UnsupportedTeacher
+    from tvkd.teacher_check import teacher_check
 
     on_error = "drop" if args.drop_bad_rows else "raise"
     try:
@@ -111,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
             device=_device(args.device),
             progress=progress,
             on_error=on_error,
+            teacher_reference=args.teacher_reference,
         )
-    except (DataError, ModelError, UnsupportedTeacher) as exc:
+    except (ConfigError, DataError, ModelError, UnsupportedTeacher) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -126,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         rate = f"{result.tokens_per_second:.0f} tokens/s in the teacher forward"
         print(f"tokens:     {result.tokens} teacher tokens ({rate}); {result.seconds:.1f}s in all")
     print(f"size:       {store.nbytes()} bytes, {store.bytes_per_response_token():.2f} bytes/response token")
+    method = MethodConfig(q_source=config.q_source, value_beta=config.value_beta)
+    check = teacher_check(store, range(len(pairs)), method)
+    print(f"teacher:    {check.message()} [shaping='value', gamma=1, terminal='model']")
     for report in (load_report, result.report):
         if report.issues:
             print(report.summary())

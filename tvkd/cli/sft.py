@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     add_config_flags(
         p.add_argument_group("job options (JobOptions)"),
         JobOptions,
-        skip=("precompute_bf16",),
+        skip=("precompute_bf16", "teacher_reference"),
         aliases={"eval_dataset": "--eval-data"},
     )
     add_config_flags(p.add_argument_group("training (SFTConfig)"), SFTConfig)

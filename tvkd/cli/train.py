@@ -19,7 +19,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tvkd.config import ConfigError, JobOptions, JobSpec, MethodConfig, TrainConfig, config_fields
+from tvkd.config import (
+    ConfigError,
+    JobOptions,
+    JobSpec,
+    MethodConfig,
+    TrainConfig,
+    config_fields,
+    require_teacher_reference,
+)
 
 if TYPE_CHECKING:
     from tvkd.trackers import TrackerSettings
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config, options = build_config(args), build_options(args)
+        require_teacher_reference(config.method, options)
     except (ConfigError, OSError, json.JSONDecodeError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -196,6 +205,9 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
         ):
             if path:
                 print(f"{label + ':':<11} {path}")
+    check = result.precompute.teacher_check if result.precompute is not None else None
+    if check is not None:
+        print(f"{'teacher:':<11} {check.message()}")
     print(f"{'result:':<11} {result.result_path}")
     print(f"{'status:':<11} {result.status}")
     return 0 if result.status == "completed" else 130
