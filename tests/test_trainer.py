@@ -331,3 +331,31 @@ def test_stop_before_the_first_step_and_bf16(train_models, arith_store, recordin
     assert result.status == "completed"
     assert all(np.isfinite(v) for v in result.metrics.values())
     assert RaggedFile(Path(result.reference_path)).metadata["bf16"] == "True"
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_held_out_rewards_are_exactly_zero_before_any_update(train_models, arith_store, tmp_path, batch_size):
+    # The policy equals the reference until the first step: the reference log-probs of the held-out
+    # pairs must be computed in the batches evaluation uses, or batch-shape noise (~5e-7) makes
+    # rewards/margins nonzero and rewards/accuracies (strict chosen > rejected) > 0.
+    pairs, _ = arith_store
+    config = TrainConfig.from_dict(
+        {"batch_size": batch_size, "max_steps": 1, "max_length": 64, "method": {"alpha": 0.0}}
+    )
+    trainer = Trainer(
+        config,
+        student=train_models["student"],
+        teacher=None,
+        pairs=pairs,
+        train_idx=[0, 1, 2, 8, 9, 10, 11],
+        eval_idx=[3, 4, 5, 6, 7, 12, 13],
+        store=None,
+        output_dir=tmp_path,
+    )
+    trainer.setup()
+    metrics = trainer.evaluate()
+    trainer.cleanup()
+    assert metrics["pairs"] == 7
+    assert metrics["rewards/margins"] == 0.0
+    assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0
+    assert metrics["rewards/accuracies"] == 0.0

@@ -3,8 +3,12 @@
 MATH.md's reference policy is the student before training. Its log-probs of every response token
 are constants of the loss, so one no-grad pass computes them for every kept pair and writes them
 to `output_dir/reference.safetensors` (a ragged file, rows in pair order); training then runs one
-model, not two. A resumed run reuses the file when its metadata (student and tokenizer
-fingerprints, the pairs and their token counts, bf16) matches, and recomputes it otherwise.
+model, not two. The pass batches each split as evaluation batches it (consecutive slices of
+`batch_size` of the split, in pair order): other batch shapes give log-probs that differ in the
+last bits (~5e-7), and before any update the held-out rewards must be exactly 0 (`rewards/margins`
+0, `rewards/accuracies` 0) rather than that noise. A resumed run reuses the file when its
+metadata (student and tokenizer fingerprints, the pairs, their token counts and batches, bf16)
+matches, and recomputes it otherwise.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ REFERENCE_FILE = "reference.safetensors"
 
 
 def reference_metadata(
-    pairs: Sequence[TrainPair], *, student: str, tokenizer: Any, bf16: bool
+    pairs: Sequence[TrainPair], *, student: str, tokenizer: Any, bf16: bool, batches: str = ""
 ) -> dict[str, str]:
     """What decides the reference log-probs; a stored file is reused only when all of it matches.
-    `pairs` sorted by index."""
+    `pairs` sorted by index; `batches` describes how they were batched."""
     layout = [[p.index, len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
     return {
+        "batches": batches,
         "student_fingerprint": model_fingerprint(student),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "pairs": str(len(pairs)),
@@ -54,7 +59,7 @@ def _reuse(path: Path, pairs: Sequence[TrainPair], meta: dict[str, str]) -> bool
 @torch.no_grad()
 def reference_logps(
     model: Any,
-    pairs: Sequence[TrainPair],
+    splits: Sequence[Sequence[TrainPair]],
     path: Path,
     *,
     student: str,
@@ -66,13 +71,23 @@ def reference_logps(
     bf16: bool,
     callbacks: Callbacks,
 ) -> Path | None:
-    """Fill `ref_chosen`/`ref_rejected` of every pair with log π_ref [T] float32 (one no-grad
-    pass of `model`, the student folder `student` as loaded, in eval mode) and write them to
-    `path`; with `reuse`, read a matching file instead. Returns None when
+    """Fill `ref_chosen`/`ref_rejected` of every pair of `splits` (e.g. [train pairs, eval pairs],
+    each in the order evaluation reads it) with log π_ref [T] float32 (one no-grad pass of
+    `model`, the student folder `student` as loaded, in eval mode; each split batched
+    `batch_size` at a time on its own, as `tvkd.evaluate.evaluate_pairs` batches it) and write them
+    to `path`; with `reuse`, read a matching file instead. Returns None when
     `callbacks.should_stop()` interrupts the pass (nothing is written)."""
     cb = callbacks
-    pairs = sorted(pairs, key=lambda p: p.index)
-    meta = reference_metadata(pairs, student=student, tokenizer=tokenizer, bf16=bf16)
+    batches = [list(split[k : k + batch_size]) for split in splits for k in range(0, len(split), batch_size)]
+    pairs = sorted((p for split in splits for p in split), key=lambda p: p.index)
+    shape = json.dumps([[p.index for p in b] for b in batches])
+    meta = reference_metadata(
+        pairs,
+        student=student,
+        tokenizer=tokenizer,
+        bf16=bf16,
+        batches=hashlib.sha256(shape.encode()).hexdigest(),
+    )
     if reuse and path.is_file():
         if _reuse(path, pairs, meta):
             cb.on_event("info", f"reusing reference log-probs {path}")
@@ -81,17 +96,18 @@ def reference_logps(
     cb.on_stage("reference", {"pairs": len(pairs)})
     model.eval()
     t0 = time.perf_counter()
-    for k in range(0, len(pairs), batch_size):
+    done = 0
+    for group in batches:
         if cb.should_stop():
             return None
-        batch = collate(pairs[k : k + batch_size], pad_id, device)
+        batch = collate(group, pad_id, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             chosen, rejected = policy_logps(model, batch)
         chosen, rejected = chosen.float().cpu().numpy(), rejected.float().cpu().numpy()
         for j, p in enumerate(batch.pairs):
             p.ref_chosen = chosen[j, : len(p.chosen_ids)].copy()
             p.ref_rejected = rejected[j, : len(p.rejected_ids)].copy()
-        done = min(k + batch_size, len(pairs))
+        done += len(group)
         cb.on_progress("reference", done, len(pairs), (time.perf_counter() - t0) / done * (len(pairs) - done))
     write_ragged(
         path,

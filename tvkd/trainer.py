@@ -226,7 +226,7 @@ class Trainer:
         cfg = self.config
         self.reference_path = reference_logps(
             self.model,
-            self.train_set + self.eval_set,
+            [self.train_set, self.eval_set],  # the eval pairs batched as `evaluate` batches them
             self.output_dir / REFERENCE_FILE,
             student=self.student,
             tokenizer=self.tokenizer,
