@@ -62,20 +62,26 @@ def build_train_pairs(
     store: ValueStore | None = None,
     teacher_tokenizer: Any = None,
     same_tokenizer: bool = True,
+    truncation_mode: str = "none",
 ) -> tuple[list[TrainPair], list[dict[str, Any]]]:
     """TrainPairs of `pairs[i]` for i in `indices` (sorted), and the pairs dropped with the reason.
 
     Without a store the values are zeros (ψ ≡ 0). With one, a shared tokenizer uses the stored
     values as they are; another tokenizer maps them onto the student's boundaries (MATH.md,
-    "different tokenizers"), which needs the teacher's tokenization of the pair again.
+    "different tokenizers"), which needs the teacher's tokenization of the pair again (with the
+    store's max_length and truncation_mode). `max_length` is the effective one
+    (`tvkd.windows.effective_max_length`); longer rows follow `truncation_mode`.
     """
     out: list[TrainPair] = []
     dropped: list[dict[str, Any]] = []
     teacher_max = int(store.fields["max_length"]) if store is not None else 0
+    teacher_cut = str(store.fields.get("truncation_mode", "none")) if store is not None else "none"
     for i in sorted(set(indices)):
         pair = pairs[i]
         try:
-            tp = tokenize_pair(tokenizer, pair, max_length=max_length, index=i)
+            tp = tokenize_pair(
+                tokenizer, pair, max_length=max_length, index=i, truncation_mode=truncation_mode
+            )
         except RowError as exc:
             dropped.append({"index": i, "row": pair.row, "code": exc.issue.code, "message": str(exc.issue)})
             continue
@@ -111,7 +117,9 @@ def build_train_pairs(
         else:
             pv = store.pair(i)
             try:
-                tt = tokenize_pair(teacher_tokenizer, pair, max_length=teacher_max, index=i)
+                tt = tokenize_pair(
+                    teacher_tokenizer, pair, max_length=teacher_max, index=i, truncation_mode=teacher_cut
+                )
             except RowError as exc:  # the store holds it, so this is a different teacher tokenizer
                 raise ValueError(f"pair {i}: the teacher tokenizer rejects a stored pair: {exc}") from exc
             values = {

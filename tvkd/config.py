@@ -27,6 +27,7 @@ QSource = Literal["logits", "logprobs", "implicit"]
 Terminal = Literal["model", "zero", "pre_eos"]
 Shaping = Literal["value", "logprob", "logit", "none"]
 JobKind = Literal["tvkd", "dpo", "sft"]
+Truncation = Literal["none", "keep_start", "keep_end"]
 
 Q_SOURCES: tuple[str, ...] = typing.get_args(QSource)
 TERMINALS: tuple[str, ...] = typing.get_args(Terminal)
@@ -34,6 +35,7 @@ SHAPINGS: tuple[str, ...] = typing.get_args(Shaping)
 JOB_KINDS: tuple[str, ...] = typing.get_args(JobKind)
 # Experiment trackers a job can report to (TRL's `report_to` names); tvkd/trackers.py.
 REPORTERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
+TRUNCATIONS: tuple[str, ...] = typing.get_args(Truncation)
 
 BOUND_KEYS = ("ge", "gt", "le", "lt")
 
@@ -273,8 +275,12 @@ class PrecomputeConfig:
         default=False,
     )
     max_length: int = _help(
-        "Longest prompt+response in teacher tokens; longer rows are bad rows.", default=1024, ge=2
+        "Longest prompt+response in teacher tokens (capped at the teacher's context window); "
+        "longer rows follow truncation_mode.",
+        default=1024,
+        ge=2,
     )
+    truncation_mode: Truncation = _help("See TrainConfig.truncation_mode.", default="none")
     batch_tokens: int = _help(
         "Token budget of one teacher batch (rows are batched by length).", default=8192, ge=1
     )
@@ -311,7 +317,16 @@ class TrainConfig:
     )
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0, ge=0.0)
     max_length: int = _help(
-        "Longest prompt+response in student tokens; longer rows are bad rows.", default=1024, ge=2
+        "Longest prompt+response in tokens. The job uses the smaller of this and the student's and "
+        "teacher's context windows (max_position_embeddings, n_positions, ...).",
+        default=1024,
+        ge=2,
+    )
+    truncation_mode: Truncation = _help(
+        "Rows longer than the effective max_length: 'none' makes them bad rows (too_long); TRL's "
+        "'keep_start' keeps the prompt and cuts the end of the responses; 'keep_end' keeps the "
+        "responses whole and cuts the start of the prompt.",
+        default="none",
     )
     bf16: bool = _help(
         "bf16 autocast for the student forward/backward (log-probs stay float32).", default=False

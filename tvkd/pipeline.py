@@ -30,6 +30,7 @@ from tvkd.store import ValueStore
 from tvkd.teacher_check import teacher_check
 from tvkd.trackers import TrackerCallbacks, TrackerSettings, open_trackers
 from tvkd.trainer import Trainer, TrainResult
+from tvkd.windows import LengthLimit, effective_max_length
 
 PREPARED_FILE = "prepared.json"  # what validate prepared, for the later stages (`load_prepared`)
 
@@ -170,19 +171,25 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
             teacher_tokenizer=tokenizers.get("teacher"),
         )
         same_tokenizer = same if "teacher" in tokenizers else None
+    limit = length_limit(spec)
+    if limit.note():
+        cb.on_event("info", str(limit.note()), {"max_length": limit.max_length})
+    truncation_mode = getattr(cfg, "truncation_mode", "none")
 
     # Template round-trip and lengths: every pair through every tokenizer that will see it.
     token_reports = {}
     for name, tok in tokenizers.items():
         if name == "teacher" and same_tokenizer:
             continue  # the same tokenizer sees the same tokens
-        _, rep = tokenize_pairs(tok, pairs, max_length=cfg.max_length, on_error=on_error)
+        _, rep = tokenize_pairs(
+            tok, pairs, max_length=limit.max_length, on_error=on_error, truncation_mode=truncation_mode
+        )
         token_reports[name] = rep
         if rep.dropped:
             cb.on_event(
                 "warning",
                 f"{rep.dropped} of {len(pairs)} pairs do not fit the {name} "
-                f"(max_length={cfg.max_length} or chat template); they will be dropped",
+                f"(max_length={limit.max_length} or chat template); they will be dropped",
                 {"issues": _issues(rep)},
             )
         if rep.kept == 0:
@@ -248,14 +255,24 @@ def load_prepared(spec: JobSpec, path: str | os.PathLike[str]) -> Prepared:
     )
 
 
+def length_limit(spec: JobSpec) -> LengthLimit:
+    """The job's effective max_length: min(max_length, the student's and (when the method uses
+    it) the teacher's context windows). Reads the models' configs only."""
+    method = getattr(spec.train, "method", None)  # an SFT job has none, and no teacher
+    teacher = spec.teacher if method is not None and method.uses_teacher else None
+    return effective_max_length(spec.train.max_length, {"student": spec.student, "teacher": teacher})
+
+
 def precompute_config(spec: JobSpec) -> PrecomputeConfig:
-    """The teacher pass the method needs (its fields are part of the store's content key)."""
+    """The teacher pass the method needs (its fields are part of the store's content key); the
+    teacher tokenizes to the job's effective max_length, as the student does."""
     method = spec.train.method
     return PrecomputeConfig(
         q_source=method.q_source,
         value_beta=method.value_beta,
         token_stats=method.shaping in ("logprob", "logit"),
-        max_length=spec.train.max_length,
+        max_length=length_limit(spec).max_length,
+        truncation_mode=spec.train.truncation_mode,
         bf16=spec.options.precompute_bf16,
     )
 

@@ -11,6 +11,7 @@ load and the fingerprints.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,22 +74,32 @@ def _report_from_store(source: str, store: ValueStore) -> DataReport:
 
 
 def _tokenize_shard(
-    tokenizer: Any, pairs: Sequence[PreferencePair], indices: range, max_length: int
+    tokenizer: Any, pairs: Sequence[PreferencePair], indices: range, config: PrecomputeConfig
 ) -> tuple[list[TokenizedPair | None], list[RowIssue]]:
     out: list[TokenizedPair | None] = []
     issues: list[RowIssue] = []
     for i in indices:
         try:
-            out.append(tokenize_pair(tokenizer, pairs[i], max_length=max_length, index=i))
+            out.append(
+                tokenize_pair(
+                    tokenizer,
+                    pairs[i],
+                    max_length=config.max_length,
+                    index=i,
+                    truncation_mode=config.truncation_mode,
+                )
+            )
         except RowError as exc:
             out.append(None)
             issues.append(exc.issue)
     return out, issues
 
 
-def _check_all_rows(tokenizer: Any, pairs: Sequence[PreferencePair], source: str, max_length: int) -> None:
+def _check_all_rows(
+    tokenizer: Any, pairs: Sequence[PreferencePair], source: str, config: PrecomputeConfig
+) -> None:
     """on_error="raise": find every bad row before any teacher work (ids are not kept)."""
-    _, issues = _tokenize_shard(tokenizer, pairs, range(len(pairs)), max_length)
+    _, issues = _tokenize_shard(tokenizer, pairs, range(len(pairs)), config)
     if issues:
         raise DataError(_report(source, len(pairs), issues))
 
@@ -156,7 +167,7 @@ def _fill_store(
         if i in done:
             continue
         t0, tokens0 = time.perf_counter(), run.tokens
-        tokenized, issues = _tokenize_shard(tokenizer, pairs, writer.shard_range(i), config.max_length)
+        tokenized, issues = _tokenize_shard(tokenizer, pairs, writer.shard_range(i), config)
         records = _compute_shard(model, tokenized, config, pad_id, run, progress, should_stop, reference)
         info = {
             "issues": [vars(issue) for issue in issues],
@@ -219,6 +230,17 @@ def precompute_key(
     return content_key(fields), fields
 
 
+def within_window(config: PrecomputeConfig, teacher: Any) -> PrecomputeConfig:
+    """`config` with max_length at most the teacher's context window (`teacher`: a model folder
+    or a transformers config); `config` itself when it already fits or no window is declared."""
+    from tvkd.windows import config_window, model_window
+
+    window = model_window(teacher) if isinstance(teacher, str) else config_window(teacher)
+    if window is None or window.tokens >= config.max_length:
+        return config
+    return dataclasses.replace(config, max_length=window.tokens)
+
+
 def precompute_values(
     teacher: str | Path,
     pairs: Sequence[PreferencePair],
@@ -236,7 +258,9 @@ def precompute_values(
 ) -> PrecomputeResult:
     """Teacher values for `pairs` under `store_root`, computed once per content key.
 
-    Pair i of the store is pairs[i]. Rows the teacher cannot take (too long) are `missing` with
+    Pair i of the store is pairs[i]. `config.max_length` is capped at the teacher's context window
+    (`within_window`; the store records the length used). Rows the teacher cannot take (too long
+    after `config.truncation_mode`) are `missing` with
     on_error="drop"; with "raise" a DataError lists every such row before any teacher work.
     `model`/`tokenizer` skip loading them from `teacher` (which still names and fingerprints the
     teacher, so pass the matching path); a given model stays on its own device.
@@ -250,6 +274,7 @@ def precompute_values(
         raise ValueError(f"on_error must be 'raise' or 'drop'; got {on_error!r}")
     start = time.perf_counter()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(teacher))
+    config = within_window(config, model.config if model is not None else str(teacher))
     key, fields = precompute_key(
         teacher, pairs, config, tokenizer=tokenizer, teacher_reference=teacher_reference
     )
@@ -269,7 +294,7 @@ def precompute_values(
         return result(found, None)
     check_chat_template(tokenizer, pairs, source)
     if on_error == "raise":
-        _check_all_rows(tokenizer, pairs, source, config.max_length)
+        _check_all_rows(tokenizer, pairs, source, config)
     writer = StoreWriter(
         store_root,
         key,
@@ -320,7 +345,9 @@ def _verify_first(
     """verify_head on the first usable pair (nothing to check when no pair is usable)."""
     for i in range(min(len(pairs), 64)):
         try:
-            tp = tokenize_pair(tokenizer, pairs[i], max_length=config.max_length)
+            tp = tokenize_pair(
+                tokenizer, pairs[i], max_length=config.max_length, truncation_mode=config.truncation_mode
+            )
         except RowError:
             continue
         verify_once(model, tp.prompt_ids + tp.chosen_ids)

@@ -75,14 +75,17 @@ def key_fields(
     teacher's hidden states well beyond float noise, so the precision is in. `teacher_reference`
     (name, weights fingerprint) is in with `q_source="implicit"` (the values are the teacher's
     log-ratio to it). The training-time options γ, terminal and shaping are not: they are applied
-    to the stored V when the loss is formed, so one store serves them all.
+    to the stored V when the loss is formed, so one store serves them all. truncation_mode is in
+    only when it cuts rows ("none" leaves the keys of earlier stores as they were).
     """
     reference = {}
     if teacher_reference is not None:
         name, fingerprint = teacher_reference
         reference = {"teacher_reference": name, "teacher_reference_fingerprint": fingerprint}
+    cut = {} if config.truncation_mode == "none" else {"truncation_mode": config.truncation_mode}
     return {
         **reference,
+        **cut,
         "teacher": str(teacher),
         "teacher_fingerprint": teacher_fingerprint,
         "tokenizer_fingerprint": tokenizer_fingerprint,

@@ -249,7 +249,7 @@ def compute_pair_signals(
 ) -> tuple[TokenizedPair, PairValues]:
     """The teacher's signals for one pair (inspector, evaluation samples). RowError if unusable.
     `reference`: the teacher's reference model, for `q_source="implicit"`."""
-    tp = tokenize_pair(tokenizer, pair, max_length=config.max_length)
+    tp = tokenize_pair(tokenizer, pair, max_length=config.max_length, truncation_mode=config.truncation_mode)
     ids = tp.prompt_ids + tp.chosen_ids
     with eval_mode(model), eval_mode(reference):
         verify_once(model, ids)

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tvkd.config import TRUNCATIONS
 from tvkd.pairs import (
     DataError,
     DataReport,
@@ -68,7 +69,7 @@ __all__ = [
     "tokenize_pairs",
 ]
 
-TRUNCATION_MODES = ("none", "keep_start", "keep_end")
+TRUNCATION_MODES = TRUNCATIONS
 _CONTEXT = 12  # characters shown on each side of a round-trip difference
 
 

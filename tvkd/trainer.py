@@ -43,6 +43,7 @@ from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.optim import adamw, warmup_cosine
 from tvkd.reference import REFERENCE_FILE, reference_logps
 from tvkd.store import ValueStore
+from tvkd.windows import effective_max_length
 
 CHECKPOINTS = ckpt_io.CHECKPOINTS
 
@@ -180,9 +181,15 @@ class Trainer:
         # Without a store ψ ≡ 0: 'none' keeps tvkd_loss from asking for teacher token stats.
         self.loss_options = loss_options(method, shaping=None if self.store is not None else "none")
         self.pad_id = pad_token_id(self.tokenizer)
+        # Never past a model's window: the student's, and the teacher's the store was made with.
+        teacher = self.teacher if self.store is not None else None
+        self.length = effective_max_length(cfg.max_length, {"student": self.student, "teacher": teacher})
+        if self.length.note():
+            self.cb.on_event("info", str(self.length.note()), {"max_length": self.length.max_length})
         kw = {
             "tokenizer": self.tokenizer,
-            "max_length": cfg.max_length,
+            "max_length": self.length.max_length,
+            "truncation_mode": cfg.truncation_mode,
             "store": self.store,
             "teacher_tokenizer": teacher_tok,
             "same_tokenizer": bool(self.same_tokenizer),

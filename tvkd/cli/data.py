@@ -23,7 +23,8 @@ from tvkd.data import (
     load_pairs,
 )
 from tvkd.tasks import FAMILIES, generate, split, write_jsonl
-from tvkd.tokenize import tokenize_pairs
+from tvkd.tokenize import TRUNCATION_MODES, tokenize_pairs
+from tvkd.windows import config_window
 
 # Same default as PrecomputeConfig.max_length.
 DEFAULT_MAX_LENGTH = 1024
@@ -59,7 +60,14 @@ def register(subparsers: Any) -> None:
         "--max-length",
         type=int,
         default=DEFAULT_MAX_LENGTH,
-        help=f"longest prompt+response in tokens, with --tokenizer (default {DEFAULT_MAX_LENGTH})",
+        help=f"longest prompt+response in tokens, with --tokenizer (default {DEFAULT_MAX_LENGTH}; "
+        "capped at the model's context window when MODEL_DIR has a config)",
+    )
+    check.add_argument(
+        "--truncation-mode",
+        choices=TRUNCATION_MODES,
+        default="none",
+        help="rows longer than the max length: bad rows (none), or cut as TRL does (keep_start, keep_end)",
     )
     check.add_argument("--drop", action="store_true", help="accept bad rows (they are dropped): exit 0")
     check.set_defaults(func=run_check)
@@ -103,7 +111,7 @@ def run_check(args: argparse.Namespace) -> int:
     print(report.summary(SUMMARY_MAX_ISSUES))
     reports, usable = [report], report.kept
     if args.tokenizer and pairs:
-        tokenized = _check_tokenization(args.tokenizer, pairs, args.max_length)
+        tokenized = _check_tokenization(args.tokenizer, pairs, args.max_length, args.truncation_mode)
         if tokenized is None:
             return 1
         reports.append(tokenized)
@@ -111,17 +119,31 @@ def run_check(args: argparse.Namespace) -> int:
     return _verdict(reports, usable, args.drop)
 
 
-def _check_tokenization(model_dir: str, pairs: list[PreferencePair], max_length: int) -> DataReport | None:
+def _check_tokenization(
+    model_dir: str, pairs: list[PreferencePair], max_length: int, truncation_mode: str
+) -> DataReport | None:
     """Print the tokenization report; None (after printing why) when it cannot run at all."""
-    from transformers import AutoTokenizer  # heavy: only when asked to tokenize
+    from transformers import AutoConfig, AutoTokenizer  # heavy: only when asked to tokenize
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         print(f"error: cannot load tokenizer {model_dir!r}: {exc}", file=sys.stderr)
         return None
+    try:  # a tokenizer-only folder has no config and no window
+        window = config_window(AutoConfig.from_pretrained(model_dir))
+    except (OSError, ValueError, KeyError):
+        window = None
+    if window is not None and window.tokens < max_length:
+        print(
+            f"  max_length {max_length} capped at the model's context window "
+            f"({window.attribute}={window.tokens})"
+        )
+        max_length = window.tokens
     try:
-        tokenized, report = tokenize_pairs(tokenizer, pairs, max_length=max_length, on_error="drop")
+        tokenized, report = tokenize_pairs(
+            tokenizer, pairs, max_length=max_length, on_error="drop", truncation_mode=truncation_mode
+        )
     except (DataError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
