@@ -26,6 +26,7 @@ from torch import Tensor
 from tvkd.data import PreferencePair, RowError
 from tvkd.logps import linear_logps, logits_logps, response_positions
 from tvkd.modeling import decoder_hidden, output_head
+from tvkd.numerics import NonFiniteError, first_nonfinite
 from tvkd.store import ValueStore
 from tvkd.tokenize import tokenize_pair
 from tvkd.values import map_boundary_values
@@ -128,6 +129,14 @@ def build_train_pairs(
                 ).numpy()
                 for s in sides
             }
+        bad = first_nonfinite({**values, **teacher})
+        if bad is not None:
+            raise NonFiniteError(
+                "nonfinite_store",
+                f"pair {i} (row {pair.row}): the value store {getattr(store, 'path', '')} holds non-finite "
+                f"{bad.removeprefix('chosen_teacher_').removeprefix('rejected_teacher_')} (NaN/Inf) "
+                f"({bad.split('_')[0]} side); delete it and precompute again",
+            )
         out.append(
             TrainPair(
                 index=i,

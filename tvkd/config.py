@@ -200,12 +200,17 @@ def _check_int(name: str, value: int, **bounds: float) -> None:
 class MethodConfig:
     """The TVKD objective of MATH.md (loss and shaping options)."""
 
+    # The upper and lower bounds keep the float32 arithmetic finite (MATH.md "Loss"): α·ψ, β·log-ratio
+    # and Q/β_v stay far from overflow, and β_v is no denormal (1e-40 is 0 in float32).
     alpha: float = _help(
-        "Weight α of the teacher shaping term ψ in the DPO margin. 0 = DPO.", default=0.7, ge=0.0
+        "Weight α of the teacher shaping term ψ in the DPO margin. 0 = DPO.", default=0.7, ge=0.0, le=1e3
     )
-    beta: float = _help("DPO temperature β on the student/reference log-ratio.", default=0.1, gt=0.0)
+    beta: float = _help("DPO temperature β on the student/reference log-ratio.", default=0.1, gt=0.0, le=1e3)
     value_beta: float = _help(
-        "Temperature β_v of the teacher soft value V = β_v·logsumexp(Q/β_v).", default=1.0, gt=0.0
+        "Temperature β_v of the teacher soft value V = β_v·logsumexp(Q/β_v).",
+        default=1.0,
+        ge=1e-3,
+        le=1e3,
     )
     gamma: float = _help("Discount γ in ψ_t = γ·V(s_{t+1}) − V(s_t).", default=1.0, ge=0.0, le=1.0)
     terminal: Terminal = _help(
@@ -267,7 +272,7 @@ class PrecomputeConfig:
     q_source: QSource = _help(
         "See MethodConfig.q_source ('implicit' runs teacher_reference too).", default="logits"
     )
-    value_beta: float = _help("See MethodConfig.value_beta.", default=1.0, gt=0.0)
+    value_beta: float = _help("See MethodConfig.value_beta.", default=1.0, ge=1e-3, le=1e3)
     topk: int = _help("Also store the top-k teacher logits and ids per state (0 = off).", default=0, ge=0)
     token_stats: bool = _help(
         "Also store the teacher's log-prob and logit of each response token (needed by the "
@@ -316,6 +321,19 @@ class TrainConfig:
         "Cosine floor as a fraction of the peak learning rate.", default=0.0, ge=0.0, le=1.0
     )
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0, ge=0.0)
+    max_skipped_steps: int = _help(
+        "A step whose gradient norm is not finite is skipped; the run fails (code "
+        "nonfinite_gradients) when this many steps in a row are skipped.",
+        default=3,
+        ge=1,
+    )
+    max_skipped_fraction: float = _help(
+        "The run also fails when more than this fraction of its steps are skipped (one skipped "
+        "step is always tolerated).",
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+    )
     max_length: int = _help(
         "Longest prompt+response in tokens. The job uses the smaller of this and the student's and "
         "teacher's context windows (max_position_embeddings, n_positions, ...).",

@@ -23,6 +23,7 @@ import torch
 from tvkd.config import ConfigError, PrecomputeConfig
 from tvkd.data import DataError, DataReport, PreferencePair, RowError, RowIssue, dataset_fingerprint
 from tvkd.modeling import model_device, pad_token_id
+from tvkd.numerics import NonFiniteError, first_nonfinite
 from tvkd.store import (
     PairValues,
     StoreLockTimeout,
@@ -147,8 +148,39 @@ def _compute_shard(
     return [None if tp is None else PairValues(**a) for tp, a in zip(tokenized, arrays, strict=True)]
 
 
+def _check_finite(
+    teacher: str, pairs: Sequence[PreferencePair], indices: range, records: Sequence[PairValues | None]
+) -> None:
+    """NonFiniteError (code nonfinite_teacher) naming the teacher and the first pair of `records`
+    whose signals hold a NaN or an infinity."""
+    for i, record in zip(indices, records, strict=True):
+        bad = None if record is None else first_nonfinite(vars(record))
+        if bad is not None:
+            raise NonFiniteError(
+                "nonfinite_teacher",
+                f"teacher {teacher} gives non-finite {bad} (NaN/Inf) for pair {i} (row {pairs[i].row}); "
+                "nothing of it was written to the value store. Its weights may be damaged, or its "
+                "logits overflow (try without bf16)",
+            )
+
+
+def _check_store(store: ValueStore, pairs: Sequence[PreferencePair]) -> None:
+    """A found store is reused only when every stored number is finite (NonFiniteError, code
+    nonfinite_store, naming the store and the first bad pair, otherwise)."""
+    bad = store.first_nonfinite()
+    if bad is not None:
+        i, name = bad
+        row = pairs[i].row if i < len(pairs) else i
+        raise NonFiniteError(
+            "nonfinite_store",
+            f"the value store {store.path} holds non-finite {name} (NaN/Inf) for pair {i} (row {row}); "
+            "it is not reused: delete it and precompute again",
+        )
+
+
 def _fill_store(
     writer: StoreWriter,
+    teacher: str | Path,
     model: Any,
     tokenizer: Any,
     pairs: Sequence[PreferencePair],
@@ -169,6 +201,7 @@ def _fill_store(
         t0, tokens0 = time.perf_counter(), run.tokens
         tokenized, issues = _tokenize_shard(tokenizer, pairs, writer.shard_range(i), config)
         records = _compute_shard(model, tokenized, config, pad_id, run, progress, should_stop, reference)
+        _check_finite(str(teacher), pairs, writer.shard_range(i), records)  # before anything is written
         info = {
             "issues": [vars(issue) for issue in issues],
             "teacher_tokens": run.tokens - tokens0,
@@ -291,6 +324,7 @@ def precompute_values(
 
     found = ValueStore.find(store_root, key)
     if found is not None:
+        _check_store(found, pairs)
         return result(found, None)
     check_chat_template(tokenizer, pairs, source)
     if on_error == "raise":
@@ -308,6 +342,7 @@ def precompute_values(
         with writer.acquire(should_stop=should_stop) as waited:
             found = writer.find_complete()  # another process may have finished it while we waited
             if found is not None:
+                _check_store(found, pairs)
                 return result(found, None, waited)
             if model is None:
                 model = load_causal_lm(teacher, dtype=torch.float32, device=device)
@@ -320,10 +355,12 @@ def precompute_values(
                     reference = load_causal_lm(teacher_reference, dtype=torch.float32, device=device)
             run = _Run(total=len(pairs))
             with eval_mode(model), eval_mode(reference):
-                _verify_first(model, tokenizer, pairs, config)
+                _verify_first(str(teacher), model, tokenizer, pairs, config)
                 if reference is not None:
-                    _verify_first(reference, tokenizer, pairs, config)
-                _fill_store(writer, model, tokenizer, pairs, config, run, progress, should_stop, reference)
+                    _verify_first(f"{teacher}'s reference", reference, tokenizer, pairs, config)
+                _fill_store(
+                    writer, teacher, model, tokenizer, pairs, config, run, progress, should_stop, reference
+                )
             store = writer.finalize(
                 timings={
                     "seconds": round(time.perf_counter() - start, 3),
@@ -340,9 +377,10 @@ def precompute_values(
 
 
 def _verify_first(
-    model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], config: PrecomputeConfig
+    teacher: str, model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], config: PrecomputeConfig
 ) -> None:
-    """verify_head on the first usable pair (nothing to check when no pair is usable)."""
+    """verify_head on the first usable pair (nothing to check when no pair is usable); non-finite
+    logits name the teacher and the pair."""
     for i in range(min(len(pairs), 64)):
         try:
             tp = tokenize_pair(
@@ -350,5 +388,10 @@ def _verify_first(
             )
         except RowError:
             continue
-        verify_once(model, tp.prompt_ids + tp.chosen_ids)
+        try:
+            verify_once(model, tp.prompt_ids + tp.chosen_ids)
+        except NonFiniteError as exc:
+            raise NonFiniteError(
+                exc.code, f"teacher {teacher}: pair {i} (row {pairs[i].row}): {exc}; nothing was computed"
+            ) from exc
         return

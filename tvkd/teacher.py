@@ -32,6 +32,7 @@ from torch import Tensor
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair
 from tvkd.modeling import decoder_hidden, head_problem, model_device, output_head, pad_token_id, softcap_of
+from tvkd.numerics import NonFiniteError
 from tvkd.store import SIDES, PairValues
 from tvkd.tokenize import TokenizedPair, tokenize_pair
 from tvkd.values import TeacherSignals, implicit_values, teacher_signals
@@ -74,7 +75,9 @@ def verify_head(model: Any, input_ids: Tensor) -> None:
     """Check once that decoder hidden states + our head give the model's own logits.
 
     Catches any head transform the attribute list misses (a scale, an extra norm) at the cost of
-    one forward of a few tokens, in float32 with autocast off.
+    one forward of a few tokens, in float32 with autocast off. Raises UnsupportedTeacher when they
+    differ (or the difference is NaN), `tvkd.numerics.NonFiniteError` when the logits are not
+    finite.
     """
     decoder, w, b, softcap = _decoder_and_head(model)
     ids = input_ids[:, :_HEAD_CHECK_TOKENS]
@@ -87,9 +90,15 @@ def verify_head(model: Any, input_ids: Tensor) -> None:
         got = got + b.float()
     if softcap:
         got = softcap * torch.tanh(got / softcap)
+    if not bool(torch.isfinite(want).all()):
+        raise NonFiniteError(
+            "nonfinite_teacher",
+            f"{type(model).__name__}: the model's own logits hold NaN/Inf on the head-check tokens "
+            "(weights damaged or overflowing)",
+        )
     err = (got - want).abs().max().item()
     scale = want.abs().max().item() + 1e-6
-    if err > _HEAD_CHECK_RTOL * scale:
+    if not err <= _HEAD_CHECK_RTOL * scale:  # a NaN error fails too
         raise UnsupportedTeacher(
             f"{type(model).__name__}: decoder hidden states × output head differ from the model's "
             f"logits (max abs error {err:.3g} at logit scale {scale:.3g}); its head is not supported"

@@ -40,6 +40,7 @@ from tvkd.losses import loss_options, tvkd_loss
 from tvkd.modeling import add_lora, disable_dropout, head_problem, output_head, pad_token_id, unwrap
 from tvkd.modeling import set_activation_checkpointing as set_checkpointing
 from tvkd.models import load_causal_lm, load_tokenizer
+from tvkd.numerics import NonFiniteError
 from tvkd.optim import adamw, warmup_cosine
 from tvkd.reference import REFERENCE_FILE, reference_logps
 from tvkd.store import ValueStore
@@ -97,6 +98,9 @@ class Trainer:
         `ConfigError` (a setting to change, named) from `setup` when the method needs a store it
         was not given, the teacher cannot be aligned with the student, or the head is not plain;
         `ValueError` when no training pair is usable or a checkpoint does not fit the model;
+        `tvkd.numerics.NonFiniteError` from `train` when too many steps have a non-finite
+        gradient (`max_skipped_steps`, `max_skipped_fraction`), from `setup` when the store
+        holds NaN/Inf;
         `tvkd.models.ModelError` when a model folder cannot be loaded.
     """
 
@@ -135,6 +139,8 @@ class Trainer:
         # run reports exactly what the uninterrupted one would have (log_every > 1).
         self.window: list[dict[str, float]] = []
         self.tokens_seen = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm (this run)
+        self.skipped_in_a_row = 0
 
     # ---------------------------------------------------------------------------- setup
 
@@ -327,7 +333,10 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf))
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            self.skipped_in_a_row = 0
         else:  # one bad batch must not turn every weight into NaN
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
             self.cb.on_event("warning", f"non-finite gradient norm at step {self.step + 1}: step skipped")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -352,6 +361,7 @@ class Trainer:
                 break
             self.window.append(self.train_step(self.step_batches(self.step)))
             self.step += 1
+            self._check_skipped()
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._report()
             eta = (time.perf_counter() - t0) / (self.step - start_step) * (self.total_steps - self.step)
@@ -376,12 +386,41 @@ class Trainer:
         model_dir = self.save_model()
         return self._result("completed", seconds, tps, eval_metrics, samples, model_dir)
 
+    def _check_skipped(self) -> None:
+        """NonFiniteError (code nonfinite_gradients) once too many steps were skipped for a
+        non-finite gradient norm: `max_skipped_steps` in a row, or more than
+        `max_skipped_fraction` of the run's steps (at least one is tolerated). A run that learned
+        nothing must not end `completed`."""
+        cfg = self.config
+        in_a_row = self.skipped_in_a_row >= cfg.max_skipped_steps
+        too_many = self.skipped_steps > max(1.0, cfg.max_skipped_fraction * self.total_steps)
+        if in_a_row or too_many:
+            why = (
+                f"{self.skipped_in_a_row} steps in a row (max_skipped_steps={cfg.max_skipped_steps})"
+                if in_a_row
+                else f"{self.skipped_steps} of {self.total_steps} steps "
+                f"(max_skipped_fraction={cfg.max_skipped_fraction})"
+            )
+            raise NonFiniteError(
+                "nonfinite_gradients",
+                f"training stopped at step {self.step}: the gradient norm was not finite (NaN/Inf) in "
+                f"{why}; those steps were skipped. Check the data, the teacher values and the "
+                "learning rate (or try without bf16)",
+            )
+
     def _report(self) -> None:
-        """Mean of the steps since the last report; lr and epoch as of the last step."""
+        """Mean of the steps since the last report; lr and epoch as of the last step. Only finite
+        values are averaged (a skipped step's NaN loss is not a measurement; the events name
+        those steps): a metric with no finite value in the window is left out."""
         window, self.window = self.window, []
-        # A metric absent from some steps (tvkd/shaping_accuracy) is the mean of those that have it.
+        # A metric absent from some steps (tvkd/shaping_accuracy) is the mean of those that have it;
+        # only finite values are averaged (a skipped step's NaN loss is not a measurement).
         names = dict.fromkeys(k for m in window for k in m)
-        metrics = {k: sum(v) / len(v) for k in names if (v := [m[k] for m in window if k in m])}
+        metrics = {}
+        for k in names:
+            finite = [m[k] for m in window if k in m and math.isfinite(m[k])]
+            if finite:
+                metrics[k] = sum(finite) / len(finite)
         metrics["lr"], metrics["epoch"] = window[-1]["lr"], window[-1]["epoch"]
         self.last_metrics = metrics
         self.history.append({"step": self.step, "split": "train", **metrics})

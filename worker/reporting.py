@@ -22,6 +22,7 @@ once without the trainer writing a "stop" checkpoint over the new holder's outpu
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -247,7 +248,7 @@ class JobReporter(Callbacks):
 
     def on_metrics(self, step: int, metrics: dict[str, float], split: str) -> None:
         for name, value in metrics.items():
-            if isinstance(value, int | float) and value == value:  # JSON/SQL have no NaN
+            if isinstance(value, int | float) and math.isfinite(value):  # JSON has no NaN/Inf
                 self._metrics[(split, int(step), name)] = float(value)
         if split == "eval":
             self.flush()

@@ -40,6 +40,7 @@ from service.statemachine import FIRST_STAGE, Status, next_stage
 from tvkd.config import ConfigError
 from tvkd.data import DataError
 from tvkd.models import ModelError
+from tvkd.numerics import NonFiniteError, nonfinite_paths
 from tvkd.pipeline import DatasetChanged
 from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
 from worker.stages import RUNNERS, DatasetNotFound, Outcome, StageContext, is_out_of_memory, job_output_rel
@@ -141,7 +142,14 @@ def complete(ctx: StageContext, outcome: Outcome) -> str:
     """Record how the stage ended: the job succeeds (last stage), is cancelled, goes back to its
     queue (the worker is shutting down) or on to the next stage, whose message is sent after the
     commit (so a fast worker never sees the old stage). A job that succeeds releases the waiting
-    jobs that named its model (service.dependencies); their first stage is sent here too."""
+    jobs that named its model (service.dependencies); their first stage is sent here too. A result
+    that is not finite (NaN/Inf, which JSON and PostgreSQL's JSON columns refuse) fails the job
+    once, with code nonfinite_result, instead of failing the write and having the stage run again."""
+    bad = [*nonfinite_paths(outcome.result, "result"), *nonfinite_paths(outcome.data, "data")]
+    if bad:
+        what = ", ".join(bad[:5])
+        fail(ctx, NonFiniteError("nonfinite_result", f"the {ctx.stage} stage's {what} is NaN/Inf"))
+        return "failed"
     released: list[str] = []
     with transaction(ctx.factory) as session:
         job = jobstate.held(session, ctx.job.id, ctx.token)
@@ -188,6 +196,8 @@ def classify(exc: BaseException, stage: str) -> str:
     """The job's error code for an exception in `stage`."""
     if is_out_of_memory(exc):
         return "out_of_memory"
+    if isinstance(exc, NonFiniteError):
+        return exc.code
     if isinstance(exc, ModelError):
         return "model_error"
     if isinstance(exc, ConfigError):

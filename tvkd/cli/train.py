@@ -28,6 +28,7 @@ from tvkd.config import (
     config_fields,
     require_teacher_reference,
 )
+from tvkd.numerics import NonFiniteError
 
 if TYPE_CHECKING:
     from tvkd.trackers import TrackerSettings
@@ -185,6 +186,9 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
         result = run_job(spec, callbacks, resume=resume, trackers=trackers)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except NonFiniteError as exc:
+        print(f"error ({exc.code}): {exc}", file=sys.stderr)
         return 1
     finally:
         callbacks.close()
