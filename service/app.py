@@ -30,6 +30,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import KeyCache, bootstrap_entries, bootstrap_keys, server_secret
+from service.bodylimit import BodyLimit
 from service.db import is_transient, make_engine, session_factory
 from service.disclosure import Redactor
 from service.errors import APIError, unavailable
@@ -228,5 +229,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, datasets, models, precomputes, inspect):
         app.include_router(module.router, responses=error_responses(503))
     _install_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_json_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

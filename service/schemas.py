@@ -54,8 +54,10 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     words = {
         401: "Missing or invalid API key.",
         404: "No such object (or it belongs to another key).",
+        408: "The upload's body stalled (nothing for TVKD_UPLOAD_IDLE_SECONDS).",
         409: "The request conflicts with the object's state.",
-        413: "The upload is larger than TVKD_MAX_UPLOAD_BYTES.",
+        413: "The body is larger than a limit (TVKD_MAX_UPLOAD_BYTES, TVKD_MAX_JSON_BODY_BYTES, "
+        "TVKD_UPLOAD_MAX_* after decompression); the message names it.",
         422: "Invalid request; `error.field` names the field.",
         503: "Unavailable for now (the database cannot be reached): retry after `Retry-After` seconds.",
     }

@@ -61,6 +61,25 @@ class Settings(BaseSettings):
     allow_hub: bool = Field(default=False, description="Accept Hugging Face hub ids (needs network).")
     trust_remote_code: bool = Field(default=False, description="Allow models with custom code.")
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Largest dataset upload.")
+    upload_max_decompressed_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        description="Largest dataset upload after decompression (.gz), in bytes; past it: 413.",
+    )
+    upload_max_rows: int = Field(
+        default=1_000_000, description="Most rows of an uploaded dataset (413 past it)."
+    )
+    upload_max_line_bytes: int = Field(
+        default=8 * 1024 * 1024, description="Longest line of an uploaded JSONL dataset, in bytes (413)."
+    )
+    upload_max_depth: int = Field(
+        default=64, description="Deepest JSON nesting of a dataset row (deeper rows are bad rows: 422)."
+    )
+    upload_idle_seconds: float = Field(
+        default=30.0, description="An upload whose body sends nothing for this long is cut off (408)."
+    )
+    max_json_body_bytes: int = Field(
+        default=1024 * 1024, description="Largest JSON request body, in bytes (413 past it)."
+    )
     heartbeat_seconds: float = Field(default=5.0, description="How often a running job beats.")
     heartbeat_timeout: float = Field(default=60.0, description="A job silent this long is re-enqueued.")
     requeue_after: float = Field(default=120.0, description="A queued job untouched this long is re-sent.")

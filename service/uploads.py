@@ -9,6 +9,7 @@ at the first byte past it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -116,9 +117,13 @@ def _callbacks(state: _State) -> dict[str, object]:
     }
 
 
-async def receive_file(request: Request, dest: Path, *, limit: int, field_name: str = "file") -> ReceivedFile:
+async def receive_file(
+    request: Request, dest: Path, *, limit: int, field_name: str = "file", idle_seconds: float = 30.0
+) -> ReceivedFile:
     """Parse the multipart body, writing the `field_name` file part into `dest` (a fresh folder).
-    413 past `limit` bytes of file; 422 for a body that is not multipart or holds no such file."""
+    413 past `limit` bytes of file; 408 when the body sends nothing for `idle_seconds` (a stalled
+    client must not hold a worker thread and a half-written file); 422 for a body that is not
+    multipart or holds no such file."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -131,7 +136,20 @@ async def receive_file(request: Request, dest: Path, *, limit: int, field_name: 
     state = _State(dest=dest, field_name=field_name, limit=limit)
     parser = MultipartParser(boundary, _callbacks(state))  # type: ignore[arg-type]
     try:
-        async for chunk in request.stream():
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), timeout=idle_seconds)
+            except StopAsyncIteration:
+                break
+            except TimeoutError as exc:
+                raise APIError(
+                    408,
+                    "upload_timeout",
+                    f"the upload sent nothing for {idle_seconds:g} s (TVKD_UPLOAD_IDLE_SECONDS); "
+                    "send it again",
+                    field="file",
+                ) from exc
             parser.write(chunk)
             if state.error is not None:
                 raise state.error

@@ -57,7 +57,7 @@ from tvkd.pairs import (
     check_choice,
 )
 from tvkd.rows import HH_ASSISTANT, HH_HUMAN, parse_record
-from tvkd.sources import read_source
+from tvkd.sources import DEFAULT_LIMITS, ReadLimits, read_source
 from tvkd.tokenize import TokenizedPair, tokenize_pair, tokenize_pairs
 
 __all__ = [
@@ -91,6 +91,7 @@ def load_pairs(
     columns: str | Mapping[str, str] | None = None,
     on_error: OnError = "raise",
     limit: int | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> tuple[list[PreferencePair], DataReport]:
     """Load preference pairs from a file, a `datasets` folder or a hub id.
 
@@ -101,14 +102,16 @@ def load_pairs(
     Every row is checked; with on_error="raise" a `DataError` carrying the full report is raised
     if any row is bad, with "drop" the good pairs are returned and the report counts the rest.
     A source that cannot be read at all raises `DataError` (or FileNotFoundError) either way;
-    a bad `format`, `columns` or `on_error` raises ValueError.
+    a bad `format`, `columns` or `on_error` raises ValueError. `limits` bound the reading
+    (`tvkd.sources.ReadLimits`: decompressed bytes, rows, line bytes, nesting depth); a source past
+    one raises DataError with code "too_large", a row nested too deep is a bad row ("too_deep").
     """
     check_choice("format", format, FORMATS)
     check_choice("on_error", on_error, ("raise", "drop"))
     mapping = parse_columns(columns)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0; got {limit}")
-    raw = read_source(source, split, limit)
+    raw = read_source(source, split, limit, limits)
     map_columns(raw, mapping)
     layout = resolve_layout(format, raw)
     pairs: list[PreferencePair] = []

@@ -4,6 +4,13 @@
 {split: [...]} object), Parquet, a Hugging Face `datasets` folder (`save_to_disk`, or any local
 folder `datasets.load_dataset` understands) or a hub id. `datasets` and `pyarrow` are imported
 only for the sources that need them.
+
+`ReadLimits` bounds what a source may cost *after* decompression: bytes read, rows, the bytes
+of one JSONL line and the nesting depth of a row's JSON. A source past a limit is refused as a
+whole (code "too_large", naming the limit) as soon as the limit is passed, with memory bounded
+by one line (or by `max_bytes` for a JSON document): a 400 KB gzip that inflates to 400 MB
+costs what the limit allows, not 400 MB. A row nested deeper than `max_depth` is a bad row
+(code "too_deep"), never a RecursionError.
 """
 
 from __future__ import annotations
@@ -11,17 +18,52 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvkd.pairs import RowIssue, file_error
+from tvkd.pairs import DataError, RowIssue, file_error
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 _JSON_SUFFIXES = (".json", ".json.gz")
 _PARQUET_SUFFIXES = (".parquet",)
 _UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on reading one source (None = unbounded). The service sets them from its settings
+    (TVKD_UPLOAD_MAX_*); the library's default only bounds the nesting depth."""
+
+    max_bytes: int | None = None  # decompressed bytes of a file
+    max_rows: int | None = None  # rows (JSONL lines with content, list items, table rows)
+    max_line_bytes: int | None = None  # one JSONL line
+    max_depth: int = 100  # nesting of a row's JSON (objects and lists)
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+def too_large(source: str, what: str) -> DataError:
+    return file_error(source, "too_large", what)
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, [] or {} is 1), without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in children)
+    return depth
 
 
 @dataclass
@@ -38,25 +80,53 @@ class RawRows:
         return len(self.records) + len(self.issues)
 
 
-def read_source(source: str | os.PathLike[str], split: str, limit: int | None) -> RawRows:
+def read_source(
+    source: str | os.PathLike[str], split: str, limit: int | None, limits: ReadLimits = DEFAULT_LIMITS
+) -> RawRows:
     """The rows of a file, folder or hub id (the first `limit` only). Raises DataError when the
-    source cannot be read at all, FileNotFoundError for a missing path."""
+    source cannot be read at all or passes one of `limits` (code "too_large"),
+    FileNotFoundError for a missing path."""
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _read_hf_folder(path, split, limit)
-    if path.is_file():
+        raw = _read_hf_folder(path, split, limit)
+    elif path.is_file():
         name = path.name.lower()
         if name.endswith(_JSONL_SUFFIXES):
-            return _read_jsonl(path, limit)
-        if name.endswith(_JSON_SUFFIXES):
-            return _read_json_list(path, split, limit)
-        if name.endswith(_PARQUET_SUFFIXES):
-            return _read_parquet(path, limit)
-        raise file_error(text, "bad_type", "unsupported file type (use .jsonl, .jsonl.gz, .json or .parquet)")
-    if _looks_like_path(text):
+            raw = _read_jsonl(path, limit, limits)
+        elif name.endswith(_JSON_SUFFIXES):
+            raw = _read_json_list(path, split, limit, limits)
+        elif name.endswith(_PARQUET_SUFFIXES):
+            raw = _read_parquet(path, limit, limits)
+        else:
+            raise file_error(
+                text, "bad_type", "unsupported file type (use .jsonl, .jsonl.gz, .json or .parquet)"
+            )
+    elif _looks_like_path(text):
         raise FileNotFoundError(f"no such dataset file or folder: {text}")
-    return _read_hub(text, split, limit)
+    else:
+        raw = _read_hub(text, split, limit)
+    _check_rows(raw, limits)
+    return raw
+
+
+def _check_rows(raw: RawRows, limits: ReadLimits) -> None:
+    """Row count and nesting depth of rows read as a whole (list, Parquet, datasets)."""
+    if limits.max_rows is not None and raw.total > limits.max_rows:
+        raise too_large(raw.name, f"more than {limits.max_rows} rows (the limit of rows)")
+    kept = []
+    for row, record in raw.records:
+        if json_depth(record) > limits.max_depth:
+            raw.issues.append(_too_deep(row, limits))
+        else:
+            kept.append((row, record))
+    raw.records = kept
+
+
+def _too_deep(row: int, limits: ReadLimits) -> RowIssue:
+    return RowIssue(
+        row, "<row>", "too_deep", f"JSON nested deeper than {limits.max_depth} levels (the limit)"
+    )
 
 
 def _looks_like_path(text: str) -> bool:
@@ -71,24 +141,55 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _read_jsonl(path: Path, limit: int | None) -> RawRows:
+def _read_jsonl(path: Path, limit: int | None, limits: ReadLimits) -> RawRows:
     """Decode line by line from bytes, so one bad line (bad UTF-8 or JSON) is one bad row and
     the rest of the file still loads. Row = 0-based line number (blank lines are skipped but
-    counted, so row + 1 is the line an editor shows)."""
+    counted, so row + 1 is the line an editor shows). Reads stream (gzip too): memory is one
+    line, at most `limits.max_line_bytes`."""
     raw = RawRows(str(path))
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
+        _check_inflated_size(path, limits)
         with opener(path, "rb") as fh:
-            for lineno, line in _numbered_lines(fh, limit):
-                _parse_jsonl_line(raw, lineno, line)
-    except (OSError, EOFError) as exc:  # truncated or corrupt gzip, unreadable file
+            for lineno, line in _numbered_lines(fh, limit, limits, raw.name):
+                _parse_jsonl_line(raw, lineno, line, limits)
+    except (OSError, EOFError, zlib.error) as exc:  # truncated or corrupt gzip, unreadable file
         raise file_error(str(path), "bad_json", f"cannot read file: {exc}") from exc
     return raw
 
 
-def _numbered_lines(fh: Any, limit: int | None) -> Iterator[tuple[int, bytes]]:
-    count = 0
-    for lineno, line in enumerate(fh):
+def _check_inflated_size(path: Path, limits: ReadLimits, chunk: int = 1 << 20) -> None:
+    """A gzip file is first inflated once without keeping anything (memory: one chunk), so a
+    file that inflates past `limits.max_bytes` is refused before a row is parsed or kept."""
+    if limits.max_bytes is None or not path.name.lower().endswith(".gz"):
+        return
+    total = 0
+    with gzip.open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            total += len(block)
+            if total > limits.max_bytes:
+                raise too_large(
+                    str(path), f"more than {limits.max_bytes} bytes after decompression (the limit of bytes)"
+                )
+
+
+def _numbered_lines(fh: Any, limit: int | None, limits: ReadLimits, name: str) -> Iterator[tuple[int, bytes]]:
+    count, total, lineno = 0, 0, -1
+    cap = -1 if limits.max_line_bytes is None else limits.max_line_bytes + 1
+    while True:
+        line = fh.readline(cap)
+        if not line:
+            return
+        lineno += 1
+        total += len(line)
+        if limits.max_bytes is not None and total > limits.max_bytes:
+            raise too_large(
+                name, f"more than {limits.max_bytes} bytes after decompression (the limit of bytes)"
+            )
+        if limits.max_line_bytes is not None and len(line) > limits.max_line_bytes:
+            raise too_large(
+                name, f"line {lineno + 1} is longer than {limits.max_line_bytes} bytes (the limit of a line)"
+            )
         if lineno == 0:
             line = line.removeprefix(_UTF8_BOM)
         if not line.strip():
@@ -96,10 +197,12 @@ def _numbered_lines(fh: Any, limit: int | None) -> Iterator[tuple[int, bytes]]:
         if limit is not None and count >= limit:
             return
         count += 1
+        if limits.max_rows is not None and count > limits.max_rows:
+            raise too_large(name, f"more than {limits.max_rows} rows (the limit of rows)")
         yield lineno, line
 
 
-def _parse_jsonl_line(raw: RawRows, lineno: int, line: bytes) -> None:
+def _parse_jsonl_line(raw: RawRows, lineno: int, line: bytes, limits: ReadLimits) -> None:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -114,26 +217,40 @@ def _parse_jsonl_line(raw: RawRows, lineno: int, line: bytes) -> None:
             RowIssue(lineno, "<row>", "bad_json", f"line {lineno + 1}: {exc.msg} at column {exc.colno}")
         )
         return
+    except RecursionError:  # nested deeper than the parser's stack
+        raw.issues.append(_too_deep(lineno, limits))
+        return
+    if json_depth(record) > limits.max_depth:
+        raw.issues.append(_too_deep(lineno, limits))
+        return
     raw.records.append((lineno, record))
     if isinstance(record, dict):
         raw.columns.update(record)
 
 
-def _read_json_list(path: Path, split: str, limit: int | None) -> RawRows:
-    """A JSON file is one document, so a decoding error is an error of the whole file."""
+def _read_json_list(path: Path, split: str, limit: int | None, limits: ReadLimits) -> RawRows:
+    """A JSON file is one document, so a decoding error is an error of the whole file. It is
+    read whole, but never more than `limits.max_bytes` of it (decompressed)."""
     name = str(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        data = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as exc:
+        _check_inflated_size(path, limits)
+        with opener(path, "rb") as fh:
+            data = fh.read(-1 if limits.max_bytes is None else limits.max_bytes + 1)
+    except (OSError, EOFError, zlib.error) as exc:
         raise file_error(name, "bad_json", f"cannot read file: {exc}") from exc
+    if limits.max_bytes is not None and len(data) > limits.max_bytes:
+        raise too_large(name, f"more than {limits.max_bytes} bytes after decompression (the limit of bytes)")
     try:
         document = json.loads(data.removeprefix(_UTF8_BOM).decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise file_error(name, "not_utf8", f"invalid UTF-8 at byte {exc.start}") from exc
     except json.JSONDecodeError as exc:
         raise file_error(name, "bad_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise file_error(
+            name, "too_deep", f"JSON nested deeper than the parser allows (limit {limits.max_depth})"
+        ) from exc
     # {"train": [...], "test": [...]} is a common way to ship splits in one JSON file.
     if isinstance(document, dict) and isinstance(document.get(split), list):
         document = document[split]
@@ -150,11 +267,22 @@ def _raw_from_rows(name: str, rows: Sequence[Any], columns: Sequence[str] = ()) 
     return raw
 
 
-def _read_parquet(path: Path, limit: int | None) -> RawRows:
+def _read_parquet(path: Path, limit: int | None, limits: ReadLimits) -> RawRows:
     import pyarrow.parquet as pq  # only needed for Parquet sources
 
     try:
         parquet = pq.ParquetFile(path)
+        meta = parquet.metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise file_error(str(path), "bad_type", f"cannot read Parquet file: {exc}") from exc
+    if limits.max_bytes is not None and size > limits.max_bytes:  # before anything is decoded
+        raise too_large(
+            str(path), f"{size} bytes uncompressed, more than {limits.max_bytes} (the limit of bytes)"
+        )
+    if limits.max_rows is not None and meta.num_rows > limits.max_rows:
+        raise too_large(str(path), f"{meta.num_rows} rows, more than {limits.max_rows} (the limit of rows)")
+    try:
         rows: list[dict[str, Any]] = []
         for batch in parquet.iter_batches(batch_size=1024):
             rows.extend(batch.to_pylist())

@@ -22,10 +22,12 @@ from service.deps import ID_RE, OwnerDep, SessionDep, SettingsDep, checked_id, i
 from service.errors import APIError, invalid, not_found
 from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
 from service.schemas import Dataset, DatasetList, error_responses
+from service.settings import Settings
 from service.uploads import ReceivedFile, incoming_dir, receive_file
 from service.validation import DATA_SUFFIXES
 from service.views import dataset_view
 from tvkd.data import FILE_ROW, DataError, DataReport, load_pairs
+from tvkd.sources import ReadLimits
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -53,12 +55,38 @@ UPLOAD_BODY = {
 }
 
 
-def _check_rows(path: str, filename: str) -> DataReport:
+# Each ReadLimits bound and the setting that sets it (named in the 413 answer).
+LIMIT_SETTINGS = {
+    "bytes": "TVKD_UPLOAD_MAX_DECOMPRESSED_BYTES",
+    "rows": "TVKD_UPLOAD_MAX_ROWS",
+    "a line": "TVKD_UPLOAD_MAX_LINE_BYTES",
+}
+
+
+def read_limits(settings: Settings) -> ReadLimits:
+    """What reading one uploaded dataset may cost, after decompression (tvkd.sources.ReadLimits)."""
+    return ReadLimits(
+        max_bytes=settings.upload_max_decompressed_bytes,
+        max_rows=settings.upload_max_rows,
+        max_line_bytes=settings.upload_max_line_bytes,
+        max_depth=settings.upload_max_depth,
+    )
+
+
+def _check_rows(path: str, filename: str, limits: ReadLimits) -> DataReport:
     try:
-        _, report = load_pairs(path, on_error="raise")
+        _, report = load_pairs(path, on_error="raise", limits=limits)
     except DataError as exc:
         report = exc.report
         first = report.issues[0]
+        if first.row == FILE_ROW and first.code == "too_large":
+            setting = next(
+                (v for k, v in LIMIT_SETTINGS.items() if f"(the limit of {k})" in first.message), None
+            )
+            message = f"{filename}: {first.message}" + (
+                f"; the operator sets it with {setting}" if setting else ""
+            )
+            raise APIError(413, "upload_too_large", message, field="file") from exc
         if first.row == FILE_ROW:
             field, message = "file", f"{filename}: {first}"
         else:
@@ -91,7 +119,7 @@ def _commit(request: Request, session: Session) -> None:
     status_code=201,
     summary="Upload a preference dataset (JSONL or Parquet)",
     openapi_extra=UPLOAD_BODY,
-    responses=error_responses(401, 413, 422),
+    responses=error_responses(401, 408, 413, 422),
 )
 async def upload_dataset(
     request: Request, settings: SettingsDep, session: SessionDep, owner: OwnerDep
@@ -99,14 +127,18 @@ async def upload_dataset(
     artifacts = settings.artifacts
     tmp = await run_in_threadpool(incoming_dir, artifacts)
     try:
-        received: ReceivedFile = await receive_file(request, tmp, limit=settings.max_upload_bytes)
+        received: ReceivedFile = await receive_file(
+            request, tmp, limit=settings.max_upload_bytes, idle_seconds=settings.upload_idle_seconds
+        )
         if not received.filename.lower().endswith(DATA_SUFFIXES):
             raise invalid(
                 "file",
                 f"unsupported file type {received.filename!r} (use {', '.join(DATA_SUFFIXES)})",
                 code="unsupported_type",
             )
-        report = await run_in_threadpool(_check_rows, str(received.path), received.filename)
+        report = await run_in_threadpool(
+            _check_rows, str(received.path), received.filename, read_limits(settings)
+        )
         report.source = received.filename  # not the temporary path it was checked at
         row = db.Dataset(
             owner_id=owner,

@@ -1,0 +1,130 @@
+"""Input the API reads is bounded (a real API process with small limits): an upload is bounded
+after decompression (a 400 KB gzip that inflates to 400 MB is a 413 naming the limit, with
+flat memory), deeply nested or malformed bodies are 4xx, JSON bodies have a size limit and an
+upload whose body stalls times out."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ALICE, client, free_port, start_process
+
+ROW = json.dumps({"prompt": "Q: 1+1=", "chosen": " 2", "rejected": " 3"}) + "\n"
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~500 KB of gzip that inflates to 400 MB of valid rows."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.jsonl.gz"
+    row = json.dumps({"prompt": "a" * 8000, "chosen": " 2", "rejected": " 3"}) + "\n"
+    block = (row * ((1 << 20) // len(row))).encode()
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        for _ in range(400):
+            fh.write(block)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_api(service_env: dict[str, str], service_home: Path) -> Iterator[tuple[str, int]]:
+    """An API with small body limits (default decompressed-upload limit, 256 MiB); yields
+    (base URL, pid)."""
+    env = {**service_env, "TVKD_MAX_JSON_BODY_BYTES": "4096", "TVKD_UPLOAD_IDLE_SECONDS": "1",
+           "TVKD_UPLOAD_MAX_ROWS": "20"}  # fmt: skip
+    port = free_port()
+    proc = start_process(
+        "api-bounds", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, service_home
+    )
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_answering(f"{url}/healthz")
+    yield url, proc.popen.pid
+    proc.stop()
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM of `pid` (and of its children, the uvicorn server) in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+
+
+def _upload(url: str, name: str, data: bytes) -> httpx.Response:
+    with client(url) as c:
+        return c.post("/v1/datasets", files={"file": (name, data)}, timeout=120)
+
+
+def test_a_gzip_bomb_is_refused_naming_the_limit(small_api, bomb):
+    url, pid = small_api
+    assert bomb.stat().st_size < 600_000
+    _upload(url, "warm.jsonl", ROW.encode() * 3)  # the imports of the first upload are not the bomb's
+    before = _peak_rss(pid)
+    r = _upload(url, "bomb.jsonl.gz", bomb.read_bytes())
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "upload_too_large" and error["field"] == "file"
+    assert "bytes after decompression" in error["message"]
+    assert "TVKD_UPLOAD_MAX_DECOMPRESSED_BYTES" in error["message"]
+    assert _peak_rss(pid) - before < 64 << 20  # flat: 400 MB inflated, nothing of it held
+
+
+def test_rows_nesting_and_malformed_uploads_are_4xx(small_api):
+    url, _ = small_api
+    r = _upload(url, "many.jsonl", ROW.encode() * 21)
+    assert r.status_code == 413 and "TVKD_UPLOAD_MAX_ROWS" in r.json()["error"]["message"], r.text
+    deep = '{"prompt": ' + "[" * 50_000 + "]" * 50_000 + ', "chosen": " a", "rejected": " b"}\n'
+    r = _upload(url, "deep.jsonl", (ROW + deep).encode())
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == "file.rows[1].<row>" and "too_deep" in r.json()["error"]["message"]
+    r = _upload(url, "deep.json", ("[" * 50_000 + "]" * 50_000).encode())
+    assert r.status_code == 422, r.text
+    for name, data in (
+        ("bad.jsonl.gz", b"\x1f\x8b\x08garbage"),
+        ("bad.parquet", b"PAR1xx"),
+        ("bad.json", b"{"),
+    ):
+        r = _upload(url, name, data)
+        assert 400 <= r.status_code < 500, (name, r.text)
+
+
+def test_json_bodies_are_bounded(small_api):
+    url, _ = small_api
+    with client(url) as c:
+        r = c.post(
+            "/v1/jobs", json={"teacher": "t", "student": "s", "dataset": "d", "metadata": {"x": "y" * 5000}}
+        )
+        assert r.status_code == 413 and "TVKD_MAX_JSON_BODY_BYTES" in r.json()["error"]["message"], r.text
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: cut off while it arrives
+            yield b'{"teacher": "' + b"t" * 3000
+            yield b"t" * 3000 + b'"}'
+
+        r = c.post("/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+        r = c.post("/v1/jobs", content=b"[" * 4000 + b"]" * 0, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+
+
+def test_a_stalled_upload_times_out(small_api):
+    url, _ = small_api
+    host, port = url.removeprefix("http://").split(":")
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + ROW.encode()
+    request = (
+        f"POST /v1/datasets HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 100000\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        t0 = time.monotonic()
+        s.sendall(request + head)  # ... and then nothing more
+        answer = s.recv(65536).decode("latin-1")
+        waited = time.monotonic() - t0
+    assert answer.startswith("HTTP/1.1 408"), answer[:300]
+    assert "upload_timeout" in answer and 0.9 < waited < 15
