@@ -146,7 +146,26 @@ def resolve_model(settings: Settings, name: str, *, field: str = "model") -> str
         raise invalid(field, f"{name!r} is not a model folder", code="invalid_model")
     if not (path / "config.json").is_file():
         raise invalid(field, f"{name!r} is not a model folder: it has no config.json", code="invalid_model")
+    escape = escaping_entry(path, roots)
+    if escape is not None:
+        raise invalid(field, f"model {name!r}: {escape} (out of the model roots)", code="invalid_model")
     return str(path)
+
+
+MAX_FOLDER_ENTRIES = 10_000  # a folder with more entries is refused rather than walked for long
+
+
+def escaping_entry(folder: Path, roots: Sequence[Path]) -> str | None:
+    """Why `folder` cannot be read inside `roots`: an entry (at any depth) that is a symlink
+    resolving outside them, or more than MAX_FOLDER_ENTRIES entries to check; None when it can.
+    Reading a model or dataset folder opens its files by name, so a file symlinked out of the
+    roots would be read like the folder itself: it is refused the same way."""
+    for count, entry in enumerate(folder.rglob("*"), start=1):
+        if count > MAX_FOLDER_ENTRIES:
+            return f"it holds more than {MAX_FOLDER_ENTRIES} entries"
+        if entry.is_symlink() and not _inside(entry.resolve(), roots):
+            return f"{str(entry.relative_to(folder))!r} is a symlink"
+    return None
 
 
 class ModelChecks:
@@ -239,6 +258,9 @@ def resolve_data_path(name: str, roots: Sequence[Path], *, field: str = "dataset
                 field, f"dataset path {name!r} is outside the data roots", code="path_outside_roots"
             )
         raise invalid(field, f"dataset {name!r} not found under the data roots", code="invalid_dataset")
+    escape = escaping_entry(path, roots) if path.is_dir() else None
+    if escape is not None:
+        raise invalid(field, f"dataset {name!r}: {escape} (out of the data roots)", code="path_outside_roots")
     if path.is_file() and not path.name.lower().endswith(DATA_SUFFIXES):
         raise invalid(
             field,

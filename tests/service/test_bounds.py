@@ -128,3 +128,34 @@ def test_a_stalled_upload_times_out(small_api):
         waited = time.monotonic() - t0
     assert answer.startswith("HTTP/1.1 408"), answer[:300]
     assert "upload_timeout" in answer and 0.9 < waited < 15
+
+
+def test_a_file_symlinked_out_of_the_roots_is_refused(api, service_home, tiny_assets, tmp_path):
+    import shutil
+
+    outside = tmp_path / "outside"
+    shutil.copytree(service_home / "models" / tiny_assets["student"], outside)
+    model = service_home / "models" / "linked_file_model"
+    model.mkdir()
+    for f in outside.iterdir():  # a real folder inside the root, every file a symlink out of it
+        (model / f.name).symlink_to(f)
+    data = service_home / "data" / "linked_folder"
+    data.mkdir()
+    (outside / "train.jsonl").write_text(ROW * 4)
+    (data / "train.jsonl").symlink_to(outside / "train.jsonl")
+    body = {**tiny_assets, "alpha": 0.5, "beta": 0.1}
+    with client(api) as c:
+        r = c.post("/v1/jobs", json={**body, "student": "linked_file_model"})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["field"] == "student" and "symlink" in error["message"]
+        assert str(tmp_path) not in r.text  # the target outside is not disclosed
+        r = c.post("/v1/jobs", json={**body, "dataset": "linked_folder"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "dataset", r.text
+        assert "symlink" in r.json()["error"]["message"]
+        # The same folder with a real file is accepted.
+        (data / "train.jsonl").unlink()
+        (data / "train.jsonl").write_text(ROW * 4)
+        r = c.post("/v1/jobs", json={**body, "dataset": "linked_folder"})
+        assert r.status_code == 201, r.text
+        c.post(f"/v1/jobs/{r.json()['id']}/cancel")  # never run
