@@ -77,6 +77,22 @@ class Settings(BaseSettings):
     upload_idle_seconds: float = Field(
         default=30.0, description="An upload whose body sends nothing for this long is cut off (408)."
     )
+    limit_max_steps: int = Field(default=1_000_000, description="Largest `max_steps` a job may ask for.")
+    limit_epochs: float = Field(default=1000.0, description="Largest `epochs` a job may ask for.")
+    limit_batch_size: int = Field(default=4096, description="Largest `batch_size` a job may ask for.")
+    limit_grad_accum: int = Field(
+        default=4096, description="Largest `grad_accum` (gradient accumulation steps) a job may ask for."
+    )
+    limit_max_length: int = Field(default=131_072, description="Largest `max_length` a job may ask for.")
+    limit_num_samples: int = Field(default=1000, description="Largest `num_samples` a job may ask for.")
+    max_model_layers: int = Field(
+        default=512, description="Most layers a teacher or student config may declare (422 at submit)."
+    )
+    max_model_parameters: float = Field(
+        default=2e11,
+        description="Most parameters a teacher or student config may make, estimated from config.json "
+        "before any weights are built (422 at submit).",
+    )
     max_json_body_bytes: int = Field(
         default=1024 * 1024, description="Largest JSON request body, in bytes (413 past it)."
     )

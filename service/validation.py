@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from service import dependencies
 from service.errors import invalid
 from service.models import Dataset, Job
+from service.runlimits import check_model_size, check_run_size
 from service.settings import Settings
 from service.statemachine import Status
 from tvkd.config import ConfigError, JobSpec, split_settings, split_sft_settings
@@ -225,6 +226,7 @@ def check_model(settings: Settings, checks: ModelChecks, name: str, *, field: st
     resolved = resolve_model(settings, name, field=field)
     path = Path(resolved)
     if path.is_absolute():
+        check_model_size(settings, path, field=field)  # before transformers reads the config
         problem = checks.problem(path)
         if problem:
             raise invalid(field, problem, code="invalid_model")
@@ -304,6 +306,7 @@ def check_job(
     named `"job:<id>"` is another job's output (service.dependencies): checked as a reference;
     `ValidSpec.waiting` says whether one of them has not succeeded yet."""
     spec = check_settings(alpha, beta, hyperparameters, kind=kind, given=given)
+    check_run_size(settings, spec.settings["train"])
     resolve_dataset(settings, session, owner_id, dataset)
     if hyperparameters.get("eval_dataset"):
         resolve_dataset(

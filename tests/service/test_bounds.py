@@ -36,7 +36,8 @@ def small_api(service_env: dict[str, str], service_home: Path) -> Iterator[tuple
     """An API with small body limits (default decompressed-upload limit, 256 MiB); yields
     (base URL, pid)."""
     env = {**service_env, "TVKD_MAX_JSON_BODY_BYTES": "4096", "TVKD_UPLOAD_IDLE_SECONDS": "1",
-           "TVKD_UPLOAD_MAX_ROWS": "20"}  # fmt: skip
+           "TVKD_UPLOAD_MAX_ROWS": "20", "TVKD_LIMIT_MAX_STEPS": "100", "TVKD_LIMIT_BATCH_SIZE": "64",
+           "TVKD_LIMIT_EPOCHS": "3"}  # fmt: skip
     port = free_port()
     proc = start_process(
         "api-bounds", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, service_home
@@ -157,5 +158,31 @@ def test_a_file_symlinked_out_of_the_roots_is_refused(api, service_home, tiny_as
         (data / "train.jsonl").unlink()
         (data / "train.jsonl").write_text(ROW * 4)
         r = c.post("/v1/jobs", json={**body, "dataset": "linked_folder"})
+        assert r.status_code == 201, r.text
+        c.post(f"/v1/jobs/{r.json()['id']}/cancel")  # never run
+
+
+def test_run_size_and_model_size_have_operator_bounds(small_api, service_home, tiny_assets):
+    url, _ = small_api
+    body = {**tiny_assets, "alpha": 0.5, "beta": 0.1}
+    config = json.loads((service_home / "models" / tiny_assets["student"] / "config.json").read_text())
+    for name, patch in (("deep", {"num_hidden_layers": 200_000}), ("wide", {"hidden_size": 1_000_000})):
+        (service_home / "models" / name).mkdir(exist_ok=True)
+        (service_home / "models" / name / "config.json").write_text(json.dumps({**config, **patch}))
+    with client(url) as c:
+        for hp, field, setting in (
+            ({"max_steps": 101}, "hyperparameters.max_steps", "TVKD_LIMIT_MAX_STEPS"),
+            ({"batch_size": 65}, "hyperparameters.batch_size", "TVKD_LIMIT_BATCH_SIZE"),
+            ({"epochs": 3.5}, "hyperparameters.epochs", "TVKD_LIMIT_EPOCHS"),
+        ):
+            r = c.post("/v1/jobs", json={**body, "hyperparameters": hp})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["field"] == field and setting in r.json()["error"]["message"]
+        # A config of 200,000 layers (or of 1e6 hidden units) is refused before anything builds it.
+        for name, setting in (("deep", "TVKD_MAX_MODEL_LAYERS"), ("wide", "TVKD_MAX_MODEL_PARAMETERS")):
+            r = c.post("/v1/jobs", json={**body, "student": name})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["field"] == "student" and setting in r.json()["error"]["message"]
+        r = c.post("/v1/jobs", json={**body, "hyperparameters": {"max_steps": 100, "batch_size": 64}})
         assert r.status_code == 201, r.text
         c.post(f"/v1/jobs/{r.json()['id']}/cancel")  # never run
