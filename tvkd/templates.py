@@ -8,7 +8,9 @@ token that follows the content (the template's end of turn). A row the template 
 exactly is a `RowError` (code "template") naming the field: the template fails, the rendered
 conversation does not start with the rendered prompt, the content does not appear, or the
 template ignores the row's `tools` or an assistant turn's `tool_calls` (which would otherwise
-train on an empty assistant turn).
+train on an empty assistant turn). Every rendering runs under a time and a memory limit
+(`tvkd.sandbox.limited`): a template that loops or grows memory is a bad row with code
+"template_time" or "template_memory", and the process stays responsive.
 
 The tokenizer is the only third-party object touched (duck-typed: `apply_chat_template`,
 `chat_template`, special tokens).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tvkd.pairs import DataError, DataReport, Message, PreferencePair, RowError, RowIssue
+from tvkd.sandbox import TemplateLimit, limited
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -74,12 +77,16 @@ def _render(
     if not has_chat_template(tokenizer):
         raise RowError(no_template_issue(row))
     try:
-        text = tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            tools=list(tools) if tools else None,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+        text = limited(
+            lambda: tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                tools=list(tools) if tools else None,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
         )
+    except TemplateLimit as exc:
+        raise RowError(RowIssue(row, field_name, f"template_{exc.limit}", str(exc))) from exc
     except Exception as exc:  # templates raise arbitrary errors (raise_exception, jinja errors)
         raise RowError(RowIssue(row, field_name, "template", f"chat template failed: {exc}")) from exc
     if not isinstance(text, str):
@@ -91,10 +98,12 @@ def _renders_differently(tokenizer: Any, text: str, messages: Sequence[Message],
     """Whether rendering `messages`/`tools` gives something other than `text` (a template that
     raises on the stripped variant evidently reads what was stripped)."""
     try:
-        other = tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tools=tools, tokenize=False, add_generation_prompt=True
+        other = limited(
+            lambda: tokenizer.apply_chat_template(
+                [dict(m) for m in messages], tools=tools, tokenize=False, add_generation_prompt=True
+            )
         )
-    except Exception:
+    except Exception:  # TemplateLimit included: it rendered the full row, so it is not the limit
         return True
     return other != text
 

@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 TRUNCATION_MODES = TRUNCATIONS
+TEMPLATE_LIMIT_CODES = ("template_time", "template_memory")
 _CONTEXT = 12  # characters shown on each side of a round-trip difference
 
 
@@ -148,7 +149,9 @@ def tokenize_pairs(
     """Tokenize every pair; `TokenizedPair.index` is the pair's position in `pairs`.
 
     A conversational pair with a tokenizer that has no chat template raises DataError even with
-    on_error="drop": that is a setup mistake, and dropping every row would hide it."""
+    on_error="drop": that is a setup mistake, and dropping every row would hide it. So does a
+    chat template that runs past its time or memory limit (codes "template_time",
+    "template_memory", `tvkd.sandbox`), at the first row it does so: every row would wait for it."""
     _require_fast(tokenizer)
     _check_max_length(max_length)
     check_choice("on_error", on_error, ("raise", "drop"))
@@ -167,6 +170,10 @@ def tokenize_pairs(
             )
         except RowError as exc:
             issues.append(exc.issue)
+            if exc.issue.code in TEMPLATE_LIMIT_CODES:  # the template, not the row: stop at once
+                raise DataError(
+                    DataReport(source, len(pairs), kept=0, dropped=1, issues=[exc.issue])
+                ) from exc
     report = DataReport(source, len(pairs), kept=len(out), dropped=len(issues), issues=issues)
     if issues and on_error == "raise":
         raise DataError(report)
