@@ -226,7 +226,7 @@ def test_same_key_is_a_cache_hit_and_settings_change_the_key(
     changed = [
         key(q_source="logprobs"),
         key(value_beta=0.5),
-        key(max_length=512),
+        key(max_length=256),  # (512 would be the default's: the teacher's window caps 1024 at 512)
         key(topk=2),
         key(token_stats=True),
         key(bf16=True),

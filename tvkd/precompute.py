@@ -247,6 +247,7 @@ def precompute_key(
     from tvkd.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(teacher))
+    config = within_window(config, str(teacher))  # 1024 and 512 are one length for a 512 window
     check_teacher_reference(config, teacher_reference, tokenizer)
     reference = None
     if config.q_source == "implicit":
