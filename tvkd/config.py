@@ -419,8 +419,9 @@ def _like(cls: type, name: str, **change: Any) -> Any:
 
 
 # TrainConfig settings an SFT job does not have: the TVKD method, per-token samples of pairs,
-# and packing (padding_free packs preference pairs; SFT rows are not packed yet).
-SFT_EXCLUDED = ("method", "num_samples", "padding_free")
+# and packing (padding_free packs preference pairs; SFT rows are not packed yet), and
+# truncation_mode (preference-pair tokenization; SFT rows follow tvkd.completions' own rules).
+SFT_EXCLUDED = ("method", "num_samples", "padding_free", "truncation_mode")
 
 
 @dataclass
@@ -441,6 +442,8 @@ class SFTConfig:
     warmup_ratio: float = _like(TrainConfig, "warmup_ratio")
     min_lr_ratio: float = _like(TrainConfig, "min_lr_ratio")
     max_grad_norm: float = _like(TrainConfig, "max_grad_norm")
+    max_skipped_steps: int = _like(TrainConfig, "max_skipped_steps")
+    max_skipped_fraction: float = _like(TrainConfig, "max_skipped_fraction")
     max_length: int = _like(TrainConfig, "max_length")
     bf16: bool = _like(TrainConfig, "bf16")
     seed: int = _like(TrainConfig, "seed")
