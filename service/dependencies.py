@@ -1,5 +1,6 @@
-"""Jobs that build on other jobs: a job may name another job's output model as its teacher or
-student, `"job:<id>"`, so the paper's pipeline (teacher SFT → teacher DPO → student SFT →
+"""Jobs that build on other jobs: a job may name another job's output model as its teacher,
+student or teacher reference (`hyperparameters.teacher_reference`),
+`"job:<id>"`, so the paper's pipeline (teacher SFT → teacher DPO → student SFT →
 distillation) is four submissions that run in order.
 
 - At submit (`check_reference`): the named job must be one of the caller's jobs (another key's
@@ -30,8 +31,10 @@ from service.settings import Settings
 from service.statemachine import Status
 
 REF_RE = re.compile(r"^job:(job_[0-9a-f]{1,64})$")
-# The job fields that may name another job's model (request field → Job column).
+# The job fields that may name another job's model: Job columns, and job options of the spec
+# (shown as `hyperparameters.<name>` in the API).
 REF_FIELDS = ("teacher", "student")
+REF_OPTIONS = ("teacher_reference",)
 DEPENDENCY_FAILED = "dependency_failed"
 
 
@@ -48,6 +51,11 @@ def references(job: Job) -> dict[str, str]:
     out = {}
     for name in REF_FIELDS:
         ref = job_ref(getattr(job, name))
+        if ref:
+            out[name] = ref
+    options = (job.spec or {}).get("options") or {}
+    for name in REF_OPTIONS:
+        ref = job_ref(options.get(name))
         if ref:
             out[name] = ref
     return out

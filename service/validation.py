@@ -316,7 +316,9 @@ def check_job(
         raise invalid("teacher", "a 'tvkd' job needs a teacher (or submit kind 'dpo')", code="missing_field")
     if kind != "tvkd" and teacher:
         raise invalid("teacher", f"a {kind!r} job has no teacher")
-    for field, name in (("teacher", teacher), ("student", student)):
+    named = [("teacher", teacher), ("student", student)]
+    named += [(f"hyperparameters.{o}", hyperparameters.get(o)) for o in dependencies.REF_OPTIONS]
+    for field, name in named:
         if name is None:
             continue
         if dependencies.job_ref(name) is None:
@@ -351,6 +353,10 @@ def job_spec(settings: Settings, session: Session, job: Job, *, output_dir: str,
     )
     if spec.uses_teacher:
         spec.teacher = _model(settings, session, job.teacher, field="teacher")
+    for option in dependencies.REF_OPTIONS:  # a model named by a job option (teacher_reference)
+        name = getattr(spec.options, option)
+        if name:
+            setattr(spec.options, option, _model(settings, session, name, field=f"hyperparameters.{option}"))
     if spec.options.eval_dataset:
         spec.options.eval_dataset = resolve_dataset(
             settings, session, job.owner_id, spec.options.eval_dataset, field="hyperparameters.eval_dataset"

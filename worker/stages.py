@@ -191,7 +191,12 @@ def run_precompute(ctx: StageContext) -> Outcome:
     spec = ctx.spec
     prepared = prepare(ctx)
     assert spec.teacher is not None  # validate sends jobs without a teacher to "train"
-    key, fields = precompute_key(spec.teacher, prepared.pairs, pipeline.precompute_config(spec))
+    key, fields = precompute_key(
+        spec.teacher,
+        prepared.pairs,
+        pipeline.precompute_config(spec),
+        teacher_reference=spec.options.teacher_reference,  # part of the key with q_source=implicit
+    )
     rel = f"{VALUES_DIR}/{key}"
     with transaction(ctx.factory) as session:
         upsert(

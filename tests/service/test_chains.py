@@ -76,6 +76,27 @@ def test_the_paper_pipeline_is_four_chained_jobs(
             "hyperparameters": FAST,
         },
     )
+    # The teacher's implicit reward as its values (MATH.md): the DPO teacher against its SFT start.
+    implicit = create(
+        api,
+        {
+            "teacher": f"job:{teacher_dpo['id']}",
+            "student": f"job:{student_sft['id']}",
+            "dataset": data,
+            "alpha": 0.7,
+            "hyperparameters": {
+                **FAST,
+                "q_source": "implicit",
+                "value_beta": 0.1,
+                "teacher_reference": f"job:{teacher_sft['id']}",
+            },
+        },
+    )
+    assert implicit["depends_on"] == {
+        "teacher": teacher_dpo["id"],
+        "student": student_sft["id"],
+        "teacher_reference": teacher_sft["id"],
+    }
     assert teacher_sft["kind"] == "sft" and teacher_sft["teacher"] is None and teacher_sft["alpha"] is None
     assert teacher_sft["depends_on"] == {} and teacher_sft["hyperparameters"]["learning_rate"] == 1e-3
     assert "value_beta" not in teacher_sft["hyperparameters"]  # SFT settings only
@@ -87,6 +108,9 @@ def test_the_paper_pipeline_is_four_chained_jobs(
     done = settled(api, distill["id"], timeout=90, pool=workers)
     seconds = time.monotonic() - t0
     assert done["status"] == "succeeded", done["error"]
+    end = settled(api, implicit["id"], timeout=60, pool=workers)
+    assert end["status"] == "succeeded", end["error"]
+    assert end["hyperparameters"]["teacher_reference"] == f"job:{teacher_sft['id']}"
     results = {
         name: job(api, j["id"])
         for name, j in (
@@ -120,7 +144,7 @@ def test_the_paper_pipeline_is_four_chained_jobs(
 
     record = read_result(service_home / "artifacts" / "jobs" / distill["id"])
     assert record.spec["teacher"] == f"job:{teacher_dpo['id']}" and record.spec["kind"] == "tvkd"
-    print(f"four chained jobs in {seconds:.1f}s")
+    print(f"five chained jobs in {seconds:.1f}s")
 
 
 def test_failures_and_cancels_travel_down_a_chain(
@@ -201,6 +225,24 @@ def test_kinds_check_their_settings(api: str, tiny_assets: dict[str, str]) -> No
         ),
         ({**base}, "teacher", "missing_field"),
         ({**base, "kind": "ppo"}, "kind", None),
+        (
+            {
+                **base,
+                "teacher": tiny_assets["teacher"],
+                "hyperparameters": {"teacher_reference": "job:job_" + "0" * 24},
+            },
+            "hyperparameters.teacher_reference",
+            "unknown_job",
+        ),
+        (
+            {
+                **base,
+                "teacher": tiny_assets["teacher"],
+                "hyperparameters": {"teacher_reference": "no-such-model"},
+            },
+            "hyperparameters.teacher_reference",
+            "invalid_model",
+        ),
     ]
     for body, field, code in cases:
         r = post(api, body)
