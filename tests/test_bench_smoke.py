@@ -53,7 +53,7 @@ def test_step_time_smoke(tmp_path):
     )
     for name in names:
         assert f"| {name} " in out  # a timed row of the step table
-    assert "TVKD ÷ DPO step" in out and "TVKD ÷ TRL's best" in out
+    assert "TVKD ÷ DPO step" in out and "÷ TRL's best (" in out
     # padding_free is either timed or reported as not run, never silently dropped
     assert "padding_free" in out
 
