@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -73,7 +74,7 @@ SCALES: dict[str, Scale] = {
         student=(48, 2, 4),
         teacher_sft_steps=1500,
         teacher_dpo_steps=400,
-        student_sft_steps=600,
+        student_sft_steps=1000,
         pref_steps=300,
         batch=32,
         sft_lr=3e-3,
@@ -239,6 +240,29 @@ def build_teacher(scale: Scale, world: tw.World, device: str) -> dict[str, Any]:
     }
 
 
+def cached_teacher(scale: Scale, world: tw.World, device: str, cache: Path | None) -> dict[str, Any]:
+    """`build_teacher`, or its saved result from `cache` when one was built with the same world
+    and teacher settings (for repeated runs while choosing settings; off by default)."""
+    if cache is None:
+        return build_teacher(scale, world, device)
+    keep = ("sizes", "teacher", "teacher_sft_steps", "teacher_dpo_steps", "batch", "sft_lr", "pref_lr")
+    key = {k: getattr(scale, k) for k in (*keep, "wrong_rate", "pairs_per_prompt", "beta")}
+    digest = hashlib.sha256(json.dumps([key, world.seed], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"teacher-{digest}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location=device)
+        for name in ("dpo", "sft"):
+            model = rm.TinyGPT(*scale.teacher).to(device)
+            model.load_state_dict(saved[name])
+            saved[name] = model.eval()
+        print(f"teacher loaded from {path}", flush=True)
+        return saved
+    built = build_teacher(scale, world, device)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({**built, "dpo": built["dpo"].state_dict(), "sft": built["sft"].state_dict()}, path)
+    return built
+
+
 def student_start(seed: int) -> dict[str, Any]:
     """The student's SFT start for one seed: its weights and gold accuracy."""
     scale, world = _CTX["scale"], _CTX["world"]
@@ -291,10 +315,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("dev", "test"), default="test", help="the split the tables report")
     ap.add_argument("--workers", type=int, default=2, help="processes, one torch thread each (CPU)")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override a scale setting")
+    ap.add_argument("--cache", type=Path, default=None, help="reuse a teacher built with the same settings")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "runs/replicate"))
     args = ap.parse_args(argv)
 
     scale = SCALES["quick" if args.quick else args.scale]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in Scale.__dataclass_fields__ or key == "sizes" or not value:
+            ap.error(f"--set {item!r}: give FIELD=VALUE, FIELD one of {sorted(asdict(scale))} but sizes")
+        current = getattr(scale, key)
+        scale = replace(
+            scale,
+            **{
+                key: type(current)(value)
+                if not isinstance(current, tuple)
+                else tuple(int(x) for x in value.split(","))
+            },
+        )
     device = "cuda" if args.scale == "gpu" and torch.cuda.is_available() else "cpu"
     workers = 1 if device == "cuda" else max(1, args.workers)
     seeds = list(range(args.seeds or scale.seeds))
@@ -320,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # more threads than free cores spin-wait: 2 threads ran 20× slower under load
     print(environment_line(device), flush=True)
     world = tw.make_world(args.world_seed, scale.sizes)
-    teachers = build_teacher(scale, world, device)
+    teachers = cached_teacher(scale, world, device, args.cache)
     print(
         f"teacher {teachers['params']:,} params built in {teachers['seconds']:.0f}s: gold "
         f"{teachers['gold']['sft'][args.split]:.1%} after SFT, "
