@@ -24,6 +24,7 @@ def summarise(
     wall_s: float,
     load: tuple[tuple[float, ...], tuple[float, ...]],
     command: str,
+    commit: str,
 ) -> dict[str, Any]:
     """Everything the tables and the plot show, plus every run, as one JSON-ready dict."""
     seeds = sorted(starts)
@@ -66,6 +67,7 @@ def summarise(
     return {
         "env": environment_line(),
         "command": command,
+        "commit": commit,
         "wall_s": wall_s,
         "load_before_after": load,
         "split": split,
@@ -117,7 +119,8 @@ def tables(result: dict[str, Any]) -> str:
     split, n = result["split"], len(result["seeds"])
     t, s = result["teacher"], result["student"]
     head = (
-        f"{result['env']}\nwall {result['wall_s'] / 60:.1f} min; load average before/after "
+        f"{result['env']}\ncommit {result['commit']}; `{result['command']}`\n"
+        f"wall {result['wall_s'] / 60:.1f} min; load average before/after "
         f"{result['load_before_after'][0][0]:.1f}/{result['load_before_after'][1][0]:.1f}\n\n"
         f"Teacher {t['params']:,} params: gold ({split}) {_pct(t['gold']['sft'][split])}% after SFT, "
         f"{_pct(t['gold']['dpo'][split])}% after DPO. Student {s['params']:,} params, SFT start "

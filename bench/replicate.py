@@ -27,6 +27,7 @@ import copy
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -304,6 +305,25 @@ def run_method(seed: int, method: Method, start_state: dict) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _commit() -> str:
+    """The checkout's commit (with "+changes" when the work tree differs), for the record."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "tvkd", "bench"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return (
+        head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+        if head.returncode == 0
+        else "unknown"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -399,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy=sig.shaping_accuracy(signals, pairs),
         wall_s=time.perf_counter() - t_start,
         load=(load0, os.getloadavg()),
+        commit=_commit(),
         command=" ".join(["python bench/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     args.out.mkdir(parents=True, exist_ok=True)
