@@ -184,7 +184,7 @@ def all_methods() -> list[Method]:
     return [Method("SFT-only", sft_weight=1.0, dpo=False), *core, *_with_sft(core), *open_questions]
 
 
-QUICK_METHODS = ("SFT-only", "DPO", "TVKD α0.7", "logprob (action)")
+QUICK_METHODS = ("SFT-only", "DPO", "TVKD α0.7", "implicit +sft")
 
 
 # --------------------------------------------------------------------------------------------

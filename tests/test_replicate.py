@@ -30,7 +30,7 @@ def test_quick_run_writes_json_table_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "replicate.json").read_text())
     names = [r["method"] for r in result["table"]]
-    assert names == ["SFT-only", "DPO", "TVKD α0.7", "logprob (action)"]
+    assert names == ["SFT-only", "DPO", "TVKD α0.7", "implicit +sft"]
     assert result["seeds"] == [0, 1] and len(result["runs"]) == 2 * len(names)
     for r in result["table"]:
         assert 0.0 <= r["gold"] <= 1.0 and 0.0 <= r["dev_gold"] <= 1.0
