@@ -87,6 +87,7 @@ def test_gpu_cpu_smoke(tmp_path):
     assert all(m["tokens_per_s"] > 0 for m in data["train"])
 
 
+@pytest.mark.slow
 def test_gpu_budget_reports_skipped_rows(tmp_path):
     out = _run(
         "gpu.py", "--cpu-smoke", "--threads", "1", "--skip-correctness", "--levers", "", "--budget-s", "0",
