@@ -37,7 +37,7 @@ def small_api(service_env: dict[str, str], service_home: Path) -> Iterator[tuple
     (base URL, pid)."""
     env = {**service_env, "TVKD_MAX_JSON_BODY_BYTES": "4096", "TVKD_UPLOAD_IDLE_SECONDS": "1",
            "TVKD_UPLOAD_MAX_ROWS": "20", "TVKD_LIMIT_MAX_STEPS": "100", "TVKD_LIMIT_BATCH_SIZE": "64",
-           "TVKD_LIMIT_EPOCHS": "3"}  # fmt: skip
+           "TVKD_LIMIT_EPOCHS": "3", "TVKD_TEMPLATE_SECONDS": "1"}  # fmt: skip
     port = free_port()
     proc = start_process(
         "api-bounds", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, service_home
@@ -186,3 +186,23 @@ def test_run_size_and_model_size_have_operator_bounds(small_api, service_home, t
         r = c.post("/v1/jobs", json={**body, "hyperparameters": {"max_steps": 100, "batch_size": 64}})
         assert r.status_code == 201, r.text
         c.post(f"/v1/jobs/{r.json()['id']}/cancel")  # never run
+
+
+def test_a_looping_chat_template_is_a_named_error_in_inspect(small_api, service_home, tiny_assets):
+    import shutil
+
+    url, _ = small_api
+    looping = service_home / "models" / "looping_template"
+    if not looping.exists():
+        shutil.copytree(service_home / "models" / tiny_assets["teacher"], looping)
+        (looping / "chat_template.jinja").write_text(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        )
+    body = {"teacher": "looping_template", "prompt": [{"role": "user", "content": "hi"}], "response": "yes"}
+    with client(url) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/inspect", json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "template_time" and "TVKD_TEMPLATE_SECONDS" in r.text
+        assert time.monotonic() - t0 < 30
+        assert c.get("/healthz").status_code == 200  # still answering
