@@ -127,3 +127,19 @@ def test_job_validates_and_precomputes_to_the_smallest_window(window_models, lon
     )
     assert result.store.fields["max_length"] == WINDOW
     assert [(i.row, i.code) for i in result.report.issues] == [(2, "too_long")]
+
+
+def test_sft_never_runs_past_the_models_window(window_models, long_data, tmp_path):
+    from tvkd.config import SFTConfig
+    from tvkd.sft import SFTTrainer
+
+    pairs, _ = load_pairs(long_data)
+    trainer = SFTTrainer(
+        SFTConfig(batch_size=2, max_steps=1), student=window_models["gpt2"], examples=pairs,
+        train_idx=range(5), eval_idx=range(5, 7), output_dir=tmp_path,
+    )  # fmt: skip
+    trainer.setup()  # used to end in IndexError (position embedding) on row 2
+    result = trainer.train()
+    trainer.cleanup()
+    assert result.status == "completed"
+    assert [(d["row"], d["code"]) for d in result.dropped] == [(2, "too_long")]

@@ -38,6 +38,7 @@ from tvkd.modeling import decoder_hidden, output_head, pad_token_id
 from tvkd.models import load_tokenizer
 from tvkd.tokenize import tokenize_pair
 from tvkd.trainer import Trainer
+from tvkd.windows import effective_max_length
 
 
 @dataclass
@@ -167,7 +168,11 @@ class SFTTrainer(Trainer):
         self.tokenizer = load_tokenizer(self.student)
         self.same_tokenizer = None
         self.pad_id = pad_token_id(self.tokenizer)
-        kw = {"tokenizer": self.tokenizer, "max_length": self.config.max_length}
+        # Never past the model's window (tvkd.windows): longer rows are bad rows (too_long).
+        self.length = effective_max_length(self.config.max_length, {"model": self.student})
+        if self.length.note():
+            self.cb.on_event("info", str(self.length.note()), {"max_length": self.length.max_length})
+        kw = {"tokenizer": self.tokenizer, "max_length": self.length.max_length}
         self.train_set, dropped = build_rows(self.pairs, self.train_idx, **kw)  # type: ignore[assignment]
         self.eval_set, dropped_eval = build_rows(self.pairs, self.eval_idx, **kw)  # type: ignore[assignment]
         self.dropped = dropped + dropped_eval
