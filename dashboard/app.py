@@ -1,7 +1,7 @@
 """The dashboard's entry point: `streamlit run dashboard/app.py` (what `tvkd dashboard` runs).
 
-Sets up the page, the sidebar's connection settings and the navigation between the pages
-(dashboard/views/*.py, each a Streamlit script).
+Sets up the page, asks a visitor to log in (dashboard/login.py) before anything else runs, and
+sets up the navigation between the pages (dashboard/views/*.py, each a Streamlit script).
 """
 
 from __future__ import annotations
@@ -17,33 +17,18 @@ if _ROOT not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import connection  # noqa: E402
+from dashboard import connection, login  # noqa: E402
 from dashboard.widgets import COMPARE_PAGE, INSPECTOR_PAGE, JOB_PAGE, JOBS_PAGE, NEW_PAGE  # noqa: E402
 
 
-def sidebar() -> None:
+def sidebar(who: login.Login) -> None:
     with st.sidebar:
         st.markdown("### TVKD")
-        with st.expander("Connection", expanded=False):
-            st.text_input(
-                "API URL",
-                value=connection.env_url(),
-                key=connection.URL_KEY,
-                help="The TVKD REST API (TVKD_API_URL; `tvkd dashboard --api-url`).",
-            )
-            st.text_input(
-                "API key",
-                value=connection.env_key(),
-                key=connection.API_KEY_KEY,
-                type="password",
-                help="Sent as `Authorization: Bearer …` (TVKD_API_KEY; `tvkd dashboard --api-key`). "
-                "A key sees its own jobs.",
-            )
+        login.sidebar(who)
 
 
 def main() -> None:
     st.set_page_config(page_title="TVKD dashboard", page_icon=":material/science:", layout="wide")
-    sidebar()
     pages = [
         st.Page(JOBS_PAGE, title="Jobs", icon=":material/list_alt:", default=True),  # served at /
         st.Page(NEW_PAGE, title="New job", icon=":material/add_circle:", url_path="new"),
@@ -53,7 +38,12 @@ def main() -> None:
         ),
         st.Page(COMPARE_PAGE, title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     ]
-    st.navigation(pages).run()
+    # The page is resolved from the URL first, so that a visitor who opens a link (say
+    # /inspector?job=…) lands on it once logged in; it runs only after the login gate.
+    page = st.navigation(pages, position="sidebar" if login.current() else "hidden")
+    who = login.gate(connection.timeout())  # stops here until the visitor has logged in
+    sidebar(who)
+    page.run()
 
 
 main()

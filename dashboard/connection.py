@@ -1,8 +1,9 @@
 """Which API the dashboard talks to, with which key, and what a page shows when that fails.
 
-The URL and key come from TVKD_API_URL / TVKD_API_KEY (what `tvkd dashboard` passes), and can be
-changed in the sidebar for the browser session. `run_page` wraps every page: an API that is down,
-slow or refuses the key gives a banner that says what to do, never a stack trace.
+The URL and key are the visitor's login (dashboard/login.py): the operator's TVKD_API_URL and
+the key the visitor entered (or the operator's key behind the dashboard password), held in the
+visitor's Streamlit session. `run_page` wraps every page: an API that is down, slow or refuses
+the key gives a banner that says what to do, never a stack trace.
 """
 
 from __future__ import annotations
@@ -13,20 +14,11 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard import login
 from dashboard.api_client import DEFAULT_TIMEOUT, ApiClient, ApiError, ApiUnavailable
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-URL_KEY, API_KEY_KEY = "api_url", "api_key"  # session-state keys of the sidebar inputs
 DOCS_TTL = 300  # seconds an OpenAPI document is reused: it changes only when the API is upgraded
 MODELS_TTL = 30
-
-
-def env_url() -> str:
-    return os.environ.get("TVKD_API_URL") or DEFAULT_URL
-
-
-def env_key() -> str:
-    return os.environ.get("TVKD_API_KEY", "")
 
 
 def timeout() -> float:
@@ -46,9 +38,12 @@ def refresh_seconds() -> float:
 
 
 def current() -> tuple[str, str]:
-    url = str(st.session_state.get(URL_KEY) or env_url()).strip().rstrip("/")
-    key = str(st.session_state.get(API_KEY_KEY) or env_key()).strip()
-    return url, key
+    """The logged-in visitor's API URL and key (app.py's login gate runs before any page)."""
+    who = login.current()
+    if who is None:
+        st.stop()
+    assert who is not None
+    return who.url, who.key
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -92,19 +87,21 @@ def show_unavailable(exc: ApiUnavailable) -> None:
     else:
         what = f"**The TVKD API at {exc.url} cannot be reached**: {exc.reason}."
         todo = (
-            "Start it with `tvkd serve` (or `tvkd up`), or point the dashboard at it: "
-            "`TVKD_API_URL`, `tvkd dashboard --api-url`, or the sidebar."
+            "Start it with `tvkd serve` (or `tvkd up`), or have the dashboard's operator point it "
+            "at the API: `TVKD_API_URL` or `tvkd dashboard --api-url`."
         )
     st.error(f"{what} {todo}", icon=":material/cloud_off:")
 
 
 def show_api_error(exc: ApiError) -> None:
     if exc.status == 401:
-        st.error(
-            f"**The API refused the key** ({exc.message}). Set `TVKD_API_KEY`, pass "
-            "`tvkd dashboard --api-key`, or enter a key in the sidebar.",
-            icon=":material/key_off:",
+        who = login.current()
+        todo = (
+            "The operator's key (`TVKD_API_KEY` behind `TVKD_DASHBOARD_PASSWORD`) is not valid; ask them."
+            if who is not None and who.how == "password"
+            else "It may have been revoked: log out and log in with a valid key (`tvkd keys create`)."
         )
+        st.error(f"**The API refused the key** ({exc.message}). {todo}", icon=":material/key_off:")
     else:
         st.error(f"**The API answered {exc.status} `{exc.code}`**: {exc.message}", icon=":material/error:")
 

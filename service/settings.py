@@ -57,7 +57,19 @@ class Settings(BaseSettings):
         "generated once into TVKD_HOME/secret_key (0600). Every API process and `tvkd keys` need the same.",
     )
     api_url: str = Field(default="http://127.0.0.1:8000", description="API base URL for clients/dashboard.")
-    api_key: str = Field(default="", description="API key used by the CLI client and the dashboard.")
+    api_key: str = Field(
+        default="",
+        description="API key of the CLI client; the dashboard uses it only behind TVKD_DASHBOARD_PASSWORD.",
+    )
+    dashboard_password: str = Field(
+        default="",
+        description="Dashboard login by a shared password (at least 12 characters), acting with "
+        "TVKD_API_KEY; empty = each visitor logs in with their own API key.",
+    )
+    dashboard_allow_url: bool = Field(
+        default=False,
+        description="Let dashboard visitors type another API URL at login (own-key login only).",
+    )
     allow_hub: bool = Field(default=False, description="Accept Hugging Face hub ids (needs network).")
     trust_remote_code: bool = Field(default=False, description="Allow models with custom code.")
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, description="Largest dataset upload.")

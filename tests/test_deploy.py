@@ -83,3 +83,13 @@ def test_env_example_documents_every_setting():
     documented = set(re.findall(r"^(TVKD_[A-Z_]+)=", text, re.M))
     wanted = {f"TVKD_{name.upper()}" for name in Settings.model_fields}
     assert wanted <= documented, sorted(wanted - documented)
+
+
+def test_dashboard_is_published_on_loopback_by_default():
+    """The dashboard (behind its login) is reachable from the host only, unless the operator
+    sets TVKD_DASHBOARD_PUBLISH; the API keeps its own key check."""
+    ports = COMPOSE["services"]["dashboard"]["ports"]
+    assert ports
+    for spec in ports:
+        default = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", spec)  # compose's ${VAR:-default}
+        assert default.startswith("127.0.0.1:"), spec

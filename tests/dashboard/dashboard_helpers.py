@@ -8,6 +8,7 @@ loaded under a module name of its own, so it is reused rather than copied.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,15 @@ def job_body(assets: dict[str, str], alpha: float, **settings: Any) -> dict[str,
 
 def open_page(page: str, *, timeout: float = 60, **query: str | list[str]) -> Any:
     """An AppTest of the dashboard showing `page` (a file under dashboard/views) with `query`
-    as the URL's query parameters."""
+    as the URL's query parameters, for a visitor logged in with their own key: the session holds
+    the login that the login form makes (dashboard/login.py, tested in test_login.py) for the key
+    TVKD_API_KEY at TVKD_API_URL of this test's environment."""
     from streamlit.testing.v1 import AppTest
 
+    from dashboard.login import SESSION_KEY, Login, configured_url
+
     at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.session_state[SESSION_KEY] = Login(configured_url(), os.environ.get("TVKD_API_KEY", ""), "key")
     at.run()  # the first run registers the pages (st.navigation) so switch_page can find them
     at.switch_page(f"views/{page}.py")
     at.query_params.clear()

@@ -1,9 +1,15 @@
 """`tvkd dashboard`: the Streamlit dashboard (dashboard/app.py), headless, talking to the API at
-TVKD_API_URL with the key TVKD_API_KEY (or `--api-url` / `--api-key`, or a `.env` file).
+TVKD_API_URL (or `--api-url`, or a `.env` file), behind a login (dashboard/login.py):
 
-It runs `python -m streamlit run dashboard/app.py` as a child of this same Python, so the
-dashboard sees the same installed packages, and passes the API settings in its environment.
-Needs the dashboard extra: `pip install 'tvkd[dashboard]'`.
+- by default each visitor logs in with their own API key, kept in their session only; no key of
+  the operator's reaches the dashboard process;
+- with TVKD_DASHBOARD_PASSWORD (at least 12 characters) visitors log in with that password and act
+  with the operator's key (TVKD_API_KEY / `--api-key`), which never leaves the server process.
+
+Visitors may type another API URL only with `--allow-any-api-url` (TVKD_DASHBOARD_ALLOW_URL), and
+never in password mode. It runs `python -m streamlit run dashboard/app.py` as a child of this same
+Python, so the dashboard sees the same installed packages, and passes these settings in its
+environment. Needs the dashboard extra: `pip install 'tvkd[dashboard]'`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 from tvkd.cli.api_settings import api_settings
 
 DEFAULT_PORT = 8501
+MIN_PASSWORD = 12  # as dashboard.login.MIN_PASSWORD (the dashboard package is an optional extra)
 DASHBOARD_EXTRA_HINT = "the dashboard needs the dashboard extra: pip install 'tvkd[dashboard]'"
 
 
@@ -32,7 +39,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--api-url", default=None, help="API base URL (default: $TVKD_API_URL)")
-    parser.add_argument("--api-key", default=None, help="API key (default: $TVKD_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="the operator's API key, used only behind TVKD_DASHBOARD_PASSWORD (default: $TVKD_API_KEY)",
+    )
+    parser.add_argument(
+        "--allow-any-api-url",
+        action="store_true",
+        default=None,
+        help="let visitors type another API URL at login (own-key login only; $TVKD_DASHBOARD_ALLOW_URL)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,18 +79,54 @@ def streamlit_command(app: Path, host: str, port: int) -> list[str]:
     ]
 
 
+def login_settings(allow_flag: bool | None) -> tuple[str, bool]:
+    """The dashboard password and whether visitors may choose the API URL (flag, env, `.env`)."""
+    try:
+        from service.settings import Settings  # reads .env as well as the environment
+
+        settings = Settings()
+        password, allow = settings.dashboard_password, settings.dashboard_allow_url
+    except ImportError:
+        password = os.environ.get("TVKD_DASHBOARD_PASSWORD", "")
+        allow = os.environ.get("TVKD_DASHBOARD_ALLOW_URL", "").lower() in {"1", "true", "yes", "on"}
+    return password, bool(allow if allow_flag is None else allow_flag)
+
+
+def login_problem(password: str, key: str, allow_url: bool) -> str | None:
+    """Why these login settings are refused, or None."""
+    if not password:
+        return None
+    if len(password) < MIN_PASSWORD:
+        return f"TVKD_DASHBOARD_PASSWORD must be at least {MIN_PASSWORD} characters"
+    if not key:
+        return "TVKD_DASHBOARD_PASSWORD needs the operator's API key (TVKD_API_KEY or --api-key)"
+    if allow_url:
+        return (
+            "TVKD_DASHBOARD_ALLOW_URL cannot be combined with TVKD_DASHBOARD_PASSWORD: the operator's key "
+            "would go to a URL a visitor chose"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
         print(f"tvkd dashboard: {DASHBOARD_EXTRA_HINT}", file=sys.stderr)
         return 2
     url, key = api_settings(args.api_url, args.api_key)
-    if not key:
-        print(
-            "tvkd dashboard: no API key (TVKD_API_KEY or --api-key); enter one in the sidebar",
-            file=sys.stderr,
-        )
-    env = {**os.environ, "TVKD_API_URL": url, "TVKD_API_KEY": key}
-    print(f"tvkd dashboard: http://{args.host}:{args.port} (API {url})", file=sys.stderr, flush=True)
+    password, allow_url = login_settings(args.allow_any_api_url)
+    problem = login_problem(password, key, allow_url)
+    if problem:
+        print(f"tvkd dashboard: {problem}", file=sys.stderr)
+        return 2
+    env = {k: v for k, v in os.environ.items() if k not in {"TVKD_API_KEY", "TVKD_DASHBOARD_PASSWORD"}}
+    env.update(TVKD_API_URL=url, TVKD_DASHBOARD_ALLOW_URL="true" if allow_url else "false")
+    if password:  # the operator's key reaches the dashboard process only behind a password
+        env.update(TVKD_API_KEY=key, TVKD_DASHBOARD_PASSWORD=password)
+        how = "the dashboard password (TVKD_DASHBOARD_PASSWORD)"
+    else:
+        how = "each visitor's own API key"
+    where = f"http://{args.host}:{args.port}"
+    print(f"tvkd dashboard: {where} (API {url}; login with {how})", file=sys.stderr, flush=True)
     child = subprocess.Popen(streamlit_command(app_path(), args.host, args.port), env=env)
 
     def stop(signum: int, _frame: Any) -> None:

@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"API        {stack.api_url}   (key in {stack.home / 'api_key'}; export TVKD_API_KEY=…)")
     if stack.dashboard_url:
-        print(f"dashboard  {stack.dashboard_url}")
+        print(f"dashboard  {stack.dashboard_url}   (log in with the key in {stack.home / 'api_key'})")
     print(f"state      {stack.home}   logs in {stack.logs}\nCtrl-C stops everything.")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
