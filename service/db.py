@@ -8,20 +8,29 @@ CONNECT_TIMEOUT seconds, so an unreachable server is an error, not a hang.
 
 `is_transient(exc)` tells a database error that may succeed when retried (the server is
 unreachable or restarting, a connection was reset, a serialization failure or deadlock) from one
-that will not (a constraint, a bad query): the API answers the first with 503 and Retry-After.
+that will not (a constraint, a bad query): the API answers the first with 503 and Retry-After;
+the workers retry it (`retrying`, `in_transaction`: exponential backoff with jitter, up to
+RETRY_SECONDS), so a database that blinks does not fail a job.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger("tvkd.db")
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5  # seconds a new PostgreSQL connection may take
 # SQLSTATEs worth a retry: connection exceptions (class 08), the server shutting down or starting
@@ -84,6 +93,53 @@ def is_transient(exc: BaseException) -> bool:
         text = str(exc).lower()
         return isinstance(exc, sqlite3.OperationalError) and any(t in text for t in TRANSIENT_SQLITE)
     return False
+
+
+# The workers' retry of a transient error: first pause 0.2 s, doubling up to 5 s, for at most
+# RETRY_SECONDS in all (longer than a database restart or a failover; shorter than a lease).
+RETRY_FIRST, RETRY_MAX, RETRY_SECONDS = 0.2, 5.0, 60.0
+
+
+def retrying(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    seconds: float = RETRY_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """`fn()`, called again after a pause while it raises a transient database error
+    (`is_transient`), for up to `seconds`; then (or at once for any other error) the error is
+    raised. Pauses: RETRY_FIRST doubling to RETRY_MAX, each with ±25 % jitter. `fn` must be safe
+    to repeat (a whole transaction: it either committed or rolled back; writes keyed by a lease
+    token or a unique key)."""
+    deadline = time.monotonic() + seconds
+    pause = RETRY_FIRST
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not is_transient(exc) or left <= 0:
+                raise
+            wait = min(pause * random.uniform(0.75, 1.25), left)
+            log.warning("%s: transient database error (%s), attempt %d; retrying in %.1f s",
+                        what, type(exc).__name__, attempt, wait)  # fmt: skip
+            sleep(wait)
+            pause, attempt = min(pause * 2, RETRY_MAX), attempt + 1
+
+
+def in_transaction(
+    factory: sessionmaker[Session], fn: Callable[[Session], T], *, what: str, seconds: float = RETRY_SECONDS
+) -> T:
+    """`fn(session)` in a transaction that commits on success, the whole transaction retried on a
+    transient database error (see `retrying`)."""
+
+    def once() -> T:
+        with transaction(factory) as session:
+            return fn(session)
+
+    return retrying(once, what=what, seconds=seconds)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -5,7 +5,9 @@ The training loop calls the callbacks from its own thread, many times a second o
 so progress and metric points are buffered and written at most every `flush_seconds` (and
 always before an event, a checkpoint, a stage change and at the end). Metric points and
 checkpoint rows are upserts on their unique keys: a resumed run that re-logs a step overwrites
-it. Job-row changes (progress, the lease's heartbeat) go through service.jobstate and are
+it. Every write is one transaction retried on a transient database error (service.db.
+in_transaction: a dropped connection or a database restart during training costs a pause, not
+the job). Job-row changes (progress, the lease's heartbeat) go through service.jobstate and are
 conditional on the lease token, so a worker that lost its lease (taken over after its heartbeat
 went silent) cannot overwrite the new holder's state.
 
@@ -34,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db import transaction
+from service.db import in_transaction
 from service.jobstate import add_event, heartbeat, set_progress
 from service.models import Checkpoint, Job, MetricPoint, utcnow
 from tvkd.callbacks import Callbacks
@@ -125,7 +127,7 @@ class Heartbeat(threading.Thread):
         last_beat = time.monotonic()
         while not self._stop_event.wait(self.wake):
             try:
-                with transaction(self.factory) as session:
+                with self.factory() as session, session.begin():
                     if time.monotonic() - last_beat >= self.interval - 1e-3:
                         if not heartbeat(session, self.job_id, self.token):
                             self.flags.lease_lost = True
@@ -181,10 +183,13 @@ class JobReporter(Callbacks):
         if self.quiet or self.flags.lease_lost:
             return
         self.flush()
-        with transaction(self.factory) as session:
-            add_event(
-                session, self.job_id, message, level=level, stage=self.stage, data=_jsonable(data or {})
-            )
+        data = _jsonable(data or {})
+        job, stage = self.job_id, self.stage
+        in_transaction(
+            self.factory,
+            lambda session: add_event(session, job, message, level=level, stage=stage, data=data),
+            what=f"job {job}: event",
+        )
 
     def flush(self) -> None:
         """Write the buffered progress and metric points now."""
@@ -193,20 +198,24 @@ class JobReporter(Callbacks):
         self._last_flush = time.monotonic()
         if self.quiet or self.flags.lease_lost or (progress is None and not metrics):
             return
-        with transaction(self.factory) as session:
+        rows = [
+            {"job_id": self.job_id, "split": split, "step": step, "name": name, "value": value}
+            for (split, step, name), value in metrics.items()
+        ]
+
+        def write(session: Session) -> None:
             if progress is not None:
                 done, total, eta = progress
                 set_progress(session, self.job_id, self.token, done, total, eta)
             upsert(
                 session,
                 MetricPoint,
-                [
-                    {"job_id": self.job_id, "split": split, "step": step, "name": name, "value": value}
-                    for (split, step, name), value in metrics.items()
-                ],
+                rows,
                 keys=("job_id", "split", "step", "name"),
                 update_cols=("value", "created_at"),
             )
+
+        in_transaction(self.factory, write, what=f"job {self.job_id}: progress and metrics")
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -263,7 +272,8 @@ class JobReporter(Callbacks):
             return
         self.flush()
         rel = relative_path(path, self.artifact_root)
-        with transaction(self.factory) as session:
+
+        def write(session: Session) -> None:
             upsert(
                 session,
                 Checkpoint,
@@ -278,6 +288,8 @@ class JobReporter(Callbacks):
             gone = [row.id for row in rows if not (self.artifact_root / row.path).is_dir()]
             if gone:
                 session.execute(delete(Checkpoint).where(Checkpoint.id.in_(gone)))
+
+        in_transaction(self.factory, write, what=f"job {self.job_id}: checkpoint")
 
     def should_stop(self) -> bool:
         if self.flags.lease_lost:
