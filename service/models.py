@@ -121,6 +121,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Re-sends of the current stage by the reconciler (dead worker, lost message); bounded by
+    # TVKD_MAX_RESENDS, reset when the job moves on to its next stage.
+    resends: Mapped[int] = mapped_column(Integer, default=0)
     precompute_key: Mapped[str | None] = mapped_column(String(64), default=None)
     output_dir: Mapped[str | None] = mapped_column(Text, default=None)  # relative to the artifact root
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)

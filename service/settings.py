@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, description="How often a running job beats.")
     heartbeat_timeout: float = Field(default=60.0, description="A job silent this long is re-enqueued.")
     requeue_after: float = Field(default=120.0, description="A queued job untouched this long is re-sent.")
+    max_resends: int = Field(
+        default=5,
+        ge=0,
+        description="How many times the reconciler re-sends a job's stage (its worker died, its message "
+        "was lost) before the job fails with `retries_exhausted`.",
+    )
     device: str = Field(
         default="auto",
         description="Torch device of the workers: auto (cuda when available), cpu, cuda, cuda:1.",

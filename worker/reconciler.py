@@ -14,6 +14,10 @@ Every `interval` seconds it looks for jobs that are not terminal and that nothin
   bumped on each), and any duplicate is a no-op for the tasks (lease + stage checks).
 - never sent: no lease and no `enqueued_at`, created more than REQUEUE_AFTER ago (the API died
   between the insert and the enqueue). Sent.
+- bounded: a job's stage is re-sent at most TVKD_MAX_RESENDS times (dead or lost, counted when
+  the publish succeeds, restarted at each new stage); the next time it would be, the job fails
+  with error code `retries_exhausted` and its attempts (worker, attempt number, time of each
+  start of the stage) in the failure event's data.
 - cancel requested with no live lease (e.g. between stages, or its worker died while
   cancelling): finished `cancelled` here, since no worker would otherwise pick it up.
 - waiting for the jobs it names (`job:<id>`, service.dependencies): never sent; settled on each
@@ -115,17 +119,19 @@ class Reconciler(threading.Thread):
                     actions.append((row.id, "cancelled"))
                 continue
             if row.lease_token is not None:
-                if self._claim_dead(row.id, row.lease_token, row.heartbeat_at, row.worker):
-                    self._send(row.id, row.stage)
-                    actions.append((row.id, "requeued_dead"))
-                continue
-            if not inspected:
-                queued, inspected = self._queued(), True
-            if queued is not None and row.id in queued:
-                continue  # waiting behind other jobs: its message is there
-            if self._claim_lost(row.id, row.enqueued_at):
-                self._send(row.id, row.stage)
-                actions.append((row.id, "requeued_lost"))
+                claimed = self._claim_dead(row.id, row.lease_token, row.heartbeat_at, row.worker)
+                what = "requeued_dead"
+            else:
+                if not inspected:
+                    queued, inspected = self._queued(), True
+                if queued is not None and row.id in queued:
+                    continue  # waiting behind other jobs: its message is there
+                claimed = self._claim_lost(row.id, row.enqueued_at)
+                what = "requeued_lost"
+            if claimed == "exhausted":
+                actions.append((row.id, jobstate.RETRIES_EXHAUSTED))
+            elif claimed == "resend" and self._send(row.id, row.stage):
+                actions.append((row.id, what))
         self._prune_processed()
         for job_id, action in actions:
             log.info("reconciler: %s %s", action, job_id)
@@ -142,19 +148,26 @@ class Reconciler(threading.Thread):
         with transaction(self.factory) as session:
             return jobstate.cancel_unattended(session, job_id, token, beat)
 
-    def _claim_dead(self, job_id: str, token: str, beat: datetime | None, worker: str | None) -> bool:
+    def _claim_dead(self, job_id: str, token: str, beat: datetime | None, worker: str | None) -> str | None:
+        limit = self.settings.max_resends
         with transaction(self.factory) as session:
-            return jobstate.reclaim_dead(session, job_id, token, beat, worker)
+            return jobstate.reclaim_dead(session, job_id, token, beat, worker, max_resends=limit)
 
-    def _claim_lost(self, job_id: str, sent: datetime | None) -> bool:
+    def _claim_lost(self, job_id: str, sent: datetime | None) -> str | None:
         with transaction(self.factory) as session:
-            return jobstate.resend(session, job_id, sent)
+            return jobstate.resend(session, job_id, sent, max_resends=self.settings.max_resends)
 
-    def _send(self, job_id: str, stage: str) -> None:
+    def _send(self, job_id: str, stage: str) -> bool:
+        """Re-send the stage and count it (a publish that fails is not counted: a broker outage
+        must not use up a job's re-sends)."""
         try:
             send_stage(self.app, job_id, stage)
         except PUBLISH_ERRORS as exc:  # enqueued_at was bumped: the next pass after REQUEUE_AFTER retries
             log.warning("reconciler: cannot send %s (%s)", job_id, exc)
+            return False
+        with transaction(self.factory) as session:
+            jobstate.count_resend(session, job_id)
+        return True
 
     def _prune_processed(self) -> None:
         if not is_embedded(self.settings) or time.monotonic() - self._last_prune < 600:

@@ -11,8 +11,6 @@ so the test never touches another run's connections to the shared server.
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,61 +18,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ALICE, PG_URL, client, free_port, start_process, wait_for
-
-from service.migrate import upgrade
-from service.scratch import postgres_schema
+from conftest import PG_URL, client, wait_for
+from deployment import Deployment, deployment, job_body
 
 STEPS = 40
 BLINKS, BLINK_SECONDS = 3, 3.0
 
 
 @pytest.fixture
-def pg_stack(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Any]]:
-    """API + one worker on a PostgreSQL scratch schema; the worker's connections are named."""
-    from tvkd.model_prep import build_tiny_model
-    from tvkd.tasks import generate, split, write_jsonl
-
-    for sub in ("models", "data", "artifacts"):
-        (tmp_path / sub).mkdir()
-    build_tiny_model(tmp_path / "models" / "teacher", seed=1)
-    build_tiny_model(tmp_path / "models" / "student", seed=2)
-    train, held_out = split(generate(48, seed=0), eval_count=8)
-    write_jsonl(train + held_out, tmp_path / "data" / "tasks.jsonl")
-    app_name = f"tvkd-blink-{secrets.token_hex(4)}"
-    with postgres_schema(PG_URL) as url:
-        upgrade(url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TVKD_")}
-        env.update(
-            TVKD_HOME=str(tmp_path),
-            TVKD_DATABASE_URL=url,
-            TVKD_BROKER_URL=redis_url,
-            TVKD_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
-            TVKD_MODEL_ROOTS=str(tmp_path / "models"),
-            TVKD_DATA_ROOTS=str(tmp_path / "data"),
-            TVKD_API_KEYS=f"alice={ALICE}",
-            TVKD_SECRET_KEY="test-secret-" + secrets.token_hex(16),
-            TVKD_HEARTBEAT_SECONDS="0.5",
-            TVKD_HEARTBEAT_TIMEOUT="30",
-            TVKD_REQUEUE_AFTER="30",
-            PYTHONUNBUFFERED="1",
-            TOKENIZERS_PARALLELISM="false",
-            OMP_NUM_THREADS="1",
-        )
-        port = free_port()
-        api = start_process("api", ["serve", "--port", str(port)], env, tmp_path)
-        base = f"http://127.0.0.1:{port}"
-        api.wait_answering(f"{base}/readyz")
-        worker_env = {**env, "PGAPPNAME": app_name}
-        worker = start_process(
-            "worker", ["worker", "--concurrency", "1", "--hostname", f"blink-{secrets.token_hex(3)}@%h"],
-            worker_env, tmp_path,
-        )  # fmt: skip
-        try:
-            yield {"api": base, "worker": worker, "app_name": app_name, "url": url}
-        finally:
-            worker.stop()
-            api.stop()
+def dep(tmp_path: Path, redis_url: str) -> Iterator[Deployment]:
+    with deployment(tmp_path, redis_url) as d:
+        yield d
 
 
 def terminate_for(engine: sa.Engine, app_name: str, seconds: float) -> int:
@@ -97,14 +51,10 @@ def terminate_for(engine: sa.Engine, app_name: str, seconds: float) -> int:
     return killed
 
 
-def test_dropped_connections_during_training_do_not_fail_the_job(pg_stack: dict[str, Any]) -> None:
-    base, worker = pg_stack["api"], pg_stack["worker"]
-    body = {
-        "teacher": "teacher", "student": "student", "dataset": "tasks.jsonl", "alpha": 0.7, "beta": 0.1,
-        "hyperparameters": {"max_steps": STEPS, "save_every": 4, "batch_size": 4, "learning_rate": 1e-3},
-    }  # fmt: skip
-    with client(base) as c:
-        r = c.post("/v1/jobs", json=body)
+def test_dropped_connections_during_training_do_not_fail_the_job(dep: Deployment) -> None:
+    worker = dep.worker()
+    with client(dep.api) as c:
+        r = c.post("/v1/jobs", json=job_body(max_steps=STEPS, save_every=4))
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
 
@@ -121,7 +71,7 @@ def test_dropped_connections_during_training_do_not_fail_the_job(pg_stack: dict[
         killed = []
         try:
             for _ in range(BLINKS):
-                killed.append(terminate_for(engine, pg_stack["app_name"], BLINK_SECONDS))
+                killed.append(terminate_for(engine, dep.app_name, BLINK_SECONDS))
                 time.sleep(1.0)
         finally:
             engine.dispose()
