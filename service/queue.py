@@ -9,6 +9,10 @@ Queues and routes come from the stage table (service/statemachine.py).
   all share it). Its put is made atomic here (write aside, then rename), because kombu writes
   the message file in place and a polling consumer could otherwise move it away half written.
 - No result backend: the database is the truth about jobs; task return values are only logged.
+- Queue names are namespaced per deployment: `<TVKD_QUEUE_PREFIX>.<queue>`, the prefix derived
+  from the database URL when not set (Settings.queue_namespace), and so is the remote-control
+  exchange. Two deployments that share a Redis database then never take each other's
+  messages (a worker drops a message for a job its database does not know).
 - Late acknowledgement (`task_acks_late`, `task_reject_on_worker_lost`), one message reserved
   per worker process (`worker_prefetch_multiplier=1`), JSON only.
 
@@ -124,6 +128,11 @@ def _broker(settings: Settings) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return "filesystem://localhost//", options, extra
 
 
+def queue_name(settings: Settings, queue: str) -> str:
+    """The broker's name of this deployment's `queue` (one of statemachine.QUEUES)."""
+    return f"{settings.queue_namespace}.{queue}"
+
+
 def create_app(settings: Settings) -> Celery:
     """A Celery app for these settings, without task bodies (worker/celery_app.py adds them)."""
     url, transport_options, extra = _broker(settings)
@@ -142,10 +151,14 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         # A broker blip must not abort a training run in flight; the lease keeps it single.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_queues=[Queue(name, routing_key=name) for name in QUEUES],
-        task_default_queue="default",
+        task_queues=[Queue(queue_name(settings, q), routing_key=queue_name(settings, q)) for q in QUEUES],
+        task_default_queue=queue_name(settings, "default"),
         task_create_missing_queues=False,
-        task_routes={s.task: {"queue": s.queue, "routing_key": s.queue} for s in STAGES.values()},
+        task_routes={
+            s.task: {"queue": queue_name(settings, s.queue), "routing_key": queue_name(settings, s.queue)}
+            for s in STAGES.values()
+        },
+        control_exchange=f"{settings.queue_namespace}.celery",
         task_publish_retry=True,
         task_publish_retry_policy=WORKER_PUBLISH_RETRY,
         worker_send_task_events=False,
@@ -183,7 +196,8 @@ def job_of_task_id(task_id: object) -> str | None:
 
 def send_stage(app: Celery, job_id: str, stage: str, *, retry_policy: dict[str, Any] | None = None) -> str:
     """Publish the task of `stage` for the job; returns the task id. Raises PUBLISH_ERRORS."""
-    task, queue = STAGES[stage].task, STAGES[stage].queue
+    settings: Settings = app.tvkd_settings  # type: ignore[attr-defined]
+    task, queue = STAGES[stage].task, queue_name(settings, STAGES[stage].queue)
     task_id = task_id_for(job_id, stage)
     app.send_task(
         task,

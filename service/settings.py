@@ -7,6 +7,7 @@ filesystem transport as the Celery broker, so that `tvkd up` needs no server at 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from tvkd.trackers import TrackerSettings
 
@@ -111,6 +113,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, description="How often a running job beats.")
     heartbeat_timeout: float = Field(default=60.0, description="A job silent this long is re-enqueued.")
     requeue_after: float = Field(default=120.0, description="A queued job untouched this long is re-sent.")
+    queue_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+        description="Prefix of this deployment's broker queue names (`<prefix>.default`, `.precompute`, "
+        "`.train`), so deployments sharing a broker database never take each other's messages; "
+        "empty = `tvkd-` and 8 hex digits of the database URL (without its password).",
+    )
     max_resends: int = Field(
         default=5,
         ge=0,
@@ -173,6 +182,15 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home_dir / 'tvkd.db'}"
+
+    @property
+    def queue_namespace(self) -> str:
+        """TVKD_QUEUE_PREFIX, else one derived from the database: two deployments share a broker
+        safely unless they share a database (then they are one deployment)."""
+        if self.queue_prefix:
+            return self.queue_prefix
+        url = make_url(self.resolved_database_url).set(password=None).render_as_string(hide_password=False)
+        return "tvkd-" + hashlib.sha256(url.encode()).hexdigest()[:8]
 
     @property
     def artifacts(self) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Celery
 
-from service.queue import QUEUES, embedded_folders, is_embedded, job_of_task_id
+from service.queue import QUEUES, embedded_folders, is_embedded, job_of_task_id, queue_name
 from service.settings import Settings
 
 
@@ -26,12 +26,12 @@ def _task_id_of(payload: Any) -> str | None:
     return headers.get("id") or properties.get("correlation_id")
 
 
-def _redis_task_ids(app: Celery) -> set[str]:
+def _redis_task_ids(app: Celery, settings: Settings) -> set[str]:
     ids: set[str] = set()
     with app.connection_for_read() as conn:
         channel: Any = conn.default_channel
         client = channel.client
-        for queue in QUEUES:
+        for queue in (queue_name(settings, q) for q in QUEUES):
             for pri in channel.priority_steps:
                 for raw in client.lrange(channel._q_for_pri(queue, pri), 0, -1):
                     task_id = _task_id_of(raw)
@@ -59,7 +59,7 @@ def queued_job_ids(app: Celery, settings: Settings) -> set[str] | None:
     if is_embedded(settings):
         task_ids = _filesystem_task_ids(settings)
     elif settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        task_ids = _redis_task_ids(app)
+        task_ids = _redis_task_ids(app, settings)
     else:
         return None
     return {job for job in map(job_of_task_id, task_ids) if job}

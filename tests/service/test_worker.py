@@ -115,9 +115,13 @@ def train_steps(db: sessionmaker[Session], job_id: str) -> list[int]:
         )
 
 
-def messages_for(broker: redis.Redis, job_id: str) -> int:
-    """Messages for the job waiting in the `default` queue (task ids start with the job id)."""
-    return sum(json.loads(raw)["headers"]["id"].startswith(job_id) for raw in broker.lrange("default", 0, -1))
+def messages_for(broker: redis.Redis, job_id: str, settings: Any) -> int:
+    """Messages for the job waiting in this deployment's `default` queue (task ids start with the
+    job id)."""
+    from service.queue import queue_name
+
+    waiting = broker.lrange(queue_name(settings, "default"), 0, -1)
+    return sum(json.loads(raw)["headers"]["id"].startswith(job_id) for raw in waiting)
 
 
 def no_workers(pool: WorkerPool) -> None:
@@ -198,10 +202,10 @@ def test_lost_message_is_requeued_after_redis_flush(
     # Waiting longer than REQUEUE_AFTER behind other jobs is not "lost": the reconciler sees the
     # message in the queue and sends no duplicate.
     broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db)
-    assert messages_for(broker, job_id) == 1
+    assert messages_for(broker, job_id, settings) == 1
     time.sleep(settings.requeue_after + 0.5)
     actions = Reconciler(app, settings).run_once()
-    assert job_id not in {j for j, _ in actions} and messages_for(broker, job_id) == 1
+    assert job_id not in {j for j, _ in actions} and messages_for(broker, job_id, settings) == 1
     broker.flushdb()  # the message is gone (this run's own Redis database only, never FLUSHALL)
     workers.start()
     job = wait_status(api, job_id, {"succeeded"}, timeout=60, pool=workers)

@@ -77,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
         reconciler = Reconciler(app, settings)
         reconciler.start()
+    from service.queue import queue_name
+
     options: dict[str, Any] = {
-        "queues": queues,
+        "queues": [queue_name(settings, q) for q in queues],  # this deployment's names of them
         "concurrency": args.concurrency,
         "pool": "solo" if args.concurrency == 1 else "threads",
         "loglevel": args.loglevel.upper(),
