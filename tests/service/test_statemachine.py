@@ -157,11 +157,15 @@ def test_runners_routes_and_api_statuses_come_from_the_table() -> None:
     assert set(RUNNERS) == set(STAGES)
     for name, stage in STAGES.items():
         assert RUNNERS[name].__name__ == stage.runner
-    app = create_app(Settings(_env_file=None, broker_url="redis://127.0.0.1:6379/0"))  # type: ignore[call-arg]
+    from service.queue import queue_name
+
+    settings = Settings(_env_file=None, broker_url="redis://127.0.0.1:6379/0")  # type: ignore[call-arg]
+    app = create_app(settings)
     for stage in STAGES.values():
         assert stage.task in app.tasks
-        assert app.conf.task_routes[stage.task]["queue"] == stage.queue
-    assert {q.name for q in app.conf.task_queues} == set(QUEUES)
+        assert app.conf.task_routes[stage.task]["queue"] == queue_name(settings, stage.queue)
+    # This deployment's names of the queues: its prefix, then the table's queue.
+    assert {q.name for q in app.conf.task_queues} == {f"{settings.queue_namespace}.{q}" for q in QUEUES}
     assert set(JobStatus.__args__) == {s.value for s in Status}  # type: ignore[attr-defined]
 
 
