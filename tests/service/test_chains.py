@@ -264,7 +264,7 @@ def test_the_reconciler_never_sends_a_waiting_job_and_releases_one_the_trigger_m
 
     from service.db import make_engine, session_factory
     from service.models import Job
-    from service.queue import get_app
+    from service.queue import get_app, queue_name
     from service.settings import Settings
     from worker.reconciler import Reconciler
 
@@ -278,7 +278,8 @@ def test_the_reconciler_never_sends_a_waiting_job_and_releases_one_the_trigger_m
     broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=redis_db)
 
     def sent(job_id: str) -> int:
-        return sum(json.loads(m)["headers"]["id"].startswith(job_id) for m in broker.lrange("default", 0, -1))
+        waiting = broker.lrange(queue_name(settings, "default"), 0, -1)  # this deployment's queue
+        return sum(json.loads(m)["headers"]["id"].startswith(job_id) for m in waiting)
 
     time.sleep(settings.requeue_after + 0.5)  # old enough to count as "never sent" if it were not waiting
     reconciler = Reconciler(get_app(settings), settings)
