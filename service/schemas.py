@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.hyperparams import Hyperparameters, top_level_field
 from service.statemachine import STAGES, Status
-from tvkd.config import JOB_KINDS
+from tvkd.config import JOB_KINDS, QSource, Terminal
 
 # The job statuses of the state machine, as an inline enum of strings in the OpenAPI document.
 JobStatus = Literal[tuple(s.value for s in Status)]  # type: ignore[valid-type]
@@ -297,11 +297,20 @@ class InspectRequest(_Strict):
     beta: float = top_level_field("beta")
     value_beta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False, description="β_v of V.")
     gamma: float = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Discount γ of ψ.")
-    terminal: Literal["model", "zero"] = Field(
-        default="model", description="'model': V(s_{T+1}) from the teacher; 'zero': V(s_{T+1}) := 0."
+    terminal: Terminal = Field(
+        default="model",
+        description="'model': V(s_{T+1}) from the teacher; 'zero': V(s_{T+1}) := 0; 'pre_eos': "
+        "V(s_{T+1}) := V(s_T), the state before the end token.",
     )
-    q_source: Literal["logits", "logprobs"] = Field(
-        default="logits", description="Q = the teacher's logits, or its log-probabilities."
+    q_source: QSource = Field(
+        default="logits",
+        description="Q = the teacher's logits, or its log-probabilities; 'implicit': V = β_v·Σ log "
+        "π_φ/π_φref, the teacher's DPO reward (needs teacher_reference).",
+    )
+    teacher_reference: Name | None = Field(
+        default=None,
+        description="The model the teacher was DPO-trained from, same rules as teacher; needed by "
+        "q_source='implicit'.",
     )
     shaping: Literal["value", "logprob", "logit", "none"] = Field(
         default="value", description="ψ_t: potential-based 'value' (default), or an ablation."

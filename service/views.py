@@ -30,6 +30,29 @@ def job_warnings(job: db.Job) -> list[str]:
     return method.warnings()
 
 
+# Metrics that a run may not log (MATH.md "Metrics"): null in the API's final metrics then.
+NULLABLE_METRICS = ("tvkd/shaping_accuracy",)
+
+
+def with_null_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with each NULLABLE_METRICS name set to None in every non-empty metrics dict
+    (`metrics`, `eval_metrics`, at the top level and under `train`) that lacks it."""
+
+    def fill(part: Any) -> Any:
+        if not isinstance(part, dict):
+            return part
+        out = dict(part)
+        for key in ("metrics", "eval_metrics"):
+            if isinstance(out.get(key), dict) and out[key]:
+                out[key] = {**dict.fromkeys(NULLABLE_METRICS), **out[key]}
+        return out
+
+    out = fill(result)
+    if isinstance(out.get("train"), dict):
+        out["train"] = fill(out["train"])
+    return out
+
+
 def job_view(job: db.Job, scrub: Scrub, *, model_path: str | None = None) -> api.Job:
     """The job as its owner sees it; worker-written text (error, result) goes through `scrub`
     (service.disclosure: no server paths, tracebacks, SQL or other keys' job ids)."""
@@ -63,7 +86,7 @@ def job_view(job: db.Job, scrub: Scrub, *, model_path: str | None = None) -> api
         warnings=job_warnings(job),
         error=error,
         # `result` accumulates stage reports while the job runs; it is shown once it is final.
-        result=scrub(job.result or None) if job.status == "succeeded" else None,
+        result=scrub(with_null_metrics(job.result)) if job.status == "succeeded" and job.result else None,
         model_path=model_path,
         created_at=job.created_at,
         started_at=job.started_at,

@@ -179,3 +179,26 @@ def test_cli_inspect_prints_the_implicit_values(train_models: dict[str, str], ca
     # Without the reference: a usage error naming the flag.
     assert main([*base, "--q-source", "implicit"]) == 2
     assert "--teacher-reference" in capsys.readouterr().err
+
+
+def test_cli_precompute_implicit(tmp_path: Path, train_models: dict[str, str], capsys: Any) -> None:
+    from tvkd.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in PAIRS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["precompute", "--teacher", train_models["teacher"], "--data", str(data), "--max-length", "64",
+            "--store-root", str(tmp_path / "values"), "--q-source", "implicit"]  # fmt: skip
+    assert main(argv) == 1
+    assert "teacher_reference" in capsys.readouterr().err
+    assert main([*argv, "--teacher-reference", train_models["student"]]) == 0
+    out = capsys.readouterr().out
+    assert "cached:     no" in out and "teacher:    teacher shaping accuracy" in out
+    key = next(line.split()[-1] for line in out.splitlines() if line.startswith("key:"))
+    from tvkd.store import ValueStore
+
+    store = ValueStore.open(tmp_path / "values" / key)
+    assert (
+        store.fields["q_source"] == "implicit"
+        and store.fields["teacher_reference"] == train_models["student"]
+    )

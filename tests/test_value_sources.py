@@ -178,3 +178,52 @@ def test_cli_train_options(train_models, arith_data, tmp_path, capsys, flags):
         else:
             assert str(method[name]) == value
     assert json.loads(Path(out / "result.json").read_text())["precompute"]["teacher_check"]["pairs"] == 56
+
+
+def test_pre_eos_uses_the_terminal_value_of_a_cut_response(train_models, arith_data):
+    """A response cut by truncation (keep_start) has no end token: pre_eos keeps its V(s_{T+1})."""
+    import torch
+
+    from tvkd.batch import build_train_pairs, collate
+    from tvkd.data import load_pairs
+    from tvkd.losses import tvkd_loss
+    from tvkd.models import load_tokenizer
+    from tvkd.tokenize import end_token_ids, tokenize_pair
+
+    tok = load_tokenizer(train_models["student"])
+    pairs, _ = load_pairs(arith_data)
+    whole = tokenize_pair(tok, pairs[0], max_length=64)
+    cut = tokenize_pair(tok, pairs[0], max_length=len(whole.prompt_ids) + 1, truncation_mode="keep_start")
+    ends = end_token_ids(tok)
+    assert whole.chosen_ids[-1] in ends and cut.chosen_ids[-1] not in ends
+
+    train, _ = build_train_pairs(pairs, [0, 1], tokenizer=tok, max_length=64)
+    assert all(p.chosen_ended and p.rejected_ended for p in train)
+    assert "chosen_ended" not in collate(train, 0).teacher  # all end: nothing to pass
+    rng = np.random.default_rng(0)
+    for p in train:
+        p.chosen_values = rng.normal(size=len(p.chosen_ids) + 1).astype(np.float32)
+        p.rejected_values = rng.normal(size=len(p.rejected_ids) + 1).astype(np.float32)
+        p.ref_chosen, p.ref_rejected = (
+            np.zeros(len(p.chosen_ids), np.float32),
+            np.zeros(len(p.rejected_ids), np.float32),
+        )
+    train[0].chosen_ended = False
+    batch = collate(train, 0)
+    assert batch.teacher["chosen_ended"].tolist() == [False, True] and "rejected_ended" not in batch.teacher
+    zeros = torch.zeros(batch.response_mask.shape)
+    sides = [*batch.split(zeros), *batch.split(batch.ref_logps), *batch.split(batch.values)]
+    _, m = tvkd_loss(
+        *sides, *batch.split(batch.response_mask), terminal="pre_eos", alpha=1.0, **batch.teacher
+    )
+    c0, c1 = train[0].chosen_values, train[1].chosen_values
+    want = ((c0[-1] - c0[0]) + (c1[-2] - c1[0])) / 2  # row 0 cut: V(s_{T+1}); row 1: V(s_T)
+    assert m["tvkd/shaping_chosen"] == pytest.approx(float(want), abs=1e-6)
+
+
+def test_cli_table_says_n_a_when_the_shaping_is_off():
+    from tvkd.cli.train import _table
+
+    lines = _table({"loss": 0.69, "nll/chosen": 2.0}, {"loss": 0.7}).splitlines()
+    row = next(line for line in lines if line.startswith("tvkd/shaping_accuracy"))
+    assert row.split()[1:] == ["n/a", "n/a"]

@@ -28,7 +28,7 @@ from tvkd.logps import linear_logps, logits_logps, response_positions
 from tvkd.modeling import decoder_hidden, output_head
 from tvkd.numerics import NonFiniteError, first_nonfinite
 from tvkd.store import ValueStore
-from tvkd.tokenize import tokenize_pair
+from tvkd.tokenize import end_token_ids, tokenize_pair
 from tvkd.values import map_boundary_values
 
 
@@ -48,6 +48,10 @@ class TrainPair:
     teacher: dict[str, np.ndarray] = field(default_factory=dict)
     ref_chosen: np.ndarray | None = None  # float32 [Tc]: log π_ref, filled by the reference pass
     ref_rejected: np.ndarray | None = None
+    # Does each response end with its end-of-response token (not cut by truncation)? For
+    # terminal="pre_eos" (MATH.md), which ends at V(s_T) only where the teacher chose to end.
+    chosen_ended: bool = True
+    rejected_ended: bool = True
 
     @property
     def tokens(self) -> int:
@@ -77,6 +81,7 @@ def build_train_pairs(
     dropped: list[dict[str, Any]] = []
     teacher_max = int(store.fields["max_length"]) if store is not None else 0
     teacher_cut = str(store.fields.get("truncation_mode", "none")) if store is not None else "none"
+    ends = end_token_ids(tokenizer)
     for i in sorted(set(indices)):
         pair = pairs[i]
         try:
@@ -147,6 +152,8 @@ def build_train_pairs(
                 chosen_values=values["chosen"],
                 rejected_values=values["rejected"],
                 teacher=teacher,
+                chosen_ended=tp.chosen_ids[-1] in ends,
+                rejected_ended=tp.rejected_ids[-1] in ends,
             )
         )
     return out, dropped
@@ -172,7 +179,9 @@ class Batch:
     response_mask: Tensor  # [2B, T] bool, True on the row's response tokens
     values: Tensor  # [2B, T+1] teacher potentials V(s_1 .. s_{T_b+1}), zero-padded
     ref_logps: Tensor  # [2B, T] log π_ref, zero-padded
-    teacher: dict[str, Tensor]  # tvkd_loss keyword → [B, T] (token stats, when present)
+    # tvkd_loss keyword → tensor: token stats [B, T] when present; `*_ended` [B] bool when some
+    # response of the batch does not end with its end token (absent: all do).
+    teacher: dict[str, Tensor]
     tokens: int  # real (unpadded) tokens in the batch
 
     @property
@@ -200,6 +209,10 @@ def collate(pairs: Sequence[TrainPair], pad_id: int, device: torch.device | str 
     ref = [p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs]
     # "chosen_teacher_logps" etc.: one side each, [B, T] like the log-probs of that side.
     teacher = {key: _pad([p.teacher[key] for p in pairs], width).to(device) for key in pairs[0].teacher}
+    for side in ("chosen", "rejected"):
+        ended = [getattr(p, f"{side}_ended") for p in pairs]
+        if not all(ended):
+            teacher[f"{side}_ended"] = torch.tensor(ended, device=device)
     tensors = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

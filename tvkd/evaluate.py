@@ -179,6 +179,7 @@ def _sample_side(
         teacher_logits=stats.get("logits"),
         value_beta=opts["value_beta"],
         side=side,
+        ended=torch.tensor([getattr(e, f"{side}_ended")]),
     )[0]
     tokens = [
         SampleToken(

@@ -63,6 +63,7 @@ __all__ = [
     "TokenizedPair",
     "check_chat_template",
     "decodes_to",
+    "end_token_ids",
     "has_chat_template",
     "needs_chat_template",
     "tokenize_pair",
@@ -213,6 +214,13 @@ def _lead_ids(tokenizer: Any) -> list[int]:
         if full[k : k + len(plain)] == plain:
             return full[:k]
     return []
+
+
+def end_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokens that end a response (EOS, end-of-turn tokens): a response whose last id
+    is not one of them was cut (truncation_mode="keep_start")."""
+    ids = {tokenizer.convert_tokens_to_ids(s) for s in _end_tokens(tokenizer)} | {tokenizer.eos_token_id}
+    return {i for i in ids if isinstance(i, int)}
 
 
 def _end_tokens(tokenizer: Any) -> set[str]:

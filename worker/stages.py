@@ -251,7 +251,15 @@ def run_precompute(ctx: StageContext) -> Outcome:
         "advance",
         "train",
         message="teacher values ready",
-        result={"precompute": {**data, "path": rel, "seconds": result.seconds, "tokens": result.tokens}},
+        result={
+            "precompute": {
+                **data,
+                "path": rel,
+                "seconds": result.seconds,
+                "tokens": result.tokens,
+                "teacher_check": result.teacher_check.to_dict() if result.teacher_check else None,
+            }
+        },
         job_values={"precompute_key": key},
     )
 

@@ -177,25 +177,50 @@ def curves(client: ApiClient, job: dict[str, Any]) -> None:
                 st.plotly_chart(fig, key=f"curve:{title}")
             if note:
                 st.caption(note)
-    shaping = [n for n in charts.names_in(series) if n.startswith("tvkd/")]
-    if shaping:
+    shaping = [n for n in charts.names_in(series) if n.startswith("tvkd/") and n != "tvkd/gradient_scale"]
+    check = teacher_check_text(series)
+    if shaping or check:
         st.markdown("**Teacher shaping (`tvkd/*`)**")
         st.caption(SHAPING_NOTE)
+        if check:
+            st.caption(check)
         left, right = st.columns(2)
-        sums = [n for n in shaping if "accuracy" not in n]
-        accs = [n for n in shaping if "accuracy" in n]
+        sums = [n for n in shaping if "accuracy" not in n and "ties" not in n]
+        accs = [n for n in shaping if "accuracy" in n or "ties" in n]
         for column, names, title in ((left, sums, "α·Σψ per response"), (right, accs, "Shaping accuracy")):
             fig = charts.metric_figure(series, names, title)
             if fig is not None:
                 column.plotly_chart(fig, key=f"curve:{title}")
     shown = {n for _, names, _ in CURVES for n in names} | set(shaping)
-    others = [n for n in charts.names_in(series) if n not in shown and n != "pairs"]
+    others = [
+        n for n in charts.names_in(series) if n not in shown and n != "pairs" and not n.startswith("teacher/")
+    ]
     if others:
         with st.expander("Other metrics (" + ", ".join(others) + ")"):
             for name in others:
                 fig = charts.metric_figure(series, [name], name)
                 if fig is not None:
                     st.plotly_chart(fig, key=f"curve:{name}")
+
+
+def teacher_check_text(series: charts.Series) -> str | None:
+    """The precompute's teacher check (split "teacher", MATH.md "Metrics") in one line, or None."""
+
+    def value(name: str) -> float | None:
+        point = series.get(("teacher", f"teacher/{name}"))
+        return point[1][-1] if point and point[1] else None
+
+    accuracy, low, high, pairs = (value(n) for n in ("shaping_accuracy", "shaping_accuracy_low",
+                                                      "shaping_accuracy_high", "pairs"))  # fmt: skip
+    if accuracy is None or low is None or high is None:
+        return None
+    text = (
+        f"Teacher check: Σψ ranks chosen above rejected in {accuracy:.1%} of {pairs or 0:.0f} training pairs "
+    )
+    text += f"(95% interval {low:.1%}–{high:.1%})"
+    if low <= 0.5 <= high:
+        text += ": no better than chance, the teacher's values carry no measurable preference here."
+    return text
 
 
 def event_log(client: ApiClient, job: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """/v1/inspect: the teacher's per-token values V(s_t) and shaping ψ_t for any prompt/response.
 
-The teacher is loaded once per API process and kept (the last TEACHERS_KEPT folders, keyed by
-folder and file mtimes, so a replaced model is reloaded). Inference runs in the threadpool under
+The teacher (and, for `q_source="implicit"`, its reference) is loaded once per API process and
+kept (the last TEACHERS_KEPT folders, keyed by folder and file mtimes, so a replaced model is
+reloaded). Inference runs in the threadpool under
 a lock: one forward at a time, since concurrent CPU forwards only fight over the same cores.
 Requests queue for it in the event loop (one inference at a time), not in the threadpool. torch and
 transformers are imported on the first call, not at API start.
@@ -27,7 +28,7 @@ from tvkd.config import ConfigError, MethodConfig
 
 router = APIRouter(prefix="/v1/inspect", tags=["inspect"])
 
-TEACHERS_KEPT = 1
+TEACHERS_KEPT = 2  # a teacher and its reference (q_source="implicit")
 
 
 class TeacherCache:
@@ -43,26 +44,41 @@ class TeacherCache:
         files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors"))
         return (resolved, *((p.name, p.stat().st_mtime_ns) for p in files))
 
-    def run(self, settings: Settings, resolved: str, fn: Any) -> Any:
+    def _get(self, settings: Settings, resolved: str, field: str) -> tuple[Any, Any]:
         from tvkd.models import ModelError, load_causal_lm, load_tokenizer
 
         key = self._key(resolved)
+        if key not in self._models:
+            try:
+                tokenizer = load_tokenizer(resolved, trust_remote_code=settings.trust_remote_code)
+                model = load_causal_lm(resolved, trust_remote_code=settings.trust_remote_code)
+            except ModelError as exc:
+                raise invalid(field, str(exc), code="invalid_model") from exc
+            except Exception as exc:  # a damaged folder: safetensors, torch and transformers errors
+                message = f"cannot load the {field.replace('_', ' ')}'s weights ({type(exc).__name__}: {exc})"
+                raise invalid(field, message, code="invalid_model") from exc
+            self._models[key] = (model, tokenizer)
+            while len(self._models) > TEACHERS_KEPT:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key]
+
+    def run(self, settings: Settings, resolved: str, fn: Any, reference: str | None = None) -> Any:
+        """fn(model, tokenizer, reference_model or None) under the lock, the models loaded once."""
+        from tvkd.models import tokenizer_fingerprint
+
         with self._lock:
-            if key not in self._models:
-                try:
-                    tokenizer = load_tokenizer(resolved, trust_remote_code=settings.trust_remote_code)
-                    model = load_causal_lm(resolved, trust_remote_code=settings.trust_remote_code)
-                except ModelError as exc:
-                    raise invalid("teacher", str(exc), code="invalid_model") from exc
-                except Exception as exc:  # a damaged folder: safetensors, torch and transformers errors
-                    message = f"cannot load the teacher's weights ({type(exc).__name__}: {exc})"
-                    raise invalid("teacher", message, code="invalid_model") from exc
-                self._models[key] = (model, tokenizer)
-                while len(self._models) > TEACHERS_KEPT:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(key)
-            model, tokenizer = self._models[key]
-            return fn(model, tokenizer)
+            ref_model = None
+            if reference is not None:
+                ref_model, ref_tokenizer = self._get(settings, reference, "teacher_reference")
+            model, tokenizer = self._get(settings, resolved, "teacher")
+            if reference is not None and tokenizer_fingerprint(ref_tokenizer) != tokenizer_fingerprint(
+                tokenizer
+            ):
+                raise invalid(
+                    "teacher_reference", "it does not have the teacher's tokenizer", code="invalid_model"
+                )
+            return fn(model, tokenizer, ref_model)
 
 
 _teachers = TeacherCache()
@@ -101,16 +117,27 @@ def _inspect(body: InspectRequest, settings: Settings) -> InspectResponse:
         )
     except ConfigError as exc:
         raise invalid(config_field_path(exc.field).removeprefix("hyperparameters."), exc.message) from exc
+    reference = None
+    if method.q_source == "implicit":
+        if not body.teacher_reference:
+            raise invalid("teacher_reference", "q_source='implicit' needs the teacher's reference model")
+        reference = resolve_model(settings, body.teacher_reference, field="teacher_reference")
     resolved = resolve_model(settings, body.teacher, field="teacher")
     prompt: Any = body.prompt if isinstance(body.prompt, str) else [m.model_dump() for m in body.prompt]
 
-    def run(model: Any, tokenizer: Any) -> dict[str, Any]:
+    def run(model: Any, tokenizer: Any, reference_model: Any) -> dict[str, Any]:
         return inspect_response(
-            model, tokenizer, prompt, body.response, method=method, max_length=body.max_length
+            model,
+            tokenizer,
+            prompt,
+            body.response,
+            method=method,
+            max_length=body.max_length,
+            teacher_reference_model=reference_model,
         ).to_dict()
 
     try:
-        result = _teachers.run(settings, resolved, run)
+        result = _teachers.run(settings, resolved, run, reference=reference)
     except RowError as exc:
         issue = exc.issue
         field = "response" if issue.field in ("chosen", "rejected", "response") else "prompt"

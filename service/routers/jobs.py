@@ -343,7 +343,7 @@ def list_metrics(
     job_id: JobId,
     session: SessionDep,
     owner: OwnerDep,
-    split: Annotated[MetricText, Query(description="train or eval.")] = None,
+    split: Annotated[MetricText, Query(description="train, eval or teacher (teacher check).")] = None,
     name: Annotated[MetricText, Query(description="Metric name, e.g. loss.")] = None,
     after_step: AfterStep = None,
     after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last point id seen.")] = None,
@@ -373,7 +373,7 @@ def metric_series(
     job_id: JobId,
     session: SessionDep,
     owner: OwnerDep,
-    split: Annotated[MetricText, Query(description="train or eval.")] = None,
+    split: Annotated[MetricText, Query(description="train, eval or teacher (teacher check).")] = None,
     name: Annotated[MetricText, Query(description="Metric name, e.g. loss.")] = None,
     after_step: AfterStep = None,
 ) -> MetricSeriesList:

@@ -47,6 +47,10 @@ def test_finished_job(jobs: Jobs, dashboard_env: str) -> None:
     assert any(name.startswith("tvkd/shaping_chosen") for name in traces)
     assert any(name.startswith("tvkd/shaping_accuracy") for name in traces)
     assert "falling `rewards/chosen` while `rewards/margins` grows is normal DPO behaviour" in text
+    # The precompute's teacher check (split "teacher") in words beside the shaping curves.
+    assert (
+        "Teacher check: Σψ ranks chosen above rejected in" in text and "training pairs (95% interval" in text
+    )
     # The stage timeline: a bar per stage, in the order they ran.
     timeline = next(f for f in figs if f["layout"].get("xaxis", {}).get("type") == "date")
     stages = [t["y"][0] for t in timeline["data"]]

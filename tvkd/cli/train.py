@@ -33,6 +33,8 @@ from tvkd.numerics import NonFiniteError
 if TYPE_CHECKING:
     from tvkd.trackers import TrackerSettings
 
+SHAPING_ACCURACY = "tvkd/shaping_accuracy"
+
 
 def add_config_flags(
     parser: argparse._ActionsContainer,
@@ -127,12 +129,15 @@ def _device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _table(train: dict[str, float], evaluation: dict[str, float]) -> str:
+def _table(train: dict[str, float], evaluation: dict[str, float], *, preference: bool = True) -> str:
     names = list(train) + [k for k in evaluation if k not in train]
+    if preference and SHAPING_ACCURACY not in names:  # absent when the shaping is off or zero: say so
+        names.append(SHAPING_ACCURACY)
     width = max(len(n) for n in names) if names else 10
     lines = [f"{'metric':<{width}}  {'train':>12}  {'eval':>12}"]
     for name in names:
-        cells = [f"{d[name]:>12.4g}" if name in d else f"{'':>12}" for d in (train, evaluation)]
+        blank = "n/a" if name == SHAPING_ACCURACY else ""
+        cells = [f"{d[name]:>12.4g}" if name in d else f"{blank:>12}" for d in (train, evaluation)]
         lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
     return "\n".join(lines)
 
@@ -196,7 +201,7 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
             signal.signal(signal.SIGINT, previous)
     train = result.train
     if train is not None:
-        print(_table(train.metrics, train.eval_metrics))
+        print(_table(train.metrics, train.eval_metrics, preference=spec.kind != "sft"))
         print(
             f"steps:      {train.steps} of {train.total_steps} in {train.seconds:.1f}s "
             f"({train.tokens_per_second:.0f} tokens/s)"
