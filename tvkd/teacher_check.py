@@ -68,8 +68,7 @@ class TeacherCheck:
             why = "every pair ties" if self.pairs and self.ties == 1.0 else "the interval includes 50%"
             text += (
                 f": {why}, so the teacher's values carry no measurable preference "
-                "signal on this data (MATH.md, 'Measured caution'; try q_source='implicit' or "
-                "terminal='pre_eos')"
+                "signal on this data (MATH.md, 'Measured caution': another q_source or terminal may)"
             )
         return text
 
