@@ -78,15 +78,21 @@ def _response_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return lc, lr, mc, mr
 
 
-def test_loss_equals_tvkd_loss_on_the_same_batch(train_models, pairs, tmp_path):
+@pytest.mark.parametrize("source", ["logits", "implicit"])
+def test_loss_equals_tvkd_loss_on_the_same_batch(train_models, pairs, tmp_path, source):
     from tvkd.losses import tvkd_loss
     from tvkd.trl import TVKDTrainer
 
     model, tokenizer = _student(train_models["student"])
     initial = copy.deepcopy(model)
-    args = _config(
-        tmp_path, alpha=0.7, beta=0.1, gamma=0.9, teacher_model_name_or_path=train_models["teacher"]
+    # "implicit": V from the teacher's log-ratio to its reference (here the student folder), pre_eos.
+    options = (
+        {"q_source": "implicit", "terminal": "pre_eos", "value_beta": 0.5} if source == "implicit" else {}
     )
+    args = _config(
+        tmp_path, alpha=0.7, beta=0.1, gamma=0.9, teacher_model_name_or_path=train_models["teacher"],
+        teacher_reference_model_name_or_path=train_models["student"], **options,
+    )  # fmt: skip
     trainer = TVKDTrainer(model=model, args=args, train_dataset=pairs(), processing_class=tokenizer)
     store = trainer.value_stores["train"]
     _perturb(trainer.model)
@@ -113,8 +119,10 @@ def test_loss_equals_tvkd_loss_on_the_same_batch(train_models, pairs, tmp_path):
 
     want, metrics = tvkd_loss(
         policy_c, policy_r, ref_c, ref_r, values("chosen", mask_c), values("rejected", mask_r),
-        mask_c, mask_r, alpha=0.7, beta=0.1, gamma=0.9, terminal="model", shaping="value",
+        mask_c, mask_r, alpha=0.7, beta=0.1, gamma=0.9, terminal=options.get("terminal", "model"),
+        shaping="value",
     )  # fmt: skip
+    assert store.fields["q_source"] == source
     assert metrics["tvkd/shaping_chosen"] != 0.0  # the shaping is really in play
     assert got == pytest.approx(float(want), rel=1e-5, abs=1e-6)
     logged = trainer._metrics["eval"]

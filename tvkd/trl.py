@@ -49,14 +49,25 @@ class TVKDConfig(DPOConfig):
     alpha: float = field(default=0.7, metadata={"help": "Weight α of the teacher shaping ψ. 0 = DPO."})
     value_beta: float = field(default=1.0, metadata={"help": "Temperature β_v of V = β_v·logsumexp(Q/β_v)."})
     gamma: float = field(default=1.0, metadata={"help": "Discount γ in ψ_t = γ·V(s_{t+1}) − V(s_t)."})
-    terminal: Terminal = field(default="model", metadata={"help": "'model' or 'zero': V(s_{T+1})."})
-    q_source: QSource = field(default="logits", metadata={"help": "Q = teacher 'logits' or 'logprobs'."})
+    terminal: Terminal = field(
+        default="model", metadata={"help": "'model', 'zero' or 'pre_eos' (V(s_T)): V(s_{T+1})."}
+    )
+    q_source: QSource = field(
+        default="logits",
+        metadata={
+            "help": "Q = teacher 'logits' or 'logprobs'; 'implicit': its DPO reward (teacher reference)."
+        },
+    )
     shaping: str = field(default="value", metadata={"help": "'value' (potential-based) or 'none' (DPO)."})
     length_normalize: bool = field(
         default=False, metadata={"help": "Divide log-ratio and shaping by the response length."}
     )
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The teacher's folder (needed when alpha > 0)."}
+    )
+    teacher_reference_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The model the teacher was DPO-trained from (needed by q_source='implicit')."},
     )
     value_store_root: str | None = field(
         default=None,
@@ -179,6 +190,7 @@ class TVKDTrainer(DPOTrainer):
             store_root=args.value_store_root or _default_store_root(),
             device=self.accelerator.device,
             on_error="drop",
+            teacher_reference=args.teacher_reference_model_name_or_path,
         )
         store = result.store
         self.value_stores[name], self.values_cached[name] = store, result.cached
