@@ -79,6 +79,8 @@ def drill_terminations(s: Stack, rng: random.Random, times: int) -> Drill:
     drill.ids = s.submit(max(2, times // 2))
     killed = 0
     for _ in range(times):
+        if all((j or {}).get("finished_at") for j in map(s.job, drill.ids)):
+            drill.ids += s.submit(2)  # every burst lands while a job trains
         deadline = time.monotonic() + 120
         while not s.training(drill.ids) and time.monotonic() < deadline:
             time.sleep(0.2)
