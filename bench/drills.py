@@ -136,7 +136,9 @@ def drill_api_kill(s: Stack, rng: random.Random, creates: int) -> Drill:
     threads = [threading.Thread(target=client, args=(keys[i::3],)) for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(rng.uniform(0.3, 1.5))
+    kill_after = rng.randint(1, max(1, creates // 2))  # a point inside the burst, not after it
+    while sum(map(bool, created.values())) < kill_after:
+        time.sleep(0.005)
     s.kill_api()
     time.sleep(1.0)
     s.start_api()
