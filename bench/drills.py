@@ -137,7 +137,8 @@ def drill_api_kill(s: Stack, rng: random.Random, creates: int) -> Drill:
     for t in threads:
         t.start()
     kill_after = rng.randint(1, max(1, creates // 2))  # a point inside the burst, not after it
-    while sum(map(bool, created.values())) < kill_after:
+    until = time.monotonic() + 120
+    while sum(map(bool, created.values())) < kill_after and time.monotonic() < until:
         time.sleep(0.005)
     s.kill_api()
     time.sleep(1.0)
