@@ -22,6 +22,7 @@ def summarise(
     skipped: dict[str, str],
     accuracy: list[dict[str, Any]],
     wall_s: float,
+    cpu_s: float,
     load: tuple[tuple[float, ...], tuple[float, ...]],
     command: str,
     commit: str,
@@ -69,6 +70,7 @@ def summarise(
         "command": command,
         "commit": commit,
         "wall_s": wall_s,
+        "cpu_s": cpu_s,
         "load_before_after": load,
         "split": split,
         "seeds": seeds,
@@ -118,9 +120,10 @@ def tables(result: dict[str, Any]) -> str:
     """The result as markdown: setting line, gold table, shaping accuracy table, recommendation."""
     split, n = result["split"], len(result["seeds"])
     t, s = result["teacher"], result["student"]
+    cpu = f", CPU {result['cpu_s'] / 60:.1f} min" if result.get("cpu_s") is not None else ""
     head = (
         f"{result['env']}\ncommit {result['commit']}; `{result['command']}`\n"
-        f"wall {result['wall_s'] / 60:.1f} min; load average before/after "
+        f"wall {result['wall_s'] / 60:.1f} min{cpu}; load average before/after "
         f"{result['load_before_after'][0][0]:.1f}/{result['load_before_after'][1][0]:.1f}\n\n"
         f"Teacher {t['params']:,} params: gold ({split}) {_pct(t['gold']['sft'][split])}% after SFT, "
         f"{_pct(t['gold']['dpo'][split])}% after DPO. Student {s['params']:,} params, SFT start "

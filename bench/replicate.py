@@ -27,6 +27,7 @@ import copy
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -305,6 +306,13 @@ def run_method(seed: int, method: Method, start_state: dict) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished workers: what a quiet machine
+    would need, whatever else ran beside it."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _commit() -> str:
     """The checkout's commit (with "+changes" when the work tree differs), for the record."""
     root = Path(__file__).resolve().parents[1]
@@ -418,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped=skipped,
         accuracy=sig.shaping_accuracy(signals, pairs),
         wall_s=time.perf_counter() - t_start,
+        cpu_s=_cpu_seconds(),
         load=(load0, os.getloadavg()),
         commit=_commit(),
         command=" ".join(["python bench/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
