@@ -84,3 +84,18 @@ def test_activation_checkpointing_switch(model):
     assert unwrap(model).is_activation_checkpointing
     set_activation_checkpointing(model, False)
     assert not unwrap(model).is_activation_checkpointing
+
+
+def test_names_that_moved_to_model_prep_still_import_from_models_with_a_warning() -> None:
+    import warnings
+
+    import tvkd.model_prep as model_prep
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from tvkd.models import TINY_SPECIAL_TOKENS, build_tiny_model
+    assert TINY_SPECIAL_TOKENS is model_prep.TINY_SPECIAL_TOKENS
+    assert build_tiny_model is model_prep.build_tiny_model
+    assert any("tvkd.model_prep" in str(w.message) for w in caught if w.category is DeprecationWarning)
+    with pytest.raises(ImportError, match="no_such_name"):
+        from tvkd.models import no_such_name  # noqa: F401

@@ -49,6 +49,30 @@ __all__ = [
     "write_source",
 ]
 
+# Names that lived here before model building moved to tvkd.model_prep. Scripts written against the
+# old layout (the field cases of ../shared/cases/field import them) keep working, with a warning.
+_MOVED_TO_MODEL_PREP = frozenset(
+    {"TINY_SPECIAL_TOKENS", "TINY_CHAT_TEMPLATE", "_builtin_corpus", "build_tiny_model", "derive_student"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve a name that moved to `tvkd.model_prep`, warning (DeprecationWarning) where it lives now.
+
+    Raises AttributeError for any other missing name, as a module does."""
+    if name in _MOVED_TO_MODEL_PREP:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"tvkd.models.{name} moved to tvkd.model_prep.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("tvkd.model_prep"), name)
+    raise AttributeError(f"module 'tvkd.models' has no attribute {name!r}")
+
+
 SOURCE_FILE = "tvkd_source.json"
 """Provenance file written into every folder `tvkd.model_prep` creates."""
 
