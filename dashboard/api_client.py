@@ -137,6 +137,10 @@ class ApiClient:
     def checkpoints(self, job_id: str, *, after: int | None = None, limit: int = 20) -> Any:
         return self.get(f"/v1/jobs/{job_id}/checkpoints", after=after, limit=limit)
 
+    def model_files(self, job_id: str, *, checkpoint: int | None = None) -> dict[str, Any]:
+        params = {} if checkpoint is None else {"checkpoint": checkpoint}
+        return self.get(f"/v1/jobs/{job_id}/model", **params)
+
     def samples(self, job_id: str, *, after: int | None = None, limit: int = 20) -> Any:
         return self.get(f"/v1/jobs/{job_id}/samples", after=after, limit=limit)
 

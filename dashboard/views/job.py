@@ -252,7 +252,32 @@ def checkpoint_list(client: ApiClient, job: dict[str, Any]) -> None:
         rows = [{"step": c["step"], "path": c["path"], "saved": when(c["created_at"])} for c in page["data"]]
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="checkpoints")
         st.caption("Paths are relative to the API's artifact root; older checkpoints may have been pruned.")
+        step = page["data"][-1]["step"]
+        st.caption(
+            f"Take one away (its weights with the student's configuration and tokenizer): "
+            f"`tvkd download {job['id']} ./{job['id']}-step{step} --checkpoint {step}`"
+        )
     pager.controls(page, noun="checkpoints")
+
+
+def download(client: ApiClient, job: dict[str, Any]) -> None:
+    """The trained model to take away: `tvkd download` (hashes checked, resumable), or its files
+    and their tar over the API (GET /v1/jobs/{id}/model)."""
+    try:
+        listing = client.model_files(job["id"])
+    except ApiError:  # no model folder (yet)
+        return
+    with st.expander("Download the model"):
+        st.code(f"tvkd download {job['id']} ./{job['id']}-model", language="bash")
+        rows = [{"file": f["name"], "bytes": f["size"], "sha256": f["sha256"]} for f in listing["files"]]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="model_files")
+        st.caption(
+            f"{listing['total_bytes']:,} bytes. `tvkd download` checks every file's sha256, resumes a "
+            "broken download and leaves a folder `AutoModelForCausalLM.from_pretrained` loads. Over HTTP "
+            f"(with your API key): each file at `{client.base_url}/v1/jobs/{job['id']}/model/FILE` "
+            "(Range requests resume), or all of it as one tar at "
+            f"`{client.base_url}{listing['archive_url']}`."
+        )
 
 
 def final_metrics(job: dict[str, Any]) -> None:
@@ -271,6 +296,8 @@ def show(client: ApiClient, job_id: str) -> bool:
     header(job)
     chain(client, job)
     cancel_button(client, job)
+    if job.get("model_path"):
+        download(client, job)
     final_metrics(job)
     tabs = st.tabs(["Curves", "Timeline", "Events", "Checkpoints", "Settings"])
     with tabs[0]:

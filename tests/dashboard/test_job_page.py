@@ -62,6 +62,11 @@ def test_finished_job(jobs: Jobs, dashboard_env: str) -> None:
     assert any(m.startswith("reference started") for m in events["message"])  # a step of train
     assert list(frame_with(at, "path")["step"]) == [2, 4]
     assert job["model_path"] in [c.value for c in at.code]
+    # The model to take away: the command, and its files with sizes and hashes.
+    assert f"tvkd download {job['id']} ./{job['id']}-model" in [c.value for c in at.code]
+    files = frame_with(at, "sha256")
+    assert "model.safetensors" in list(files["file"]) and all(len(h) == 64 for h in files["sha256"])
+    assert "--checkpoint 4`" in text
     (cancel,) = [b for b in at.button if b.label == "Cancel job"]
     assert cancel.disabled
 

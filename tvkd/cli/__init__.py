@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "worker",
     "dashboard",
     "client",
+    "download",
     "models",
     "data",
     "precompute",
