@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from service import dependencies
+from service import dependencies, webhooks
 from service.models import Job, JobEvent, utcnow
 from service.statemachine import FIRST_STAGE, NOT_STARTED, STAGES, TERMINAL, Status, can_move
 
@@ -56,7 +56,8 @@ def add_event(
 def _move(job: Job, status: str) -> None:
     if not can_move(job.status, status):
         raise JobStateError(f"job {job.id} cannot go from {job.status} to {status}")
-    job.status = status
+    previous, job.status = job.status, status
+    webhooks.on_status(job, previous)  # its POST is queued in this transaction (an outbox row)
 
 
 # -------------------------------------------------------------------------------------------- API

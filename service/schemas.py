@@ -71,6 +71,23 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 JobKind = Literal[JOB_KINDS]  # type: ignore[valid-type]
 
 
+class WebhookSpec(_Strict):
+    """Where to POST the job's status changes (README: Webhooks)."""
+
+    url: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="http(s) URL; loopback hosts, or hosts the server allows (TVKD_WEBHOOK_ALLOWED_HOSTS).",
+    )
+    secret: str | None = Field(
+        default=None,
+        min_length=16,
+        max_length=200,
+        description="HMAC-SHA256 key of the `Tvkd-Signature` header (never shown again); default: the "
+        "server's TVKD_WEBHOOK_SECRET.",
+    )
+
+
 class JobCreate(_Strict):
     """A job: the body of POST /v1/jobs."""
 
@@ -104,6 +121,10 @@ class JobCreate(_Strict):
         default_factory=dict,
         max_length=16,
         description="Up to 16 string pairs of your own, kept with the job.",
+    )
+    webhook: WebhookSpec | None = Field(
+        default=None,
+        description="A signed POST at each status change; default: the server's TVKD_WEBHOOK_URL, if any.",
     )
 
 
@@ -396,3 +417,34 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready"] = "ready"
     checks: dict[str, str] = Field(description="database, migrations, broker: 'ok' or the reason.")
+
+
+class WebhookAttempt(BaseModel):
+    at: datetime
+    status_code: int | None = Field(description="The receiver's HTTP status, or null when none came.")
+    error: str | None
+    seconds: float
+
+
+class WebhookDeliveryView(BaseModel):
+    id: int
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event_id: str = Field(description="The payload's `id` (also the `Tvkd-Event-Id` header).")
+    event: str
+    status: str = Field(description="The job status the event announces.")
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is tried again.")
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    log: list[WebhookAttempt]
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    url: str | None = Field(description="The job's webhook URL (null: none).")
+    data: list[WebhookDeliveryView]
+    has_more: bool
+    next_after: int | None

@@ -157,12 +157,33 @@ class Settings(BaseSettings):
         "(otherwise only its path is logged).",
     )
 
+    webhook_url: str = Field(
+        default="", description="Webhook of every job that names none (README: Webhooks); empty = none."
+    )
+    webhook_secret: str = Field(
+        default="",
+        description="HMAC-SHA256 key signing the webhooks of jobs that give no `webhook.secret` (at least 16 "
+        "characters); empty = such jobs need their own.",
+    )
+    webhook_allowed_hosts: PathList = Field(
+        default_factory=list,
+        description="Hosts webhooks may go to besides loopback ones, comma separated.",
+    )
+    webhook_attempts: int = Field(
+        default=8, ge=1, description="Attempts per webhook delivery before it fails."
+    )
+    webhook_backoff: float = Field(
+        default=2.0, gt=0, description="Seconds before the second attempt; doubled after each failure."
+    )
+    webhook_backoff_max: float = Field(default=300.0, gt=0, description="Longest wait between two attempts.")
+    webhook_timeout: float = Field(default=5.0, gt=0, description="Seconds a webhook POST may take.")
+
     @field_validator("artifact_root", "tensorboard_dir", "wandb_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("model_roots", "data_roots", "api_keys", mode="before")
+    @field_validator("model_roots", "data_roots", "api_keys", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

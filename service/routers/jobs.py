@@ -50,6 +50,7 @@ from service.views import (
     jobs_response,
     metric_view,
 )
+from service.webhooks import MIN_SECRET, WebhookError, check_url, queue_delivery
 from tvkd.artifacts import SamplesFile
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,26 @@ def _replay(session: Session, owner: str, key: str, digest: str) -> db.Job | Non
             code="idempotency_key_reused",
         )
     return job
+
+
+def _webhook(settings: Settings, body: JobCreate) -> tuple[str, str] | None:
+    """(url, secret) of the job's webhook: the request's, else the server's default; None without
+    one. A URL the server does not allow, or no secret at all, is a 422 naming the field."""
+    url = body.webhook.url if body.webhook else settings.webhook_url
+    if not url:
+        return None
+    secret = (body.webhook.secret if body.webhook else None) or settings.webhook_secret
+    try:
+        check_url(url, settings.webhook_allowed_hosts)
+    except WebhookError as exc:
+        raise invalid(exc.field if body.webhook else "TVKD_WEBHOOK_URL", str(exc)) from exc
+    if len(secret) < MIN_SECRET:
+        raise invalid(
+            "webhook.secret",
+            f"a webhook needs a secret of at least {MIN_SECRET} characters (or the server's "
+            "TVKD_WEBHOOK_SECRET) to sign its deliveries",
+        )
+    return url, secret
 
 
 def _enqueue(settings: Settings, request: Request, job: db.Job) -> None:
@@ -165,6 +186,9 @@ def create_job(
         "hyperparameters": hyperparameters,
         "metadata": body.metadata,
     }
+    hook = _webhook(settings, body)
+    if body.webhook is not None:  # a request without one keeps the hash it had before webhooks
+        spec["webhook"] = body.webhook.model_dump()
     digest = spec_hash(spec)
     if idempotency_key is not None:
         earlier = _replay(session, owner, idempotency_key, digest)
@@ -205,6 +229,9 @@ def create_job(
             if valid.waiting:
                 named = ", ".join(f"the {f} job {r}" for f, r in references(job).items())
                 add_event(session, job.id, f"waiting for {named} to succeed", stage=job.stage)
+            if hook is not None:
+                session.add(db.JobWebhook(job_id=job.id, url=hook[0], secret=hook[1]))
+                queue_delivery(session, job, None)  # the first status, sent like every later one
             for warning in valid.warnings:
                 add_event(
                     session, job.id, warning, level="warning", stage=job.stage, data={"warning": warning}

@@ -71,12 +71,15 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-load tqdm bars only clutter a worker's log
-    reconciler = None
+    reconciler = sender = None
     if args.reconciler:
         from worker.reconciler import Reconciler
+        from worker.webhooks import WebhookSender
 
         reconciler = Reconciler(app, settings)
         reconciler.start()
+        sender = WebhookSender(settings)  # the jobs' webhook POSTs (service/webhooks.py)
+        sender.start()
     from service.queue import queue_name
 
     options: dict[str, Any] = {
@@ -99,4 +102,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if reconciler is not None:
             reconciler.stop()
+        if sender is not None:
+            sender.stop()
     return int(celery_worker.exitcode or 0)
