@@ -46,7 +46,7 @@ def test_quick_run_writes_json_table_and_plot(tmp_path):
     ll = sources["log-likelihood Σ log π_φ (shaping=logprob)"]
     assert ll["n"] == 150 * 4 and ll["low"] <= ll["accuracy"] <= ll["high"]
     assert result["teacher"]["params"] > result["student"]["params"]
-    assert 0 < result["cpu_s"] and 0 < result["wall_s"] and result["commit"]
+    assert result["cpu_s"] > 0 and result["wall_s"] > 0 and result["commit"]
     assert "| method" in proc.stdout and "Teacher shaping accuracy" in proc.stdout
     assert (out / "replicate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
