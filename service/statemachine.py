@@ -9,7 +9,7 @@ progress.
     validate     validating             default      tvkd.validate      run_validate    precompute | train
     precompute   precomputing           precompute   tvkd.precompute    run_precompute  train
     train        training               train        tvkd.train         run_train       evaluate
-    evaluate     evaluating             default      tvkd.evaluate      run_evaluate    (succeeded)
+    evaluate     evaluating             train        tvkd.evaluate      run_evaluate    (succeeded)
 
 Between two stages a job shows `queued`; the first stage's status (`validating`) is also shown
 while the job waits for it. A job that names another job's output (`"job:<id>"` as its teacher
@@ -43,7 +43,7 @@ class Status(StrEnum):
     QUEUED = "queued"  #: Waiting in a queue for its next stage.
     PRECOMPUTING = "precomputing"  #: The teacher pass writes the value store (or reuses it).
     TRAINING = "training"  #: The reference pass and the TVKD training of the student.
-    EVALUATING = "evaluating"  #: The trained student's results are checked and recorded.
+    EVALUATING = "evaluating"  #: The saved student is scored on the held-out pairs; results recorded.
     SUCCEEDED = "succeeded"  #: Done: the model folder, metrics and samples are in place. Final.
     FAILED = "failed"  #: Stopped by an error; `error` says which. Final.
     CANCELLING = "cancelling"  #: Cancel requested; the worker stops at its next step.
@@ -103,11 +103,11 @@ STAGES: dict[str, Stage] = {
         Stage(
             "evaluate",
             Status.EVALUATING,
-            "default",
+            "train",
             "tvkd.evaluate",
             "run_evaluate",
             (),
-            "checks the model folder, writes result.json and records the artifacts",
+            "loads the saved model folder: held-out metrics and samples.json; writes result.json",
         ),
     )
 }

@@ -43,7 +43,7 @@ def test_run_job_learns_the_arithmetic_task(train_models, arith_data, recording_
     assert job.status == "completed"
     result = job.train
     assert result.steps == 42 and result.train_pairs == 56 and result.eval_pairs == 8
-    for stage in ("validate", "precompute", "reference", "train", "evaluate", "samples", "save"):
+    for stage in ("validate", "precompute", "reference", "train", "save", "evaluate", "samples"):
         assert stage in cb.stages
 
     train = [m for m in result.history if m["split"] == "train"]
@@ -57,12 +57,15 @@ def test_run_job_learns_the_arithmetic_task(train_models, arith_data, recording_
         assert name in train[-1]
     assert train[-1]["epoch"] == pytest.approx(6.0)
 
-    # Held-out metrics over all 8 eval pairs.
-    assert result.eval_metrics["pairs"] == 8
-    assert {"loss", "rewards/accuracies", "tvkd/shaped_accuracy"} <= set(result.eval_metrics)
+    # Held-out metrics over all 8 eval pairs, by the evaluate stage from the saved model folder.
+    evaluation = job.evaluation
+    assert evaluation is not None and evaluation.step == 42
+    assert evaluation.metrics["pairs"] == 8
+    assert {"loss", "rewards/accuracies", "tvkd/shaped_accuracy"} <= set(evaluation.metrics)
+    assert result.history[-1] == {"step": 42, "split": "eval", **evaluation.metrics}
 
     # samples.json: the first num_samples eval pairs, token by token.
-    samples = json.loads(Path(result.samples_path).read_text())
+    samples = json.loads(Path(evaluation.samples_path).read_text())
     assert samples["teacher_logp_source"] == "teacher"  # no token stats in the store: teacher rerun
     assert len(samples["samples"]) == 3
     for sample in samples["samples"]:
@@ -87,7 +90,7 @@ def test_run_job_learns_the_arithmetic_task(train_models, arith_data, recording_
     assert record["eval_metrics"]["pairs"] == 8
     assert record["paths"]["model"] == result.model_dir and Path(record["paths"]["store"]).is_dir()
     assert record["data"]["train_pairs"] == 56 and record["data"]["report"]["kept"] == 64
-    assert set(record["timings"]) == {"validate", "precompute", "train"}
+    assert set(record["timings"]) == {"validate", "precompute", "train", "evaluate"}
     assert record["spec"]["train"]["learning_rate"] == 3e-3
 
     # The teacher values are content-addressed: a second job finds them.
@@ -101,7 +104,7 @@ def test_plain_dpo_job_without_teacher(train_models, arith_data, tmp_path):
     )
     job = run_job(spec)
     assert job.status == "completed" and job.precompute is None
-    samples = json.loads(Path(job.train.samples_path).read_text())
+    samples = json.loads(Path(job.evaluation.samples_path).read_text())
     assert samples["teacher_logp_source"] is None and samples["note"]
 
 

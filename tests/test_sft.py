@@ -18,7 +18,7 @@ from tvkd.completions import COMPLETION_LAYOUT, load_completions
 from tvkd.config import ConfigError, JobSpec, SFTConfig, TrainConfig
 from tvkd.data import DataError, load_pairs
 from tvkd.models import load_causal_lm
-from tvkd.sft import SFTTrainer, collate_rows, completion_logps
+from tvkd.sft import SFTTrainer, collate_rows, completion_logps, evaluate_saved
 
 EVAL = 8
 
@@ -103,11 +103,26 @@ def test_resume_equals_uninterrupted_and_it_learns(train_models, sft_examples, r
     straight.setup()
     before, _ = straight.mean_nll(straight.eval_set)
     full = straight.train()
+    full_eval = straight.evaluate()
     straight.cleanup()
     assert full.status == "completed" and full.steps == 6
-    print("held-out NLL", before, full.eval_metrics["loss"])
-    assert full.eval_metrics["loss"] < before - 0.5  # the held-out completions became likelier
-    assert full.reference_path is None and full.samples_path is None
+    print("held-out NLL", before, full_eval["loss"])
+    assert full_eval["loss"] < before - 0.5  # the held-out completions became likelier
+    assert full.reference_path is None
+
+    # The evaluate stage scores the saved folder as training scored the model in memory.
+    stage_cb = recording_callbacks()
+    evaluation = evaluate_saved(
+        straight.config,
+        student=train_models["student"],
+        examples=sft_examples,
+        eval_idx=straight.eval_idx,
+        output_dir=tmp_path / "a",
+        step=6,
+        callbacks=stage_cb,
+    )
+    assert evaluation.metrics == full_eval and evaluation.samples_path is None
+    assert stage_cb.metrics == [(6, "eval", full_eval)]
 
     stop_cb = recording_callbacks(stop_after=3)
     first = make_sft(train_models, sft_examples, tmp_path / "b", callbacks=stop_cb, **settings)
@@ -122,6 +137,7 @@ def test_resume_equals_uninterrupted_and_it_learns(train_models, sft_examples, r
     )
     second.setup()
     resumed = second.train()
+    resumed_eval = second.evaluate()
     second.cleanup()
     assert resumed.status == "completed" and resumed.resumed_from == 3
     a = load_file(Path(full.model_dir) / "model.safetensors")
@@ -132,7 +148,7 @@ def test_resume_equals_uninterrupted_and_it_learns(train_models, sft_examples, r
     assert sorted(resume_cb.train_metrics()) == [4, 6]  # step 3's metrics travelled in the checkpoint
     for step, metrics in resume_cb.train_metrics().items():
         assert metrics == straight_metrics[step], step
-    assert full.eval_metrics == resumed.eval_metrics
+    assert full_eval == resumed_eval
 
 
 def test_lora_and_bf16(train_models, sft_examples, tmp_path):

@@ -15,7 +15,7 @@ from tvkd.alignment import check_alignment
 from tvkd.batch import collate, policy_logps
 from tvkd.checkpoint import latest_checkpoint, list_checkpoints
 from tvkd.config import ConfigError, MethodConfig, PrecomputeConfig, TrainConfig
-from tvkd.evaluate import evaluate
+from tvkd.evaluate import Evaluator, evaluate
 from tvkd.losses import tvkd_loss
 from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.ragged import RaggedFile
@@ -140,6 +140,7 @@ def test_resume_equals_uninterrupted_and_stop_is_honoured(
     straight = make_trainer(train_models, pairs, store, tmp_path / "a", callbacks=straight_cb, **settings)
     straight.setup()
     full = straight.train()
+    full_eval = straight.evaluate()
     straight.cleanup()
     assert full.status == "completed" and full.steps == 10
     # Saved at 3, 6, 9 and the end; the newest two are kept.
@@ -166,6 +167,7 @@ def test_resume_equals_uninterrupted_and_stop_is_honoured(
     )
     second.setup()
     resumed = second.train()
+    resumed_eval = second.evaluate()
     second.cleanup()
     assert resumed.status == "completed" and resumed.resumed_from == 5 and resumed.steps == 10
     assert any("reusing reference" in message for _, message in resume_cb.events)
@@ -179,7 +181,7 @@ def test_resume_equals_uninterrupted_and_stop_is_honoured(
     straight_metrics = straight_cb.train_metrics()
     for step, metrics in resume_cb.train_metrics().items():
         assert metrics == straight_metrics[step], step
-    assert full.eval_metrics == resumed.eval_metrics
+    assert full_eval == resumed_eval and full_eval["pairs"] == EVAL
 
 
 def test_different_tokenizers_map_values(train_models, arith_store, tmp_path):
@@ -213,7 +215,20 @@ def test_different_tokenizers_map_values(train_models, arith_store, tmp_path):
     assert result.status == "completed"
     import json
 
-    samples = json.loads(Path(result.samples_path).read_text())
+    evaluator = Evaluator(
+        trainer.config,
+        student=train_models["student"],
+        teacher=train_models["other"],
+        pairs=pairs,
+        eval_idx=trainer.eval_idx,
+        store=other,
+        output_dir=tmp_path / "out",
+        step=result.steps,
+    )
+    evaluator.setup()
+    evaluation = evaluator.run()
+    evaluator.cleanup()
+    samples = json.loads(Path(evaluation.samples_path).read_text())
     assert samples["teacher_logp_source"] is None and "tokenizers differ" in samples["note"]
     assert samples["samples"][0]["chosen"]["tokens"][0]["teacher_logp"] is None
 

@@ -1,46 +1,44 @@
-"""Held-out metrics and per-token samples of a student under training.
+"""Held-out evaluation of a student: the MATH.md metrics over every held-out pair, and the
+evaluate stage that scores the trained student from its saved folder.
 
-`evaluate` averages the MATH.md metrics over every held-out pair: the per-pair terms of all
+`evaluate` averages the metrics over every pair of its batches: the per-pair terms of all
 batches are concatenated before the means are taken, so a short last batch weighs what it holds
-(not the mean of batch means).
+(not the mean of batch means). The trainer calls it every `eval_every` steps on the model in
+memory.
 
-`write_samples` writes `samples.json` (`tvkd.artifacts.SamplesFile`) for the inspector
-(dashboard heatmaps):
-
-    {"version": 1, "step": int, "teacher_logp_source": "store" | "teacher" | null, "note": str | null,
-     "loss_options": {alpha, beta, gamma, terminal, shaping, value_beta, length_normalize, sft_weight},
-     "samples": [
-       {"index": int, "row": int, "prompt": str | [messages],
-        "chosen": {"text": str,
-                   "tokens": [{"text", "id", "logratio", "value", "psi", "teacher_logp"}, ...],
-                   "sum_psi": float, "sum_logratio": float, "value_end": float},
-        "rejected": {...}}, ...]}
-
-Per token t: logratio = β·(log π_θ − log π_ref), value = V(s_t) (the teacher's potential at the
-state the token is chosen from, on the student's boundaries), psi = ψ_t as the loss uses it but
-without α, teacher_logp = log π_φ(y_t | s_t) (null when teacher and student tokenizers differ:
-a student token then has no teacher log-prob). value_end = V(s_{T+1}).
+`Evaluator` is the evaluate stage (a recipe like `tvkd.trainer.Trainer`: `setup()` → `run()` →
+`cleanup()`): it loads the model folder the train stage saved, rebuilds the held-out pairs as
+training built them (the student's tokenizer, the teacher's values, the π_ref log-probs the
+reference pass stored), and writes the held-out metrics (reported with split "eval") and
+`samples.json` (`tvkd.samples.write_samples`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from tvkd.artifacts import Sample, SamplesFile, SampleSide, SampleToken, write_samples_file
-from tvkd.batch import Batch, TrainPair, collate, policy_logps
-from tvkd.config import PrecomputeConfig
-from tvkd.data import PreferencePair, RowError
-from tvkd.losses import PairTerms, loss_and_metrics, pair_terms, shaping_terms
-from tvkd.modeling import pad_token_id
+from tvkd.alignment import check_alignment
+from tvkd.artifacts import SAMPLES_FILE
+from tvkd.batch import Batch, TrainPair, build_train_pairs, collate, policy_logps
+from tvkd.callbacks import Callbacks
+from tvkd.config import TrainConfig
+from tvkd.data import PreferencePair
+from tvkd.losses import PairTerms, loss_and_metrics, loss_options, pair_terms
+from tvkd.modeling import disable_dropout, pad_token_id
+from tvkd.models import load_causal_lm, load_tokenizer
+from tvkd.reference import REFERENCE_FILE, load_reference
+from tvkd.samples import write_samples
+from tvkd.store import ValueStore
 
-SIDES = ("chosen", "rejected")
+MODEL_DIR = "model"  # the folder the train stage saves under output_dir
 
 
 @torch.no_grad()
@@ -97,161 +95,144 @@ def evaluate_pairs(
     return evaluate(model, batches, loss_options, bf16=bf16)
 
 
-def _f64(x: np.ndarray | None) -> torch.Tensor:
-    # A copy: store rows are read-only views of a memory-mapped file.
-    return torch.from_numpy(np.array(x, dtype=np.float64))
+@dataclass
+class EvalResult:
+    """What `Evaluator.run` measured and wrote (paths as str)."""
+
+    step: int  # the training step the model folder was saved at
+    metrics: dict[str, float]  # the held-out metrics ({} without held-out pairs)
+    samples_path: str | None
+    eval_pairs: int
+    dropped: list[dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def _teacher_logps(
-    train_pairs: Sequence[TrainPair],
-    pairs: Sequence[PreferencePair],
-    *,
-    teacher: str | None,
-    same_tokenizer: bool,
-    max_length: int | None,
-    device: torch.device,
-) -> tuple[list[dict[str, np.ndarray | None]], str | None, str | None]:
-    """Per example and side, the teacher's log-prob of each student token; (logps, source, note)."""
-    empty: list[dict[str, np.ndarray | None]] = [dict.fromkeys(SIDES) for _ in train_pairs]
-    if teacher is None:
-        return empty, None, "no teacher: the method does not use one (alpha=0 or shaping='none')"
-    if not same_tokenizer:
-        return (
-            empty,
-            None,
-            (
-                "teacher and student tokenizers differ: a student token has no teacher log-prob "
-                "(values are the teacher's, mapped onto the student's token boundaries)"
-            ),
+class Evaluator:
+    """Scores the student saved in `output_dir/model` on `pairs[eval_idx]` (the evaluate stage).
+
+    Supported: what `Trainer` supports (the same pairs, tokenizer, values and options; a LoRA run
+    is scored on its merged model folder), one device.
+    Assumed: `output_dir` is the folder a completed `Trainer.train` wrote (the model folder and
+    `reference.safetensors`), `store` the value store it trained with (None when the method uses
+    no teacher), `step` the step it stopped at.
+    Raises: `tvkd.models.ModelError` when the model folder cannot be loaded; `ValueError` when the
+    reference log-probs are missing or were made for another run; `ConfigError` as `Trainer.setup`.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        student: str | os.PathLike,
+        teacher: str | os.PathLike | None,
+        pairs: Sequence[PreferencePair],
+        eval_idx: Sequence[int],
+        store: ValueStore | None,
+        output_dir: str | os.PathLike,
+        step: int,
+        device: str | torch.device = "cpu",
+        callbacks: Callbacks | None = None,
+    ) -> None:
+        self.config = config
+        self.student, self.teacher = str(student), (str(teacher) if teacher is not None else None)
+        self.pairs, self.eval_idx, self.store = pairs, list(eval_idx), store
+        self.output_dir = Path(output_dir)
+        self.step = step
+        self.device = torch.device(device)
+        self.cb = callbacks or Callbacks()
+
+    def setup(self) -> None:
+        """The held-out pairs as training built them (π_ref from the stored file), and the model."""
+        cfg = self.config
+        self.tokenizer = load_tokenizer(self.student)
+        teacher_tok = load_tokenizer(self.teacher) if self.store is not None else None
+        same = check_alignment(
+            cfg.method,
+            self.pairs,
+            student_tokenizer=self.tokenizer,
+            teacher_tokenizer=teacher_tok,
+            store=self.store,
         )
-    if all(f"{s}_teacher_logps" in e.teacher for e in train_pairs for s in SIDES):
-        return [{s: e.teacher[f"{s}_teacher_logps"] for s in SIDES} for e in train_pairs], "store", None
-    # The store has no token stats: run the teacher on these few pairs only.
-    from tvkd.models import load_causal_lm, load_tokenizer
-    from tvkd.teacher import compute_pair_signals
-
-    model = load_causal_lm(teacher, dtype=torch.float32, device=device)
-    tokenizer = load_tokenizer(teacher)
-    config = PrecomputeConfig(token_stats=True, max_length=max_length or 1024)
-    out = []
-    for e in train_pairs:
-        try:
-            _, pv = compute_pair_signals(model, tokenizer, pairs[e.index], config)
-        except RowError:
-            out.append(dict.fromkeys(SIDES))
-            continue
-        row: dict[str, np.ndarray | None] = {}
-        for s in SIDES:
-            logps = getattr(pv, f"{s}_token_logps")
-            row[s] = logps if logps is not None and len(logps) == len(getattr(e, f"{s}_ids")) else None
-        out.append(row)
-    del model
-    return out, "teacher", None
-
-
-def _sample_side(
-    e: TrainPair,
-    side: str,
-    policy: torch.Tensor,
-    text: str,
-    teacher_logps: np.ndarray | None,
-    tokenizer: Any,
-    opts: Mapping[str, Any],
-) -> SampleSide:
-    """One response of a sample, token by token (see the module doc), from the policy's log-probs
-    `policy` [≥T] and the pair's reference log-probs, values and teacher statistics."""
-    ids = getattr(e, f"{side}_ids")
-    n = len(ids)
-    logratio = opts["beta"] * (policy[:n].double().cpu() - _f64(getattr(e, f"ref_{side}")))
-    values = _f64(getattr(e, f"{side}_values"))
-    stats = {
-        name: _f64(e.teacher[f"{side}_teacher_{name}"])[None]
-        for name in ("logps", "logits")
-        if f"{side}_teacher_{name}" in e.teacher
-    }
-    psi = shaping_terms(
-        opts["shaping"],
-        values[None],
-        torch.ones(1, n, dtype=torch.bool),
-        gamma=opts["gamma"],
-        terminal=opts["terminal"],
-        teacher_logps=stats.get("logps"),
-        teacher_logits=stats.get("logits"),
-        value_beta=opts["value_beta"],
-        side=side,
-        ended=torch.tensor([getattr(e, f"{side}_ended")]),
-    )[0]
-    tokens = [
-        SampleToken(
-            text=tokenizer.decode([int(tok)]),
-            id=int(tok),
-            logratio=float(logratio[t]),
-            value=float(values[t]),
-            psi=float(psi[t]),
-            teacher_logp=None if teacher_logps is None else float(teacher_logps[t]),
+        self.same_tokenizer = same if teacher_tok is not None else None
+        self.loss_options = loss_options(cfg.method, shaping=None if self.store is not None else "none")
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.eval_set, self.dropped = build_train_pairs(
+            self.pairs,
+            self.eval_idx,
+            tokenizer=self.tokenizer,
+            max_length=cfg.max_length,
+            store=self.store,
+            teacher_tokenizer=teacher_tok,
+            same_tokenizer=bool(self.same_tokenizer),
         )
-        for t, tok in enumerate(ids)
-    ]
-    return SampleSide(
-        text=text,
-        tokens=tokens,
-        sum_psi=float(psi.sum()),
-        sum_logratio=float(logratio.sum()),
-        value_end=float(values[n]),
-    )
-
-
-@torch.no_grad()
-def write_samples(
-    path: str | os.PathLike,
-    *,
-    model: Any,
-    tokenizer: Any,
-    train_pairs: Sequence[TrainPair],
-    pairs: Sequence[PreferencePair],
-    loss_options: Mapping[str, Any],
-    teacher: str | None = None,
-    same_tokenizer: bool = True,
-    teacher_max_length: int | None = None,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
-    step: int = 0,
-) -> Path:
-    """Per-token signals of `train_pairs` (with their reference log-probs) → `path` (see the module doc)."""
-    device = torch.device(device)
-    path = Path(path)
-    opts = dict(loss_options)
-    pad_id = pad_token_id(tokenizer)
-    policy: tuple[torch.Tensor, torch.Tensor] | None = None
-    if train_pairs:
-        batch = collate(train_pairs, pad_id, device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                policy = policy_logps(model, batch)
-        finally:
-            model.train(was_training)
-    teacher_lp, source, note = _teacher_logps(
-        train_pairs,
-        pairs,
-        teacher=teacher,
-        same_tokenizer=same_tokenizer,
-        max_length=teacher_max_length,
-        device=device,
-    )
-    samples = []
-    for j, e in enumerate(train_pairs):
-        assert policy is not None
-        pair = pairs[e.index]
-        sides = {
-            side: _sample_side(
-                e, side, policy[k][j], getattr(pair, side), teacher_lp[j][side], tokenizer, opts
+        if self.eval_set:
+            load_reference(
+                self.output_dir / REFERENCE_FILE,
+                self.eval_set,
+                student=self.student,
+                tokenizer=self.tokenizer,
+                bf16=cfg.bf16,
             )
-            for k, side in enumerate(SIDES)
-        }
-        prompt = [dict(m) for m in pair.prompt_messages] if pair.prompt_messages else pair.prompt
-        samples.append(Sample(index=e.index, row=e.row, prompt=prompt, **sides))
-    doc = SamplesFile(samples, step=step, loss_options=opts, teacher_logp_source=source, note=note)
-    write_samples_file(path, doc)
-    return path
+        self.model = load_causal_lm(str(self.output_dir / MODEL_DIR), dtype=torch.float32, device=self.device)
+        disable_dropout(self.model)
+        self.model.eval()
+
+    def run(self) -> EvalResult:
+        """Held-out metrics (reported with split "eval" at `step`) and samples.json."""
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        samples: Path | None = None
+        cfg = self.config
+        if self.eval_set:
+            self.cb.on_stage("evaluate", {"pairs": len(self.eval_set), "step": self.step})
+            metrics = evaluate_pairs(
+                self.model,
+                self.eval_set,
+                self.loss_options,
+                cfg.batch_size,
+                self.pad_id,
+                self.device,
+                bf16=cfg.bf16,
+            )
+            self.cb.on_metrics(self.step, metrics, "eval")
+            samples = self.write_samples()
+        return EvalResult(
+            step=self.step,
+            metrics=metrics,
+            samples_path=str(samples) if samples else None,
+            eval_pairs=len(self.eval_set),
+            dropped=self.dropped,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def write_samples(self) -> Path | None:
+        """samples.json: per-token signals of the first `num_samples` held-out pairs."""
+        pairs = self.eval_set[: self.config.num_samples]
+        if not pairs:
+            return None
+        self.cb.on_stage("samples", {"pairs": len(pairs)})
+        return write_samples(
+            self.output_dir / SAMPLES_FILE,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            train_pairs=pairs,
+            pairs=self.pairs,
+            loss_options=self.loss_options,
+            teacher=self.teacher if self.store is not None else None,
+            same_tokenizer=bool(self.same_tokenizer),
+            teacher_max_length=int(self.store.fields["max_length"]) if self.store is not None else None,
+            device=self.device,
+            bf16=self.config.bf16,
+            step=self.step,
+        )
+
+    def cleanup(self) -> None:
+        """Drop the model (a worker process runs many jobs one after another)."""
+        if hasattr(self, "model"):
+            del self.model
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

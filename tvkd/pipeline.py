@@ -1,10 +1,10 @@
-"""The job path of DESIGN.md as stage functions: validate → precompute → train (→ evaluate).
+"""The job path of DESIGN.md as stage functions: validate → precompute → train → evaluate.
 
 Each stage is a plain function of a `JobSpec` (and the previous stage's output), so the Celery
 worker can run them one by one and record progress between them; `run_job` chains them for the
-CLI and writes `output_dir/result.json` (`tvkd.artifacts.ResultFile`). The reference pass,
-evaluation and samples run inside `train` (they need the student that the trainer loads) and
-announce themselves through `Callbacks.on_stage`.
+CLI and writes `output_dir/result.json` (`tvkd.artifacts.ResultFile`). The reference pass runs
+inside `train` (it needs the student the trainer loads) and announces itself through
+`Callbacks.on_stage`; `evaluate` scores the saved model folder on the held-out pairs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from tvkd.callbacks import CallbackList, Callbacks
 from tvkd.completions import load_completions
 from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig, flat_settings
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
-from tvkd.sft import SFTTrainer
+from tvkd.evaluate import EvalResult, Evaluator
+from tvkd.sft import SFTTrainer, evaluate_saved
 from tvkd.store import ValueStore
 from tvkd.teacher_check import teacher_check
 from tvkd.trackers import TrackerCallbacks, TrackerSettings, open_trackers
@@ -86,6 +87,7 @@ class JobResult:
     prepared: Prepared
     precompute: Any  # PrecomputeResult | None
     train: TrainResult | None
+    evaluation: EvalResult | None
     timings: dict[str, float]
     result_path: str
 
@@ -338,18 +340,12 @@ def train(
     resume: bool = True,
     trackers: TrackerSettings | None = None,
 ) -> TrainResult:
-    """Reference pass, training, evaluation, samples and the final model folder; for an "sft" job
+    """Reference pass, training (with checkpoints) and the final model folder; for an "sft" job
     the `tvkd.sft.SFTTrainer` recipe (no reference, no store).
 
     The job's `report_to` trackers (tvkd/trackers.py) get the metrics, the settings and the final
     model's path; `trackers` says where their runs go (default: `TrackerSettings.for_output`)."""
-    tracker = open_trackers(
-        spec.options.report_to,
-        trackers or TrackerSettings.for_output(spec.output_dir),
-        flat_settings(spec.settings()),
-    )
-    if tracker is not None:
-        callbacks = CallbackList([callbacks, tracker])
+    tracker, callbacks = _open_trackers(spec, trackers, callbacks)
     if isinstance(spec.train, SFTConfig):
         return _run(
             SFTTrainer(
@@ -394,6 +390,84 @@ def _run(trainer: Trainer, tracker: TrackerCallbacks | None = None) -> TrainResu
             tracker.close(result.model_dir if result else None, result.status if result else "failed")
 
 
+def _open_trackers(
+    spec: JobSpec,
+    trackers: TrackerSettings | None,
+    callbacks: Callbacks | None,
+    *,
+    resume_at: int | None = None,
+) -> tuple[TrackerCallbacks | None, Callbacks | None]:
+    """The job's `report_to` trackers, added to `callbacks`; with `resume_at`, their runs are
+    continued from that step at once (the evaluate stage reports into the train stage's runs)."""
+    tracker = open_trackers(
+        spec.options.report_to,
+        trackers or TrackerSettings.for_output(spec.output_dir),
+        flat_settings(spec.settings()),
+    )
+    if tracker is None:
+        return None, callbacks
+    if resume_at is not None:
+        tracker.on_stage("train", {"start_step": resume_at})
+    return tracker, CallbackList([callbacks, tracker])
+
+
+def evaluate(
+    spec: JobSpec,
+    prepared: Prepared,
+    store: ValueStore | None,
+    callbacks: Callbacks | None = None,
+    *,
+    step: int,
+    trackers: TrackerSettings | None = None,
+) -> EvalResult:
+    """Held-out metrics and samples.json of the model folder `train` saved at step `step`
+    (`store`: the one training used, None without a teacher); for an "sft" job the held-out
+    mean NLL (`tvkd.sft.evaluate_saved`). The job's trackers get the held-out metrics in the run
+    the train stage started, which ends here with the model folder's path."""
+    tracker, callbacks = _open_trackers(spec, trackers, callbacks, resume_at=step)
+    result: EvalResult | None = None
+    try:
+        result = _evaluate(spec, prepared, store, callbacks, step=step)
+        return result
+    finally:
+        if tracker is not None:
+            model_dir = str(Path(spec.output_dir) / "model")
+            tracker.close(model_dir if result else None, "completed" if result else "failed")
+
+
+def _evaluate(
+    spec: JobSpec, prepared: Prepared, store: ValueStore | None, callbacks: Callbacks | None, *, step: int
+) -> EvalResult:
+    if isinstance(spec.train, SFTConfig):
+        return evaluate_saved(
+            spec.train,
+            student=spec.student,
+            examples=prepared.pairs,
+            eval_idx=prepared.eval_idx,
+            output_dir=spec.output_dir,
+            step=step,
+            device=spec.device,
+            callbacks=callbacks,
+        )
+    evaluator = Evaluator(
+        spec.train,
+        student=spec.student,
+        teacher=spec.teacher if store is not None else None,
+        pairs=prepared.pairs,
+        eval_idx=prepared.eval_idx,
+        store=store,
+        output_dir=spec.output_dir,
+        step=step,
+        device=spec.device,
+        callbacks=callbacks,
+    )
+    try:
+        evaluator.setup()
+        return evaluator.run()
+    finally:
+        evaluator.cleanup()
+
+
 def run_job(
     spec: JobSpec,
     callbacks: Callbacks | None = None,
@@ -401,7 +475,7 @@ def run_job(
     resume: bool = True,
     trackers: TrackerSettings | None = None,
 ) -> JobResult:
-    """validate → precompute → train; writes output_dir/result.json (also when stopped)."""
+    """validate → precompute → train → evaluate; writes output_dir/result.json (also when stopped)."""
     from tvkd.precompute import PrecomputeStopped
 
     cb = callbacks or Callbacks()
@@ -412,7 +486,7 @@ def run_job(
     prepared = validate(spec, cb)
     timings["validate"] = time.perf_counter() - t
     t = time.perf_counter()
-    pre, result, status = None, None, "stopped"
+    pre, result, evaluation, status = None, None, None, "stopped"
     try:
         pre = precompute(spec, prepared, cb)
     except PrecomputeStopped:
@@ -424,18 +498,25 @@ def run_job(
         result = train(spec, prepared, store, cb, resume=resume, trackers=trackers)
         timings["train"] = time.perf_counter() - t
         status = result.status
+    if result is not None and result.status == "completed":
+        t = time.perf_counter()
+        store = pre.store if pre is not None else None
+        evaluation = evaluate(spec, prepared, store, cb, step=result.steps, trackers=trackers)
+        timings["evaluate"] = time.perf_counter() - t
+        if evaluation.metrics:
+            result.history.append({"step": result.steps, "split": "eval", **evaluation.metrics})
     record = ResultFile(
         status=status,
         steps=result.steps if result else 0,
         metrics=result.metrics if result else {},
-        eval_metrics=result.eval_metrics if result else {},
+        eval_metrics=evaluation.metrics if evaluation else {},
         paths=ResultPaths(
             output_dir=str(out),
             model=result.model_dir if result else None,
             adapter=result.adapter_dir if result else None,
             checkpoint=result.checkpoint if result else None,
             reference=result.reference_path if result else None,
-            samples=result.samples_path if result else None,
+            samples=evaluation.samples_path if evaluation else None,
             store=str(pre.store.path) if pre else None,
         ),
         data={**prepared.summary(), "dropped_in_training": result.dropped if result else []},
@@ -462,4 +543,4 @@ def run_job(
         spec=spec.to_dict(),
     )
     path = write_result(out / RESULT_FILE, record)
-    return JobResult(status, prepared, pre, result, timings, str(path))
+    return JobResult(status, prepared, pre, result, evaluation, timings, str(path))

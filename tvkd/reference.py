@@ -115,3 +115,34 @@ def reference_logps(
         metadata={**meta, "indices": json.dumps([p.index for p in pairs])},
     )
     return path
+
+
+def load_reference(
+    path: Path, pairs: Sequence[TrainPair], *, student: str, tokenizer: Any, bf16: bool
+) -> None:
+    """Fill `ref_chosen`/`ref_rejected` of `pairs` (any subset of the pairs the file was written
+    for) from the file `reference_logps` wrote during training.
+
+    Raises ValueError when the file is missing or was made for another student, tokenizer, bf16
+    setting or tokenization of these pairs (the evaluate stage then cannot score the student
+    against the π_ref it was trained with).
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: no reference log-probs (the train stage writes them); train again")
+    ref = RaggedFile(path)
+    want = {
+        "student_fingerprint": model_fingerprint(student),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "bf16": str(bf16),
+    }
+    changed = sorted(k for k, v in want.items() if ref.metadata.get(k) != v)
+    rows = {int(i): r for r, i in enumerate(json.loads(ref.metadata.get("indices", "[]")))}
+    missing = [p.index for p in pairs if p.index not in rows]
+    if changed or missing:
+        why = f"its {', '.join(changed)} differ" if changed else f"it has no row for pairs {missing[:10]}"
+        raise ValueError(f"{path} was made for another training run ({why}); train again")
+    for p in pairs:
+        chosen, rejected = ref.row("chosen", rows[p.index]), ref.row("rejected", rows[p.index])
+        if (len(chosen), len(rejected)) != (len(p.chosen_ids), len(p.rejected_ids)):
+            raise ValueError(f"{path}: pair {p.index} (row {p.row}) was tokenized differently; train again")
+        p.ref_chosen, p.ref_rejected = np.array(chosen), np.array(rejected)

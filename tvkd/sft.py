@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from tvkd.config import SFTConfig
 from tvkd.data import PreferencePair, RowError
+from tvkd.evaluate import EvalResult
 from tvkd.logps import linear_logps, response_positions
 from tvkd.modeling import decoder_hidden, output_head, pad_token_id
 from tvkd.models import load_tokenizer
@@ -212,22 +215,10 @@ class SFTTrainer(Trainer):
         epoch = (self.step + 1) / self.steps_per_epoch
         return {"loss": nll, "num_tokens": float(n_tokens), "grad_norm": grad_norm, "lr": lr, "epoch": epoch}
 
-    @torch.no_grad()
     def mean_nll(self, rows: Sequence[CompletionRow]) -> tuple[float, int]:
         """(mean NLL per completion token, completion tokens) of `rows` under the current model."""
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        try:
-            for k in range(0, len(rows), self.config.batch_size):
-                batch = collate_rows(rows[k : k + self.config.batch_size], self.pad_id, self.device)
-                with self._autocast():
-                    logps = completion_logps(self.model, batch)
-                total -= float(logps.double().sum())
-                count += int(batch.labels.numel())
-        finally:
-            self.model.train(was_training)
-        return (total / count if count else math.nan), count
+        cfg = self.config
+        return mean_nll(self.model, rows, pad_id=self.pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out mean NLL per completion token (reported with split="eval")."""
@@ -240,6 +231,67 @@ class SFTTrainer(Trainer):
         self.cb.on_metrics(self.step, metrics, "eval")
         return metrics
 
-    def write_samples(self) -> None:
-        """No per-token samples for SFT (the inspector's signals are the teacher's)."""
-        return None
+
+@torch.no_grad()
+def mean_nll(
+    model: Any, rows: Sequence[CompletionRow], *, pad_id: int, batch_size: int, bf16: bool = False
+) -> tuple[float, int]:
+    """(mean NLL per completion token, completion tokens) of `rows` under `model` (eval mode;
+    NaN without rows)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for k in range(0, len(rows), batch_size):
+            batch = collate_rows(rows[k : k + batch_size], pad_id, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logps = completion_logps(model, batch)
+            total -= float(logps.double().sum())
+            count += int(batch.labels.numel())
+    finally:
+        model.train(was_training)
+    return (total / count if count else math.nan), count
+
+
+def evaluate_saved(
+    config: SFTConfig,
+    *,
+    student: str | os.PathLike,
+    examples: Sequence[PreferencePair],
+    eval_idx: Sequence[int],
+    output_dir: str | os.PathLike,
+    step: int,
+    device: str | torch.device = "cpu",
+    callbacks: Any = None,
+) -> EvalResult:
+    """The evaluate stage of an SFT job: the held-out mean NLL ("loss", "num_tokens"; reported
+    with split "eval" at `step`) of the model folder `SFTTrainer` saved in `output_dir/model`,
+    on the completions as training tokenized them (the student's tokenizer). No samples: the
+    inspector's signals are the teacher's. Raises `tvkd.models.ModelError` when the folder
+    cannot be loaded."""
+    from tvkd.callbacks import Callbacks
+    from tvkd.models import load_causal_lm
+
+    cb = callbacks or Callbacks()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(str(student))
+    rows, dropped = build_rows(examples, eval_idx, tokenizer=tokenizer, max_length=config.max_length)
+    metrics: dict[str, float] = {}
+    if rows:
+        cb.on_stage("evaluate", {"rows": len(rows), "step": step})
+        model = load_causal_lm(str(Path(output_dir) / "model"), dtype=torch.float32, device=device)
+        loss, count = mean_nll(
+            model, rows, pad_id=pad_token_id(tokenizer), batch_size=config.batch_size, bf16=config.bf16
+        )
+        del model
+        metrics = {"loss": loss, "num_tokens": float(count)}
+        cb.on_metrics(step, metrics, "eval")
+    return EvalResult(
+        step=step,
+        metrics=metrics,
+        samples_path=None,
+        eval_pairs=len(rows),
+        dropped=dropped,
+        seconds=time.perf_counter() - t0,
+    )

@@ -7,10 +7,11 @@ head + float32 log-softmax, never full logits); the per-token log-probs are scat
 [B, T] per side and go into `tvkd_loss` with the precomputed reference log-probs and teacher
 values. Around it: `tvkd.alignment` (can the teacher's signals be put on the student's tokens),
 `tvkd.batch` (pairs → `TrainPair`s → `Batch`, the data order, the fused forward),
-`tvkd.reference` (π_ref, one no-grad pass of the initial student per job), `tvkd.optim`,
-`tvkd.checkpoint` (checkpoints, RNG state, the final model folder) and `tvkd.evaluate`.
-A resumed run sees exactly the batches of the uninterrupted one. The output is a plain Hugging
-Face folder (`output_dir/model`), LoRA adapters merged into it.
+`tvkd.reference` (π_ref, one no-grad pass of the initial student per job), `tvkd.optim` and
+`tvkd.checkpoint` (checkpoints, RNG state, the final model folder). A resumed run sees exactly
+the batches of the uninterrupted one. Training ends with the model saved: a plain Hugging Face
+folder (`output_dir/model`), LoRA adapters merged into it; the final held-out evaluation and
+samples.json are the evaluate stage's (`tvkd.evaluate.Evaluator`, from that folder).
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ import torch
 
 from tvkd import checkpoint as ckpt_io
 from tvkd.alignment import check_alignment
-from tvkd.artifacts import SAMPLES_FILE
 from tvkd.batch import TrainPair, build_train_pairs, collate, policy_logps, step_order, steps_per_epoch
 from tvkd.callbacks import Callbacks
 from tvkd.config import ConfigError, TrainConfig
 from tvkd.data import PreferencePair
-from tvkd.evaluate import evaluate_pairs, write_samples
+from tvkd.evaluate import evaluate_pairs
 from tvkd.losses import loss_options, tvkd_loss
 from tvkd.modeling import add_lora, disable_dropout, head_problem, output_head, pad_token_id, unwrap
 from tvkd.modeling import set_activation_checkpointing as set_checkpointing
@@ -57,14 +57,12 @@ class TrainResult:
     steps: int
     total_steps: int
     metrics: dict[str, float]  # the last reported training metrics
-    eval_metrics: dict[str, float]
     history: list[dict[str, Any]]  # every report of this run: {"step", "split", **metrics}
     output_dir: str
     model_dir: str | None
     adapter_dir: str | None
     checkpoint: str | None
     reference_path: str | None
-    samples_path: str | None
     train_pairs: int
     eval_pairs: int
     dropped: list[dict[str, Any]]
@@ -78,7 +76,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains `student` on `pairs[train_idx]` with TVKD (MATH.md "Loss"); evaluates on `pairs[eval_idx]`.
+    """Trains `student` on `pairs[train_idx]` with TVKD (MATH.md "Loss"); every `eval_every` steps
+    it reports the held-out metrics of `pairs[eval_idx]`.
 
     `pairs` is the full list the value store is indexed by. `store` is None when the method does
     not use the teacher (alpha == 0 or shaping == "none"); `teacher` (the folder) is then unused.
@@ -379,12 +378,10 @@ class Trainer:
                 f"stopped at step {self.step} of {self.total_steps}",
                 {"step": self.step, "checkpoint": str(checkpoint) if checkpoint else None},
             )
-            return self._result("stopped", seconds, tps, eval_metrics={}, samples=None, model_dir=None)
-        eval_metrics = self.evaluate()
-        samples = self.write_samples()
+            return self._result("stopped", seconds, tps, model_dir=None)
         self.save_checkpoint()
         model_dir = self.save_model()
-        return self._result("completed", seconds, tps, eval_metrics, samples, model_dir)
+        return self._result("completed", seconds, tps, model_dir)
 
     def _check_skipped(self) -> None:
         """NonFiniteError (code nonfinite_gradients) once too many steps were skipped for a
@@ -426,15 +423,7 @@ class Trainer:
         self.history.append({"step": self.step, "split": "train", **metrics})
         self.cb.on_metrics(self.step, metrics, "train")
 
-    def _result(
-        self,
-        status: str,
-        seconds: float,
-        tps: float,
-        eval_metrics: dict[str, float],
-        samples: Path | None,
-        model_dir: Path | None,
-    ) -> TrainResult:
+    def _result(self, status: str, seconds: float, tps: float, model_dir: Path | None) -> TrainResult:
         def text(path: Path | None) -> str | None:
             return str(path) if path else None
 
@@ -443,14 +432,12 @@ class Trainer:
             steps=self.step,
             total_steps=self.total_steps,
             metrics=self.last_metrics,
-            eval_metrics=eval_metrics,
             history=self.history,
             output_dir=str(self.output_dir),
             model_dir=text(model_dir),
             adapter_dir=text(self.output_dir / "adapter" if model_dir and self.config.lora else None),
             checkpoint=text(self.last_checkpoint),
             reference_path=text(self.reference_path),
-            samples_path=text(samples),
             train_pairs=len(self.train_set),
             eval_pairs=len(self.eval_set),
             dropped=self.dropped,
@@ -463,7 +450,9 @@ class Trainer:
     # ---------------------------------------------------------------------------- evaluate
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics over every eval pair (reported with split="eval")."""
+        """Held-out metrics of the model in memory over every eval pair (reported with
+        split="eval"); every `eval_every` steps. The final evaluation is the evaluate stage's
+        (`tvkd.evaluate.Evaluator`, from the saved model folder)."""
         if not self.eval_set:
             return {}
         self.cb.on_stage("evaluate", {"pairs": len(self.eval_set), "step": self.step})
@@ -480,27 +469,6 @@ class Trainer:
         self.history.append({"step": self.step, "split": "eval", **metrics})
         self.cb.on_metrics(self.step, metrics, "eval")
         return metrics
-
-    def write_samples(self) -> Path | None:
-        """samples.json: per-token signals of the first `num_samples` held-out pairs."""
-        pairs = self.eval_set[: self.config.num_samples]
-        if not pairs:
-            return None
-        self.cb.on_stage("samples", {"pairs": len(pairs)})
-        return write_samples(
-            self.output_dir / SAMPLES_FILE,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            train_pairs=pairs,
-            pairs=self.pairs,
-            loss_options=self.loss_options,
-            teacher=self.teacher if self.store is not None else None,
-            same_tokenizer=bool(self.same_tokenizer),
-            teacher_max_length=int(self.store.fields["max_length"]) if self.store is not None else None,
-            device=self.device,
-            bf16=self.config.bf16,
-            step=self.step,
-        )
 
     # ---------------------------------------------------------------------------- save
 

@@ -8,14 +8,14 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
   and then find it complete). The Precompute row is upserted by key and records which job
   computed it; the other job gets a "reused" event naming that job.
 - train: `pipeline.train`, i.e. the Trainer's setup (the reference pass: π_ref log-probs,
-  reused on resume), training with checkpoints, and — because they need the trained
-  student in memory — the held-out evaluation, per-token samples and the model folder. Always
-  `resume=True`: a re-run after a crash or a hand-back continues from the newest checkpoint.
-  Out-of-memory halves batch_size and doubles grad_accum (same effective batch, same data order)
-  and retries from the last checkpoint, a few times.
-- evaluate: publishes what training produced: checks the model folder (safetensors headers,
-  no weights loaded, so this fits the CPU `default` queue), writes result.json, records the
-  artifacts and the job's result.
+  reused on resume), training with checkpoints, and the model folder. Always `resume=True`: a
+  re-run after a crash or a hand-back continues from the newest checkpoint. Out-of-memory halves
+  batch_size and doubles grad_accum (same effective batch, same data order) and retries from
+  the last checkpoint, a few times.
+- evaluate: `pipeline.evaluate` loads the saved model folder (on the `train` queue: it needs the
+  model on the device) and writes the held-out metrics (reported with split "eval") and the
+  per-token samples; then result.json, the artifacts and the job's result. Out-of-memory
+  retries with a smaller batch, as in train.
 
 Every stage loads the spec the job stored at submit (`job.spec`, validated then; its names are
 resolved again under this worker's roots). Validate writes what it prepared (`prepared.json` in
@@ -55,6 +55,7 @@ from service.validation import job_spec
 from tvkd import pipeline
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, read_samples, write_result
 from tvkd.config import JobSpec, flat_settings
+from tvkd.evaluate import EvalResult
 from tvkd.models import ModelError
 from tvkd.pipeline import DatasetChanged, Prepared
 from tvkd.store import ValueStore
@@ -350,30 +351,24 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_train(ctx: StageContext) -> Outcome:
+def value_store(ctx: StageContext, prepared: Prepared) -> ValueStore | None:
+    """The teacher's value store the precompute stage recorded (computed again when it is gone);
+    None when the method uses no teacher."""
     spec = ctx.spec
-    ctx.reporter.checkpoint_every = spec.train.save_every
-    prepared = prepare(ctx)
-    store = None
-    if spec.uses_teacher:
-        key = ctx.job.precompute_key
-        store = ValueStore.find(spec.store_root, key) if key else None
-        if store is None:
-            ctx.reporter.event(
-                "warning", f"the value store {key} is gone: computing the teacher values again"
-            )
-            pre = pipeline.precompute(spec, prepared, ctx.reporter)
-            store = pre.store
+    if not spec.uses_teacher:
+        return None
+    key = ctx.job.precompute_key
+    store = ValueStore.find(spec.store_root, key) if key else None
+    if store is None:
+        ctx.reporter.event("warning", f"the value store {key} is gone: computing the teacher values again")
+        store = pipeline.precompute(spec, prepared, ctx.reporter).store
+    return store
 
-    def attempt(batch_size: int, grad_accum: int) -> Any:
-        return pipeline.train(
-            with_batch(spec, batch_size, grad_accum),
-            prepared,
-            store,
-            ctx.reporter,
-            resume=True,
-            trackers=ctx.settings.tracker_settings(ctx.job.id),
-        )
+
+def smaller_batch_recorder(
+    ctx: StageContext,
+) -> Callable[[BaseException, tuple[int, int], tuple[int, int], int], None]:
+    """retry_on_oom's `on_retry`: stores the smaller batch in the job's spec and says so."""
 
     def on_retry(exc: BaseException, old: tuple[int, int], new: tuple[int, int], n: int) -> None:
         stored = ctx.job.spec
@@ -387,6 +382,26 @@ def run_train(ctx: StageContext) -> Outcome:
             {"error": str(exc)[:500], "batch_size": new[0], "grad_accum": new[1]},
         )
 
+    return on_retry
+
+
+def run_train(ctx: StageContext) -> Outcome:
+    spec = ctx.spec
+    ctx.reporter.checkpoint_every = spec.train.save_every
+    prepared = prepare(ctx)
+    store = value_store(ctx, prepared)
+
+    def attempt(batch_size: int, grad_accum: int) -> Any:
+        return pipeline.train(
+            with_batch(spec, batch_size, grad_accum),
+            prepared,
+            store,
+            ctx.reporter,
+            resume=True,
+            trackers=ctx.settings.tracker_settings(ctx.job.id),
+        )
+
+    on_retry = smaller_batch_recorder(ctx)
     result = retry_on_oom(attempt, spec.train.batch_size, spec.train.grad_accum, on_retry=on_retry)
     checkpoint = ctx.rel(result.checkpoint)
     if result.status == "stopped":
@@ -400,7 +415,6 @@ def run_train(ctx: StageContext) -> Outcome:
         {
             "model": result.model_dir,
             "adapter": result.adapter_dir,
-            "samples": result.samples_path,
             "reference": result.reference_path,
         },
     )
@@ -414,7 +428,6 @@ def run_train(ctx: StageContext) -> Outcome:
                 "total_steps": result.total_steps,
                 "resumed_from": result.resumed_from,
                 "metrics": result.metrics,
-                "eval_metrics": result.eval_metrics,
                 "train_pairs": result.train_pairs,
                 "eval_pairs": result.eval_pairs,
                 "dropped_pairs": len(result.dropped),
@@ -422,7 +435,6 @@ def run_train(ctx: StageContext) -> Outcome:
                 "tokens_per_second": result.tokens_per_second,
                 "checkpoint": checkpoint,
                 "model": ctx.rel(result.model_dir),
-                "samples": ctx.rel(result.samples_path),
                 "reference": ctx.rel(result.reference_path),
                 "adapter": ctx.rel(result.adapter_dir),
             }
@@ -457,8 +469,9 @@ def record_artifacts(ctx: StageContext, paths: dict[str, str | Path | None]) -> 
 
 
 def run_evaluate(ctx: StageContext) -> Outcome:
-    from tvkd.models import ModelError, safetensors_param_count
+    from tvkd.models import safetensors_param_count
 
+    spec = ctx.spec
     out = output_dir(ctx.settings, ctx.job)
     previous = ctx.job.result or {}
     train = previous.get("train") or {}
@@ -466,16 +479,37 @@ def run_evaluate(ctx: StageContext) -> Outcome:
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{ctx.rel(model_dir)}: the train stage left no model folder (config.json missing)")
     parameters = safetensors_param_count(model_dir)
-    samples = out / "samples.json"
-    sample_count = len(read_samples(samples).samples) if samples.is_file() else 0
+    prepared = prepare(ctx)
+    store = value_store(ctx, prepared)
+    steps = int(train.get("steps") or 0)
+
+    def attempt(batch_size: int, grad_accum: int) -> EvalResult:
+        return pipeline.evaluate(
+            with_batch(spec, batch_size, grad_accum),
+            prepared,
+            store,
+            ctx.reporter,
+            step=steps,
+            trackers=ctx.settings.tracker_settings(ctx.job.id),
+        )
+
+    on_retry = smaller_batch_recorder(ctx)
+    evaluation = retry_on_oom(attempt, spec.train.batch_size, spec.train.grad_accum, on_retry=on_retry)
+    samples = Path(evaluation.samples_path) if evaluation.samples_path else None
+    sample_count = len(read_samples(samples).samples) if samples else 0
     result = {
         "model": ctx.rel(model_dir),
-        "samples": ctx.rel(samples) if samples.is_file() else None,
+        "samples": ctx.rel(samples),
         "sample_count": sample_count,
         "parameters": parameters,
         "steps": train.get("steps"),
         "metrics": train.get("metrics", {}),
-        "eval_metrics": train.get("eval_metrics", {}),
+        "eval_metrics": evaluation.metrics,
+        "evaluate": {
+            "eval_pairs": evaluation.eval_pairs,
+            "dropped_pairs": len(evaluation.dropped),
+            "seconds": evaluation.seconds,
+        },
     }
     record = ResultFile(
         status="completed",
@@ -509,7 +543,7 @@ def run_evaluate(ctx: StageContext) -> Outcome:
         ctx,
         {
             "model": model_dir,
-            "samples": samples if samples.is_file() else None,
+            "samples": samples,
             "reference": out / "reference.safetensors",
             "adapter": out / "adapter",
             "result": result_path,

@@ -246,6 +246,11 @@ def test_submit_succeeds(
     # The reference pass is a step of the train stage: reported, with the job at stage train.
     reference = [e for e in evs if e["message"].startswith("reference started")]
     assert reference and reference[0]["stage"] == "train" and reference[0]["data"]["stage"] == "reference"
+    # The held-out evaluation is the evaluate stage's: from the saved model, at the last step.
+    scored = [e for e in evs if e["message"].startswith("evaluate started")]
+    assert scored and scored[-1]["stage"] == "evaluate"
+    final = [m for m in metrics if m["split"] == "eval" and m["step"] == 6]
+    assert final and job["result"]["eval_metrics"]["pairs"] == job["result"]["evaluate"]["eval_pairs"] > 0
     with db() as s:
         kinds = set(s.scalars(select(Artifact.kind).where(Artifact.job_id == job_id)))
         row = s.get(Job, job_id)

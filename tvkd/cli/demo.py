@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             if job["status"] != "succeeded":
                 log(f"job {name} ended {job['status']}: {job.get('error')}")
                 return 1
-            ev = job["result"]["train"]["eval_metrics"]
+            ev = job["result"]["eval_metrics"]
             after = cached_gold(home, home / "artifacts" / job["model_path"], held_out)
             rows.append({
                 "job": f"{name} (α={job['alpha']:g})",

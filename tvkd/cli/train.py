@@ -199,9 +199,9 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
         callbacks.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    train = result.train
+    train, evaluation = result.train, result.evaluation
     if train is not None:
-        print(_table(train.metrics, train.eval_metrics, preference=spec.kind != "sft"))
+        print(_table(train.metrics, evaluation.metrics if evaluation else {}, preference=spec.kind != "sft"))
         print(
             f"steps:      {train.steps} of {train.total_steps} in {train.seconds:.1f}s "
             f"({train.tokens_per_second:.0f} tokens/s)"
@@ -210,7 +210,7 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
             ("model", train.model_dir),
             ("adapter", train.adapter_dir),
             ("checkpoint", train.checkpoint),
-            ("samples", train.samples_path),
+            ("samples", evaluation.samples_path if evaluation else None),
         ):
             if path:
                 print(f"{label + ':':<11} {path}")

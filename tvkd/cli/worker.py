@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--queues",
         default=DEFAULT_QUEUES,
-        help="comma-separated queues: default (validate, evaluate), precompute, train "
+        help="comma-separated queues: default (validate), precompute, train (train, evaluate) "
         f"(default: {DEFAULT_QUEUES})",
     )
     p.add_argument(
