@@ -11,11 +11,12 @@ validate stage runs it; `Trainer.setup` runs it again on what it is given.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tvkd.config import ConfigError, MethodConfig
 from tvkd.data import PreferencePair, dataset_fingerprint
-from tvkd.models import tokenizer_fingerprint
+from tvkd.models import load_tokenizer, tokenizer_fingerprint
 from tvkd.store import ValueStore
 from tvkd.tokenize import needs_chat_template
 
@@ -87,3 +88,58 @@ def check_alignment(
             f"the value store {store.path} was computed with another tokenizer than this teacher's",
         )
     return same
+
+
+def check_store(method: MethodConfig, store: ValueStore | None, teacher: str | None) -> None:
+    """Raise `ConfigError` when a run is given no value store but its method uses the teacher,
+    or a store without the teacher it came from."""
+    if method.uses_teacher and store is None:
+        raise ConfigError(
+            "alpha",
+            f"the method uses the teacher (alpha={method.alpha}, shaping={method.shaping!r}) but "
+            "no value store was given: precompute first, or train plain DPO (alpha=0)",
+        )
+    if store is not None and teacher is None:
+        raise ConfigError("teacher", "a value store was given without the teacher it came from")
+
+
+@dataclass(frozen=True)
+class Tokenizers:
+    """A run's tokenizers: the student's, and the teacher's when the run has a value store
+    (`same`: whether the two are identical; None without a store)."""
+
+    student: Any
+    teacher: Any
+    same: bool | None
+
+    def pair_options(
+        self, max_length: int, store: ValueStore | None, *, truncation_mode: str = "none"
+    ) -> dict[str, Any]:
+        """The keyword arguments of `tvkd.batch.build_train_pairs` for this run (`max_length`:
+        the effective one, `tvkd.windows.effective_max_length`)."""
+        return {
+            "tokenizer": self.student,
+            "max_length": max_length,
+            "truncation_mode": truncation_mode,
+            "store": store,
+            "teacher_tokenizer": self.teacher,
+            "same_tokenizer": bool(self.same),
+        }
+
+
+def load_tokenizers(
+    method: MethodConfig,
+    pairs: Sequence[PreferencePair],
+    *,
+    student: str,
+    teacher: str | None,
+    store: ValueStore | None,
+) -> Tokenizers:
+    """Load the run's tokenizers and `check_alignment` them against `pairs` and `store`
+    (raises `ConfigError` as it does)."""
+    student_tok = load_tokenizer(student)
+    teacher_tok = load_tokenizer(teacher) if store is not None and teacher is not None else None
+    same = check_alignment(
+        method, pairs, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok, store=store
+    )
+    return Tokenizers(student_tok, teacher_tok, same if teacher_tok is not None else None)

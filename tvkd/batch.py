@@ -159,6 +159,13 @@ def build_train_pairs(
     return out, dropped
 
 
+def dropped_message(dropped: Sequence[dict[str, Any]], shown: int = 20) -> str:
+    """'dropped N pairs (rows a, b, ... and M more)' for `build_train_pairs`' dropped list."""
+    rows = ", ".join(str(d["row"]) for d in dropped[:shown])
+    more = f" and {len(dropped) - shown} more" if len(dropped) > shown else ""
+    return f"dropped {len(dropped)} pairs (rows {rows}{more})"
+
+
 def _pad(rows: Sequence[np.ndarray], width: int, dtype: Any = np.float32) -> Tensor:
     out = np.zeros((len(rows), width), dtype=dtype)
     for r, row in enumerate(rows):

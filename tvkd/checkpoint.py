@@ -128,6 +128,25 @@ def load_checkpoint(
     return state
 
 
+def restore_latest(
+    output_dir: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: torch.device,
+    config: dict[str, Any],
+) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """`load_checkpoint` of the newest complete checkpoint: (its folder, its state, the settings of
+    `config` that differ from the checkpoint's), or None when there is none."""
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return None
+    state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, device=device)
+    changed = sorted(k for k, v in config.items() if state["config"].get(k) != v)
+    return ckpt, state, changed
+
+
 def save_model_folder(
     model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, lora: bool
 ) -> tuple[Any, Path]:

@@ -19,13 +19,13 @@ import gc
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tvkd.alignment import check_alignment
+from tvkd.alignment import check_store, load_tokenizers
 from tvkd.artifacts import SAMPLES_FILE
 from tvkd.batch import Batch, TrainPair, build_train_pairs, collate, policy_logps
 from tvkd.callbacks import Callbacks
@@ -33,10 +33,12 @@ from tvkd.config import TrainConfig
 from tvkd.data import PreferencePair
 from tvkd.losses import PairTerms, loss_and_metrics, loss_options, pair_terms
 from tvkd.modeling import disable_dropout, pad_token_id
-from tvkd.models import load_causal_lm, load_tokenizer
+from tvkd.models import load_causal_lm
 from tvkd.reference import REFERENCE_FILE, load_reference
 from tvkd.samples import write_samples
+from tvkd.stage_results import EvalResult
 from tvkd.store import ValueStore
+from tvkd.windows import effective_max_length
 
 MODEL_DIR = "model"  # the folder the train stage saves under output_dir
 
@@ -95,21 +97,6 @@ def evaluate_pairs(
     return evaluate(model, batches, loss_options, bf16=bf16)
 
 
-@dataclass
-class EvalResult:
-    """What `Evaluator.run` measured and wrote (paths as str)."""
-
-    step: int  # the training step the model folder was saved at
-    metrics: dict[str, float]  # the held-out metrics ({} without held-out pairs)
-    samples_path: str | None
-    eval_pairs: int
-    dropped: list[dict[str, Any]]
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class Evaluator:
     """Scores the student saved in `output_dir/model` on `pairs[eval_idx]` (the evaluate stage).
 
@@ -147,27 +134,18 @@ class Evaluator:
     def setup(self) -> None:
         """The held-out pairs as training built them (π_ref from the stored file), and the model."""
         cfg = self.config
-        self.tokenizer = load_tokenizer(self.student)
-        teacher_tok = load_tokenizer(self.teacher) if self.store is not None else None
-        same = check_alignment(
-            cfg.method,
-            self.pairs,
-            student_tokenizer=self.tokenizer,
-            teacher_tokenizer=teacher_tok,
-            store=self.store,
+        check_store(cfg.method, self.store, self.teacher)
+        toks = load_tokenizers(
+            cfg.method, self.pairs, student=self.student, teacher=self.teacher, store=self.store
         )
-        self.same_tokenizer = same if teacher_tok is not None else None
+        self.tokenizer, self.same_tokenizer = toks.student, toks.same
         self.loss_options = loss_options(cfg.method, shaping=None if self.store is not None else "none")
         self.pad_id = pad_token_id(self.tokenizer)
-        self.eval_set, self.dropped = build_train_pairs(
-            self.pairs,
-            self.eval_idx,
-            tokenizer=self.tokenizer,
-            max_length=cfg.max_length,
-            store=self.store,
-            teacher_tokenizer=teacher_tok,
-            same_tokenizer=bool(self.same_tokenizer),
-        )
+        # The pairs as the trainer built them: the same window and truncation.
+        teacher = self.teacher if self.store is not None else None
+        length = effective_max_length(cfg.max_length, {"student": self.student, "teacher": teacher})
+        kw = toks.pair_options(length.max_length, self.store, truncation_mode=cfg.truncation_mode)
+        self.eval_set, self.dropped = build_train_pairs(self.pairs, self.eval_idx, **kw)
         if self.eval_set:
             load_reference(
                 self.output_dir / REFERENCE_FILE,

@@ -20,7 +20,7 @@ import transformers
 from packaging.version import Version
 from torch import Tensor
 
-from tvkd.config import TrainConfig
+from tvkd.config import ConfigError, TrainConfig
 
 # Config attributes of heads that scale the logits of a linear head (1 or None: no scaling).
 LOGIT_SCALE_ATTRS = ("logit_scale", "logits_scaling", "output_logits_scale", "mup_width_multiplier")
@@ -60,6 +60,17 @@ def head_problem(model: Any, *, softcap_ok: bool) -> str | None:
     if core.get_decoder() is core:
         return f"cannot find the decoder of {type(core).__name__}"
     return None
+
+
+def check_trainable_head(model: Any) -> None:
+    """Raise `ConfigError` when the trainer cannot compute `model`'s log-probs from its head
+    (`head_problem`, no soft-cap), naming LoRA on the head when that is the cause."""
+    problem = head_problem(model, softcap_ok=False)
+    if problem is None:
+        return
+    if unwrap(model) is not model and problem.startswith("the output head"):
+        raise ConfigError("lora_target_modules", f"{problem}: do not put LoRA on lm_head")
+    raise ConfigError("student", f"{problem} (the trainer computes log-probs from a plain linear head)")
 
 
 def output_head(model: Any) -> tuple[Any, Tensor, Tensor | None]:

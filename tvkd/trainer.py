@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,49 +29,32 @@ from typing import Any
 import torch
 
 from tvkd import checkpoint as ckpt_io
-from tvkd.alignment import check_alignment
-from tvkd.batch import TrainPair, build_train_pairs, collate, policy_logps, step_order, steps_per_epoch
+from tvkd.alignment import check_store, load_tokenizers
+from tvkd.batch import (
+    TrainPair,
+    build_train_pairs,
+    collate,
+    dropped_message,
+    policy_logps,
+    step_order,
+    steps_per_epoch,
+)
 from tvkd.callbacks import Callbacks
-from tvkd.config import ConfigError, TrainConfig
+from tvkd.config import TrainConfig
 from tvkd.data import PreferencePair
 from tvkd.evaluate import evaluate_pairs
 from tvkd.losses import loss_options, tvkd_loss
-from tvkd.modeling import add_lora, disable_dropout, head_problem, output_head, pad_token_id, unwrap
+from tvkd.modeling import add_lora, check_trainable_head, disable_dropout, output_head, pad_token_id
 from tvkd.modeling import set_activation_checkpointing as set_checkpointing
-from tvkd.models import load_causal_lm, load_tokenizer
+from tvkd.models import load_causal_lm
 from tvkd.numerics import NonFiniteError
 from tvkd.optim import adamw, warmup_cosine
 from tvkd.reference import REFERENCE_FILE, reference_logps
+from tvkd.stage_results import TrainResult
 from tvkd.store import ValueStore
 from tvkd.windows import effective_max_length
 
 CHECKPOINTS = ckpt_io.CHECKPOINTS
-
-
-@dataclass
-class TrainResult:
-    """What `Trainer.train` did: status, metrics, the files it wrote (paths as str), counts, speed."""
-
-    status: str  # "completed" | "stopped"
-    steps: int
-    total_steps: int
-    metrics: dict[str, float]  # the last reported training metrics
-    history: list[dict[str, Any]]  # every report of this run: {"step", "split", **metrics}
-    output_dir: str
-    model_dir: str | None
-    adapter_dir: str | None
-    checkpoint: str | None
-    reference_path: str | None
-    train_pairs: int
-    eval_pairs: int
-    dropped: list[dict[str, Any]]
-    same_tokenizer: bool | None
-    resumed_from: int | None
-    seconds: float
-    tokens_per_second: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Trainer:
@@ -161,28 +143,14 @@ class Trainer:
             self._restore_latest()
 
     def _check_inputs(self) -> None:
-        method = self.config.method
-        if method.uses_teacher and self.store is None:
-            raise ConfigError(
-                "alpha",
-                f"the method uses the teacher (alpha={method.alpha}, shaping={method.shaping!r}) but "
-                "no value store was given: precompute first, or train plain DPO (alpha=0)",
-            )
-        if self.store is not None and self.teacher is None:
-            raise ConfigError("teacher", "a value store was given without the teacher it came from")
+        check_store(self.config.method, self.store, self.teacher)
 
     def _setup_data(self) -> None:
         cfg, method = self.config, self.config.method
-        self.tokenizer = load_tokenizer(self.student)
-        teacher_tok = load_tokenizer(self.teacher) if self.store is not None else None
-        same = check_alignment(
-            method,
-            self.pairs,
-            student_tokenizer=self.tokenizer,
-            teacher_tokenizer=teacher_tok,
-            store=self.store,
+        toks = load_tokenizers(
+            method, self.pairs, student=self.student, teacher=self.teacher, store=self.store
         )
-        self.same_tokenizer = same if teacher_tok is not None else None
+        self.tokenizer, self.same_tokenizer = toks.student, toks.same
         # Without a store ψ ≡ 0: 'none' keeps tvkd_loss from asking for teacher token stats.
         self.loss_options = loss_options(method, shaping=None if self.store is not None else "none")
         self.pad_id = pad_token_id(self.tokenizer)
@@ -191,23 +159,12 @@ class Trainer:
         self.length = effective_max_length(cfg.max_length, {"student": self.student, "teacher": teacher})
         if self.length.note():
             self.cb.on_event("info", str(self.length.note()), {"max_length": self.length.max_length})
-        kw = {
-            "tokenizer": self.tokenizer,
-            "max_length": self.length.max_length,
-            "truncation_mode": cfg.truncation_mode,
-            "store": self.store,
-            "teacher_tokenizer": teacher_tok,
-            "same_tokenizer": bool(self.same_tokenizer),
-        }
+        kw = toks.pair_options(self.length.max_length, self.store, truncation_mode=cfg.truncation_mode)
         self.train_set, dropped = build_train_pairs(self.pairs, self.train_idx, **kw)
         self.eval_set, dropped_eval = build_train_pairs(self.pairs, self.eval_idx, **kw)
         self.dropped = dropped + dropped_eval
         if self.dropped:
-            rows = ", ".join(str(d["row"]) for d in self.dropped[:20])
-            more = f" and {len(self.dropped) - 20} more" if len(self.dropped) > 20 else ""
-            self.cb.on_event(
-                "warning", f"dropped {len(self.dropped)} pairs (rows {rows}{more})", {"dropped": self.dropped}
-            )
+            self.cb.on_event("warning", dropped_message(self.dropped), {"dropped": self.dropped})
         if not self.train_set:
             raise ValueError(f"no training pair is usable ({len(self.dropped)} dropped; see the events)")
 
@@ -215,7 +172,7 @@ class Trainer:
         cfg = self.config
         self.model = load_causal_lm(self.student, dtype=torch.float32, device=self.device)
         disable_dropout(self.model)
-        self._check_head()
+        check_trainable_head(self.model)
         checkpoints = self.output_dir / CHECKPOINTS
         if not self.resume and checkpoints.exists():
             self.cb.on_event("info", f"fresh start: removing old checkpoints in {checkpoints}")
@@ -223,7 +180,7 @@ class Trainer:
         self._reference_pass()  # before LoRA: π_ref is the initial student
         if cfg.lora:
             self.model = add_lora(self.model, cfg)
-            self._check_head()
+            check_trainable_head(self.model)
         if cfg.gradient_checkpointing:
             set_checkpointing(self.model, True)
         # torch.compile of the decoder for the training step: a wrapper sharing the module's
@@ -251,15 +208,6 @@ class Trainer:
         )
         self.stopped = self.reference_path is None
 
-    def _check_head(self) -> None:
-        problem = head_problem(self.model, softcap_ok=False)
-        if problem is None:
-            return
-        lora_head = unwrap(self.model) is not self.model and problem.startswith("the output head")
-        if lora_head:
-            raise ConfigError("lora_target_modules", f"{problem}: do not put LoRA on lm_head")
-        raise ConfigError("student", f"{problem} (the trainer computes log-probs from a plain linear head)")
-
     def _setup_optimizer(self) -> None:
         cfg = self.config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -269,17 +217,21 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
 
     def _restore_latest(self) -> None:
-        ckpt = ckpt_io.latest_checkpoint(self.output_dir)
-        if ckpt is None:
+        found = ckpt_io.restore_latest(
+            self.output_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            device=self.device,
+            config=self.config.to_dict(),
+        )
+        if found is None:
             self.cb.on_event("info", f"no checkpoint in {self.output_dir}: starting from step 0")
             return
-        state = ckpt_io.load_checkpoint(
-            ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device
-        )
+        ckpt, state, changed = found
         self.step = self.resumed_from = int(state["step"])
         self.window, self.tokens_seen = list(state["window"]), int(state["tokens_seen"])
         self.last_checkpoint = ckpt
-        changed = sorted(k for k, v in self.config.to_dict().items() if state["config"].get(k) != v)
         if changed:
             self.cb.on_event(
                 "warning",
