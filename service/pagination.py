@@ -8,12 +8,16 @@ shift nor duplicate anything, and a page costs the same deep in the list as at i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from service.errors import invalid
 
 T = TypeVar("T")
 
@@ -42,3 +46,41 @@ def before(created_col: Any, id_col: Any, created: Any, ident: Any) -> ColumnEle
     breaking ties between rows created in the same microsecond. Written as OR/AND rather than a
     row-value comparison so that both SQLite and PostgreSQL use the (owner, created_at, id) index."""
     return or_(created_col < created, and_(created_col == created, id_col < ident))
+
+
+def newest_first(
+    session: Session,
+    query: Select[Any],
+    created_col: Any,
+    key_col: Any,
+    *,
+    after: str | None,
+    limit: int,
+    noun: str,
+    cursor_where: ColumnElement[bool] | None = None,
+    key_pattern: re.Pattern[str] | None = None,
+) -> Page[Any]:
+    """One page of `query`'s rows, newest first by (created_col, key_col), after the row whose
+    key is `after`. The cursor row is looked up with `cursor_where` too (e.g. the owner's rows
+    only); an `after` that matches no such row (or not `key_pattern`) is a 422 naming `noun`."""
+    if after is not None:
+        cursor = None
+        if key_pattern is None or key_pattern.match(after):
+            lookup = select(created_col, key_col).where(key_col == after)
+            if cursor_where is not None:
+                lookup = lookup.where(cursor_where)
+            cursor = session.execute(lookup).first()
+        if cursor is None:
+            raise invalid("after", f"no {noun} {after!r} to page after", code="invalid_cursor")
+        query = query.where(before(created_col, key_col, cursor[0], cursor[1]))
+    rows = session.scalars(query.order_by(created_col.desc(), key_col.desc()).limit(limit + 1)).all()
+    return Page.of(rows, limit)
+
+
+def oldest_first(
+    session: Session, query: Select[Any], id_col: Any, *, after: int | None, limit: int
+) -> Page[Any]:
+    """One page of `query`'s rows in id order (the order they were written), after id `after`."""
+    if after is not None:
+        query = query.where(id_col > after)
+    return Page.of(session.scalars(query.order_by(id_col).limit(limit + 1)).all(), limit)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from service import models as db
 from service.deps import ID_RE, OwnerDep, SessionDep, SettingsDep, checked_id, in_one_thread
 from service.errors import APIError, invalid, not_found
-from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
+from service.pagination import DEFAULT_LIMIT, LimitQuery, newest_first
 from service.schemas import Dataset, DatasetList, error_responses
 from service.settings import Settings
 from service.uploads import ReceivedFile, incoming_dir, receive_file
@@ -182,21 +182,17 @@ def list_datasets(
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> DatasetList:
     query = select(db.Dataset).where(db.Dataset.owner_id == owner)
-    if after is not None:
-        cursor = None
-        if ID_RE.match(after):
-            cursor = session.execute(
-                select(db.Dataset.created_at, db.Dataset.id).where(
-                    db.Dataset.id == after, db.Dataset.owner_id == owner
-                )
-            ).first()
-        if cursor is None:
-            raise invalid("after", f"no dataset {after!r} to page after", code="invalid_cursor")
-        query = query.where(before(db.Dataset.created_at, db.Dataset.id, cursor.created_at, cursor.id))
-    rows = session.scalars(
-        query.order_by(db.Dataset.created_at.desc(), db.Dataset.id.desc()).limit(limit + 1)
-    ).all()
-    page = Page.of(rows, limit)
+    page = newest_first(
+        session,
+        query,
+        db.Dataset.created_at,
+        db.Dataset.id,
+        after=after,
+        limit=limit,
+        noun="dataset",
+        cursor_where=db.Dataset.owner_id == owner,
+        key_pattern=ID_RE,
+    )
     return DatasetList(
         data=[dataset_view(d) for d in page.rows],
         has_more=page.has_more,

@@ -26,7 +26,7 @@ from service.deps import ID_RE, OwnerDep, RedactorDep, SessionDep, SettingsDep, 
 from service.errors import APIError, invalid, not_found
 from service.hyperparams import INT_MAX
 from service.jobstate import JobStateError, add_event, mark_sent, new_job, request_cancel
-from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
+from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, newest_first, oldest_first
 from service.schemas import (
     CheckpointList,
     EventList,
@@ -268,17 +268,17 @@ def list_jobs(
     query = select(db.Job).where(db.Job.owner_id == owner)
     if status is not None:
         query = query.where(db.Job.status == status)
-    if after is not None:
-        cursor = None
-        if ID_RE.match(after):
-            cursor = session.execute(
-                select(db.Job.created_at, db.Job.id).where(db.Job.id == after, db.Job.owner_id == owner)
-            ).first()
-        if cursor is None:
-            raise invalid("after", f"no job {after!r} to page after", code="invalid_cursor")
-        query = query.where(before(db.Job.created_at, db.Job.id, cursor.created_at, cursor.id))
-    rows = session.scalars(query.order_by(db.Job.created_at.desc(), db.Job.id.desc()).limit(limit + 1)).all()
-    page = Page.of(rows, limit)
+    page = newest_first(
+        session,
+        query,
+        db.Job.created_at,
+        db.Job.id,
+        after=after,
+        limit=limit,
+        noun="job",
+        cursor_where=db.Job.owner_id == owner,
+        key_pattern=ID_RE,
+    )
     return JobList(
         data=jobs_response(session, page.rows, redactor, owner),
         has_more=page.has_more,
@@ -332,10 +332,7 @@ def list_events(
 ) -> EventList:
     _check_owned(session, owner, job_id)
     query = select(db.JobEvent).where(db.JobEvent.job_id == job_id)
-    if after is not None:
-        query = query.where(db.JobEvent.id > after)
-    rows = session.scalars(query.order_by(db.JobEvent.id).limit(limit + 1)).all()
-    page = Page.of(rows, limit)
+    page = oldest_first(session, query, db.JobEvent.id, after=after, limit=limit)
     return EventList(
         data=events_response(session, list(page.rows), redactor, owner, job_id),
         has_more=page.has_more,
@@ -378,10 +375,7 @@ def list_metrics(
 ) -> MetricList:
     _check_owned(session, owner, job_id)
     query = _metric_query(job_id, split, name, after_step)
-    if after is not None:
-        query = query.where(db.MetricPoint.id > after)
-    rows = session.scalars(query.order_by(db.MetricPoint.id).limit(limit + 1)).all()
-    page = Page.of(rows, limit)
+    page = oldest_first(session, query, db.MetricPoint.id, after=after, limit=limit)
     return MetricList(
         data=[metric_view(m) for m in page.rows],
         has_more=page.has_more,
@@ -434,10 +428,7 @@ def list_checkpoints(
 ) -> CheckpointList:
     _check_owned(session, owner, job_id)
     query = select(db.Checkpoint).where(db.Checkpoint.job_id == job_id)
-    if after is not None:
-        query = query.where(db.Checkpoint.id > after)
-    rows = session.scalars(query.order_by(db.Checkpoint.id).limit(limit + 1)).all()
-    page = Page.of(rows, limit)
+    page = oldest_first(session, query, db.Checkpoint.id, after=after, limit=limit)
     return CheckpointList(
         data=[checkpoint_view(c) for c in page.rows],
         has_more=page.has_more,

@@ -13,8 +13,7 @@ from sqlalchemy import or_, select
 
 from service import models as db
 from service.deps import OwnerDep, RedactorDep, SessionDep, in_one_thread
-from service.errors import invalid
-from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, before
+from service.pagination import DEFAULT_LIMIT, LimitQuery, newest_first
 from service.schemas import PrecomputeList, error_responses
 from service.views import precompute_view
 
@@ -41,19 +40,15 @@ def list_precomputes(
     mine = select(db.Job.id).where(db.Job.owner_id == owner)
     used = select(db.Job.precompute_key).where(db.Job.owner_id == owner, db.Job.precompute_key.is_not(None))
     query = select(db.Precompute).where(or_(db.Precompute.job_id.in_(mine), db.Precompute.key.in_(used)))
-    if after is not None:
-        cursor = session.execute(
-            select(db.Precompute.created_at, db.Precompute.key).where(db.Precompute.key == after)
-        ).first()
-        if cursor is None:
-            raise invalid("after", f"no precompute {after!r} to page after", code="invalid_cursor")
-        query = query.where(
-            before(db.Precompute.created_at, db.Precompute.key, cursor.created_at, cursor.key)
-        )
-    rows = session.scalars(
-        query.order_by(db.Precompute.created_at.desc(), db.Precompute.key.desc()).limit(limit + 1)
-    ).all()
-    page = Page.of(rows, limit)
+    page = newest_first(
+        session,
+        query,
+        db.Precompute.created_at,
+        db.Precompute.key,
+        after=after,
+        limit=limit,
+        noun="precompute",
+    )
     # A store may have been computed by another key's job: its id is not shown (only that it exists).
     computed_by = {p.job_id for p in page.rows if p.job_id}
     own = (

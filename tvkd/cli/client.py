@@ -102,13 +102,18 @@ def _settings(args: argparse.Namespace) -> tuple[str, str]:
     return url, key
 
 
-def _client(args: argparse.Namespace) -> Any:
+def connect(url: str, key: str, *, timeout: float = 60) -> Any:
+    """The one HTTP client of the API for the command line (`tvkd job ...`, `tvkd demo`): an
+    `httpx.Client` on `url` with the key as a bearer token. Raises ClientError without httpx."""
     try:
         import httpx
     except ImportError as exc:
         raise ClientError("the API client needs the service extra: pip install 'tvkd[service]'", 2) from exc
-    url, key = _settings(args)
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    return connect(*_settings(args))
 
 
 def describe_error(response: Any) -> str:
@@ -126,7 +131,7 @@ def describe_error(response: Any) -> str:
         return f"{response.status_code} {response.reason_phrase}: {response.text[:500]}"
 
 
-def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
+def call(client: Any, method: str, path: str, **kw: Any) -> Any:
     import httpx
 
     try:
@@ -197,7 +202,7 @@ def watch(client: Any, job_id: str, *, bar: bool, quiet: bool = False) -> dict[s
     tty = bar and sys.stdout.isatty() and not quiet
     last = None
     while True:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}")
+        job = call(client, "GET", f"/v1/jobs/{job_id}")
         if quiet:
             pass
         elif tty:
@@ -235,7 +240,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["metadata"] = parse_pairs(args.metadata, "--metadata", json_values=False)
         headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
         with _client(args) as client:
-            job = _call(client, "POST", "/v1/jobs", json=body, headers=headers)
+            job = call(client, "POST", "/v1/jobs", json=body, headers=headers)
             if args.id_only:
                 print(job["id"])
                 if not args.wait:
@@ -265,7 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 params: dict[str, Any] = {"limit": max(1, min(args.limit, 100))}
                 if args.status_filter:
                     params["status"] = args.status_filter
-                page = _call(client, "GET", "/v1/jobs", params=params)
+                page = call(client, "GET", "/v1/jobs", params=params)
                 if args.json:
                     print(json.dumps(page, indent=2))
                 else:
@@ -277,7 +282,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.watch:
                 job = watch(client, args.job_id, bar=True)
                 return 0 if job["status"] == "succeeded" else 1
-            job = _call(client, "GET", f"/v1/jobs/{args.job_id}")
+            job = call(client, "GET", f"/v1/jobs/{args.job_id}")
             if args.json:
                 print(json.dumps(job, indent=2))
             else:
@@ -290,7 +295,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> int:
         with _client(args) as client:
-            job = _call(client, "POST", f"/v1/jobs/{args.job_id}/cancel")
+            job = call(client, "POST", f"/v1/jobs/{args.job_id}/cancel")
             if args.json:
                 print(json.dumps(job, indent=2))
             else:

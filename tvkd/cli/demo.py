@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.statemachine import TERMINAL  # stdlib only: the client stays light
+from tvkd.cli.client import call, connect, describe_error
 
 
 def register(subparsers: Any) -> None:
@@ -91,9 +92,7 @@ def follow(client: Any, job_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
     try:
         while True:
             for name, job_id in job_ids.items():
-                r = client.get(f"/v1/jobs/{job_id}")
-                r.raise_for_status()
-                job = jobs[name] = r.json()
+                job = jobs[name] = call(client, "GET", f"/v1/jobs/{job_id}")
                 frac = job["progress"].get("fraction") or 0.0
                 if job["status"] == "succeeded":
                     frac = 1.0
@@ -128,8 +127,6 @@ def cached_gold(home: Path, model_dir: Path, held_out: list[Any]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import httpx
-
         from service.settings import Settings
         from tvkd.cli.up import start_stack
     except ImportError:
@@ -151,13 +148,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if stack.dashboard_url:
             log(f"dashboard: {stack.dashboard_url}   (API {stack.api_url}, key in {home / 'api_key'})")
-        headers = {"Authorization": f"Bearer {stack.api_key}"}
-        with httpx.Client(base_url=stack.api_url, headers=headers, timeout=30) as client:
+        with connect(stack.api_url, stack.api_key, timeout=30) as client:
             job_ids = {}
             for name, body in job_bodies(args, assets, home).items():
                 r = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": idempotency_key(body)})
                 if r.status_code not in (200, 201):
-                    log(f"the API refused job {name}: {r.text}")
+                    log(f"the API refused job {name}: {describe_error(r)}")
                     return 1
                 job_ids[name] = r.json()["id"]
                 log(
