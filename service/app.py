@@ -34,7 +34,17 @@ from service.bodylimit import BodyLimit
 from service.db import is_transient, make_engine, session_factory
 from service.disclosure import Redactor
 from service.errors import APIError, unavailable
-from service.routers import datasets, downloads, health, inspect, jobs, models, precomputes, webhooks
+from service.routers import (
+    datasets,
+    downloads,
+    generations,
+    health,
+    inspect,
+    jobs,
+    models,
+    precomputes,
+    webhooks,
+)
 from service.schemas import error_responses
 from service.settings import Settings
 from service.uploads import prune_incoming
@@ -226,7 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_checks = ModelChecks(trust_remote_code=settings.trust_remote_code)
     app.state.head_revision = health.head_revision()
     app.include_router(health.router)
-    for module in (jobs, downloads, webhooks, datasets, models, precomputes, inspect):
+    for module in (jobs, downloads, webhooks, generations, datasets, models, precomputes, inspect):
         app.include_router(module.router, responses=error_responses(503))
     _install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_json_body_bytes)

@@ -185,7 +185,7 @@ class Artifact(Base):
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(40))  # model, samples, reference, result, adapter
+    kind: Mapped[str] = mapped_column(String(40))  # model, samples, generations, reference, result, adapter
     path: Mapped[str] = mapped_column(Text)  # relative to the artifact root
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

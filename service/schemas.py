@@ -298,6 +298,39 @@ class SampleDetail(BaseModel):
     rejected: InspectSide
 
 
+class AnswerView(BaseModel):
+    text: str
+    gold: bool | None = Field(description="The dataset's gold checker accepts it; null without one.")
+    reward: float | None = Field(description="The reward model's score; null without `reward_model`.")
+    teacher_reward: float | None = Field(
+        description="The teacher's implicit reward Σ log π_φ/π_φref; null without a teacher reference."
+    )
+
+
+class GenerationView(BaseModel):
+    k: int = Field(description="Position in the job's generations.")
+    index: int | None
+    row: int | None
+    prompt: str | list[dict[str, Any]]
+    before: AnswerView = Field(description="The untrained student's greedy answer.")
+    after: AnswerView = Field(description="The trained student's greedy answer.")
+    win: float | None = Field(
+        description="1 when the teacher ranks `after` above `before`, 0 below, 0.5 tie."
+    )
+
+
+class GenerationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[GenerationView]
+    has_more: bool
+    next_after: int | None
+    step: int | None = Field(description="Training step of the answers after training.")
+    max_new_tokens: int | None
+    scorers: dict[str, str | None] = Field(description="Which scorers ran: gold, reward, teacher.")
+    before: dict[str, float] = Field(description="gen/* metrics of the untrained student.")
+    after: dict[str, float] = Field(description="gen/* metrics of the trained student (and gen/win_rate).")
+
+
 class Message(_Strict):
     role: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NoNul)]
     content: Annotated[str, StringConstraints(max_length=20_000, pattern=NoNul)]

@@ -325,6 +325,8 @@ def check_job(
             check_model(settings, checks, name, field=field)
         elif dependencies.check_reference(session, owner_id, name, field=field).status != Status.SUCCEEDED:
             spec.waiting = True
+    if hyperparameters.get("reward_model"):
+        resolve_model(settings, hyperparameters["reward_model"], field="hyperparameters.reward_model")
     return spec
 
 
@@ -360,6 +362,10 @@ def job_spec(settings: Settings, session: Session, job: Job, *, output_dir: str,
     if spec.options.eval_dataset:
         spec.options.eval_dataset = resolve_dataset(
             settings, session, job.owner_id, spec.options.eval_dataset, field="hyperparameters.eval_dataset"
+        )
+    if spec.options.reward_model:
+        spec.options.reward_model = resolve_model(
+            settings, spec.options.reward_model, field="hyperparameters.reward_model"
         )
     return spec
 

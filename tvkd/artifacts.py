@@ -308,6 +308,7 @@ class ResultPaths:
     reference: str | None = None
     samples: str | None = None
     store: str | None = None  # the teacher's value store
+    generations: str | None = None  # generations.json (tvkd.answers), with generation evaluation
 
 
 @dataclass

@@ -477,8 +477,9 @@ class SFTConfig:
 
 @dataclass
 class JobOptions:
-    """Options of one job beyond its training settings: which rows it reads and how, and the
-    teacher's reference model (a model reference, resolved like `teacher`)."""
+    """Options of one job beyond its training settings: which rows it reads and how, the
+    teacher's reference model (a model reference, resolved like `teacher`), the trackers, and
+    what the evaluate stage's generation evaluation does (`tvkd.generation`)."""
 
     teacher_reference: str | None = _help(
         "The model the teacher was DPO-trained from (e.g. its SFT checkpoint; same tokenizer as "
@@ -500,6 +501,17 @@ class JobOptions:
         "`report_to`); where their runs go is the machine's setting (README: Experiment trackers).",
         default_factory=list,
         choices=REPORTERS,
+    )
+    gen_prompts: int = _help(
+        "Held-out prompts the evaluate stage answers greedily before and after training, scored "
+        "into gen/gold_accuracy, gen/reward and gen/win_rate (0: no generation evaluation).",
+        default=0,
+        ge=0,
+        le=256,
+    )
+    gen_max_new_tokens: int = _help("Longest greedy answer, in student tokens.", default=64, ge=1, le=1024)
+    reward_model: str | None = _help(
+        "A Hugging Face sequence-classification folder that scores the answers (gen/reward).", default=None
     )
 
     def __post_init__(self) -> None:

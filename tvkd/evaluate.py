@@ -26,11 +26,13 @@ from typing import Any
 import torch
 
 from tvkd.alignment import check_store, load_tokenizers
+from tvkd.answers import GENERATIONS_FILE, GenerationsFile
 from tvkd.artifacts import SAMPLES_FILE
 from tvkd.batch import Batch, TrainPair, build_train_pairs, collate, policy_logps
 from tvkd.callbacks import Callbacks
 from tvkd.config import TrainConfig
 from tvkd.data import PreferencePair
+from tvkd.generation import GenerationOptions, evaluate_generation
 from tvkd.losses import PairTerms, loss_and_metrics, loss_options, pair_terms
 from tvkd.modeling import disable_dropout, pad_token_id
 from tvkd.models import load_causal_lm
@@ -105,8 +107,12 @@ class Evaluator:
     Assumed: `output_dir` is the folder a completed `Trainer.train` wrote (the model folder and
     `reference.safetensors`), `store` the value store it trained with (None when the method uses
     no teacher), `step` the step it stopped at.
-    Raises: `tvkd.models.ModelError` when the model folder cannot be loaded; `ValueError` when the
-    reference log-probs are missing or were made for another run; `ConfigError` as `Trainer.setup`.
+    With `generation` enabled it also answers held-out prompts before and after training
+    (`tvkd.generation`; `records`: each held-out pair's source row, by pair index, where a row
+    declares its gold checker).
+    Raises: `tvkd.models.ModelError` when the model folder (or a scorer's) cannot be loaded;
+    `ValueError` when the reference log-probs are missing or were made for another run;
+    `ConfigError` as `Trainer.setup`.
     """
 
     def __init__(
@@ -122,8 +128,12 @@ class Evaluator:
         step: int,
         device: str | torch.device = "cpu",
         callbacks: Callbacks | None = None,
+        generation: GenerationOptions | None = None,
+        records: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> None:
         self.config = config
+        self.generation = generation or GenerationOptions()
+        self.records = dict(records or {})
         self.student, self.teacher = str(student), (str(teacher) if teacher is not None else None)
         self.pairs, self.eval_idx, self.store = pairs, list(eval_idx), store
         self.output_dir = Path(output_dir)
@@ -175,8 +185,16 @@ class Evaluator:
                 self.device,
                 bf16=cfg.bf16,
             )
-            self.cb.on_metrics(self.step, metrics, "eval")
             samples = self.write_samples()
+        before, generations = {}, None
+        if self.generation.enabled and self.eval_set:
+            doc = self.generate()
+            before, generations = doc.before, self.output_dir / GENERATIONS_FILE
+            if before:
+                self.cb.on_metrics(0, before, "eval")  # the untrained student
+            metrics = {**metrics, **doc.after}
+        if metrics:
+            self.cb.on_metrics(self.step, metrics, "eval")
         return EvalResult(
             step=self.step,
             metrics=metrics,
@@ -184,6 +202,29 @@ class Evaluator:
             eval_pairs=len(self.eval_set),
             dropped=self.dropped,
             seconds=time.perf_counter() - t0,
+            generations_path=str(generations) if generations else None,
+            before_metrics=before,
+        )
+
+    def generate(self) -> GenerationsFile:
+        """generations.json: greedy answers before and after training, scored."""
+        options = self.generation
+        self.cb.on_stage("generate", {"prompts": min(options.prompts, len(self.eval_set))})
+
+        def untrained() -> Any:
+            return load_causal_lm(self.student, dtype=torch.float32, device=self.device)
+
+        return evaluate_generation(
+            self.output_dir,
+            options=options,
+            after_model=self.model,
+            before_model=untrained,
+            tokenizer=self.tokenizer,
+            held_out=self.eval_set,
+            pairs=self.pairs,
+            records=self.records,
+            step=self.step,
+            device=self.device,
         )
 
     def write_samples(self) -> Path | None:

@@ -36,6 +36,7 @@ __all__ = [
     "TINY_SPECIAL_TOKENS",
     "TOKENIZER_FILES",
     "build_tiny_model",
+    "build_tiny_reward_model",
     "derive_student",
     "evenly_spaced_layers",
 ]
@@ -188,6 +189,23 @@ def build_tiny_model(
             "tie_word_embeddings": tie_word_embeddings,
         },
     )
+    return out
+
+
+def build_tiny_reward_model(out_dir: str | Path, *, seed: int = 3) -> Path:
+    """A tiny Llama sequence classifier (one label: a reward model, random weights) with the tiny
+    tokenizer of `build_tiny_model`, offline; for tests of reward-model scoring."""
+    import torch
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    out = build_tiny_model(out_dir, seed=seed)
+    config = AutoConfig.from_pretrained(out)
+    config.num_labels, config.architectures = 1, ["LlamaForSequenceClassification"]
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config).to(torch.float32).eval()
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    model.save_pretrained(out)
     return out
 
 

@@ -26,6 +26,7 @@ from tvkd.completions import load_completions
 from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig, flat_settings
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.evaluate import EvalResult, Evaluator
+from tvkd.generation import generation_options, held_out_records
 from tvkd.sft import SFTTrainer, evaluate_saved
 from tvkd.store import ValueStore
 from tvkd.teacher_check import teacher_check
@@ -421,9 +422,10 @@ def evaluate(
     trackers: TrackerSettings | None = None,
 ) -> EvalResult:
     """Held-out metrics and samples.json of the model folder `train` saved at step `step`
-    (`store`: the one training used, None without a teacher); for an "sft" job the held-out
-    mean NLL (`tvkd.sft.evaluate_saved`). The job's trackers get the held-out metrics in the run
-    the train stage started, which ends here with the model folder's path."""
+    (`store`: the one training used, None without a teacher), and with `gen_prompts` the
+    generation evaluation (generations.json); for an "sft" job the held-out mean NLL
+    (`tvkd.sft.evaluate_saved`; no generation evaluation). The job's trackers get the held-out
+    metrics in the run the train stage started, which ends here with the model folder's path."""
     tracker, callbacks = _open_trackers(spec, trackers, callbacks, resume_at=step)
     result: EvalResult | None = None
     try:
@@ -449,6 +451,7 @@ def _evaluate(
             device=spec.device,
             callbacks=callbacks,
         )
+    generation = generation_options(spec)
     evaluator = Evaluator(
         spec.train,
         student=spec.student,
@@ -460,6 +463,8 @@ def _evaluate(
         step=step,
         device=spec.device,
         callbacks=callbacks,
+        generation=generation,
+        records=held_out_records(spec, prepared.pairs, prepared.eval_idx) if generation.enabled else None,
     )
     try:
         evaluator.setup()
@@ -503,6 +508,8 @@ def run_job(
         store = pre.store if pre is not None else None
         evaluation = evaluate(spec, prepared, store, cb, step=result.steps, trackers=trackers)
         timings["evaluate"] = time.perf_counter() - t
+        if evaluation.before_metrics:  # the generation evaluation's untrained student
+            result.history.append({"step": 0, "split": "eval", **evaluation.before_metrics})
         if evaluation.metrics:
             result.history.append({"step": result.steps, "split": "eval", **evaluation.metrics})
     record = ResultFile(
@@ -517,6 +524,7 @@ def run_job(
             checkpoint=result.checkpoint if result else None,
             reference=result.reference_path if result else None,
             samples=evaluation.samples_path if evaluation else None,
+            generations=evaluation.generations_path if evaluation else None,
             store=str(pre.store.path) if pre else None,
         ),
         data={**prepared.summary(), "dropped_in_training": result.dropped if result else []},

@@ -5,7 +5,7 @@ disk for other processes is `tvkd.artifacts`' (result.json, samples.json).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -40,11 +40,13 @@ class EvalResult:
     """What `Evaluator.run` measured and wrote (paths as str)."""
 
     step: int  # the training step the model folder was saved at
-    metrics: dict[str, float]  # the held-out metrics ({} without held-out pairs)
+    metrics: dict[str, float]  # held-out metrics, gen/* after training too ({} without held-out pairs)
     samples_path: str | None
     eval_pairs: int
     dropped: list[dict[str, Any]]
     seconds: float
+    generations_path: str | None = None  # generations.json (with generation evaluation)
+    before_metrics: dict[str, float] = field(default_factory=dict)  # gen/* of the untrained student
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,9 +13,10 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
   batch_size and doubles grad_accum (same effective batch, same data order) and retries from
   the last checkpoint, a few times.
 - evaluate: `pipeline.evaluate` loads the saved model folder (on the `train` queue: it needs the
-  model on the device) and writes the held-out metrics (reported with split "eval") and the
-  per-token samples; then result.json, the artifacts and the job's result. Out-of-memory
-  retries with a smaller batch, as in train.
+  model on the device) and writes the held-out metrics (reported with split "eval"), the
+  per-token samples and, with `gen_prompts`, the answers before and after training
+  (generations.json; gen/* metrics at step 0 and at the last step); then result.json, the
+  artifacts and the job's result. Out-of-memory retries with a smaller batch, as in train.
 
 Every stage loads the spec the job stored at submit (`job.spec`, validated then; its names are
 resolved again under this worker's roots). Validate writes what it prepared (`prepared.json` in
@@ -509,6 +510,8 @@ def run_evaluate(ctx: StageContext) -> Outcome:
             "eval_pairs": evaluation.eval_pairs,
             "dropped_pairs": len(evaluation.dropped),
             "seconds": evaluation.seconds,
+            "generations": ctx.rel(evaluation.generations_path),
+            "before_metrics": evaluation.before_metrics,  # gen/* of the untrained student
         },
     }
     record = ResultFile(
@@ -523,6 +526,7 @@ def run_evaluate(ctx: StageContext) -> Outcome:
             checkpoint=train.get("checkpoint"),
             reference=train.get("reference"),
             samples=result["samples"],
+            generations=ctx.rel(evaluation.generations_path),
             store=(previous.get("precompute") or {}).get("path"),
         ),
         data=previous.get("validate"),
@@ -544,6 +548,7 @@ def run_evaluate(ctx: StageContext) -> Outcome:
         {
             "model": model_dir,
             "samples": samples,
+            "generations": evaluation.generations_path,
             "reference": out / "reference.safetensors",
             "adapter": out / "adapter",
             "result": result_path,

@@ -247,13 +247,14 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.25, what: str = "
 
 @pytest.fixture(scope="session")
 def tiny_assets(service_home: Path) -> dict[str, str]:
-    """A tiny teacher and student under the model root and a learnable dataset under the data root;
-    names are relative to the roots, as API users give them."""
-    from tvkd.model_prep import build_tiny_model
+    """A tiny teacher and student (and a reward model, `rm`) under the model root and a learnable
+    dataset under the data root; names are relative to the roots, as API users give them."""
+    from tvkd.model_prep import build_tiny_model, build_tiny_reward_model
     from tvkd.tasks import generate, split, write_jsonl
 
     build_tiny_model(service_home / "models" / "teacher", seed=1)
     build_tiny_model(service_home / "models" / "student", seed=2)
+    build_tiny_reward_model(service_home / "models" / "rm", seed=3)
     train, held_out = split(generate(48, seed=0), eval_count=8)
     write_jsonl(train + held_out, service_home / "data" / "tasks.jsonl")
     return {"teacher": "teacher", "student": "student", "dataset": "tasks.jsonl"}

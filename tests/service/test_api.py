@@ -148,6 +148,7 @@ V1_ROUTES = [
     ("GET", "/v1/jobs/job_0123456789abcdef01234567/checkpoints"),
     ("GET", "/v1/jobs/job_0123456789abcdef01234567/samples"),
     ("GET", "/v1/jobs/job_0123456789abcdef01234567/samples/0"),
+    ("GET", "/v1/jobs/job_0123456789abcdef01234567/generations"),
     ("GET", "/v1/datasets"),
     ("POST", "/v1/datasets"),
     ("GET", "/v1/models"),
@@ -380,6 +381,20 @@ BAD_REQUESTS: list[tuple[str, BadCase, str, str | None]] = [
         "path_outside_roots",
     ),
     ("limit zero", _hp(limit=0), "hyperparameters.limit", None),
+    (
+        "reward model out of the root",
+        _hp(reward_model="../outside/model"),
+        "hyperparameters.reward_model",
+        "invalid_model",
+    ),
+    (
+        "reward model not found",
+        _hp(reward_model="no-such-rm"),
+        "hyperparameters.reward_model",
+        "invalid_model",
+    ),
+    ("too many generation prompts", _hp(gen_prompts=257), "hyperparameters.gen_prompts", None),
+    ("no new tokens", _hp(gen_max_new_tokens=0), "hyperparameters.gen_max_new_tokens", None),
 ]
 
 

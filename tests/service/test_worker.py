@@ -222,7 +222,9 @@ def test_submit_succeeds(
 ) -> None:
     workers.ensure_one()
     t0 = time.monotonic()
-    job_id = submit(api, tiny_assets)
+    # With the generation evaluation: the 2 held-out prompts answered before and after, scored by
+    # the dataset's gold checker and a reward model under the model root.
+    job_id = submit(api, tiny_assets, gen_prompts=2, gen_max_new_tokens=4, reward_model="rm")
     job = wait_status(api, job_id, {"succeeded"}, timeout=45, pool=workers)
     assert time.monotonic() - t0 < 45
     artifacts = service_home / "artifacts"
@@ -236,6 +238,8 @@ def test_submit_succeeds(
         samples = c.get(f"/v1/jobs/{job_id}/samples").json()["data"]
         ckpts = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
         evs = c.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+        generations = c.get(f"/v1/jobs/{job_id}/generations", params={"limit": 1}).json()
+        more = c.get(f"/v1/jobs/{job_id}/generations", params={"after": 0}).json()
     assert {m["split"] for m in metrics} == {"train", "eval", "teacher"}  # teacher: the teacher check
     assert train_steps(db, job_id) == [1, 2, 3, 4, 5, 6]
     assert samples and samples[0]["chosen"]["tokens"] > 0
@@ -251,11 +255,20 @@ def test_submit_succeeds(
     assert scored and scored[-1]["stage"] == "evaluate"
     final = [m for m in metrics if m["split"] == "eval" and m["step"] == 6]
     assert final and job["result"]["eval_metrics"]["pairs"] == job["result"]["evaluate"]["eval_pairs"] > 0
+    # The answers, paged: before beside after, scored; gen/* before at step 0, after at step 6.
+    assert [g["k"] for g in generations["data"] + more["data"]] == [0, 1] and generations["has_more"]
+    assert generations["scorers"] == {"gold": "declared by the dataset", "reward": "rm", "teacher": None}
+    for g in generations["data"] + more["data"]:
+        for when in ("before", "after"):
+            assert isinstance(g[when]["gold"], bool) and isinstance(g[when]["reward"], float)
+    gen = {(m["step"], m["name"]): m["value"] for m in metrics if m["name"].startswith("gen/")}
+    assert gen[(0, "gen/reward")] == pytest.approx(generations["before"]["gen/reward"])
+    assert gen[(6, "gen/gold_accuracy")] == pytest.approx(generations["after"]["gen/gold_accuracy"])
     with db() as s:
         kinds = set(s.scalars(select(Artifact.kind).where(Artifact.job_id == job_id)))
         row = s.get(Job, job_id)
         assert row is not None and row.lease_token is None and row.progress_done == row.progress_total == 1
-    assert {"model", "samples", "reference", "result"} <= kinds
+    assert {"model", "samples", "generations", "reference", "result"} <= kinds
     # result.json, read through the one reader: the worker writes the contract's current version.
     from tvkd.artifacts import RESULT_VERSION, read_result, read_samples
 
