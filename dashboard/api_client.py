@@ -144,6 +144,9 @@ class ApiClient:
     def samples(self, job_id: str, *, after: int | None = None, limit: int = 20) -> Any:
         return self.get(f"/v1/jobs/{job_id}/samples", after=after, limit=limit)
 
+    def generations(self, job_id: str, *, after: int | None = None, limit: int = 20) -> Any:
+        return self.get(f"/v1/jobs/{job_id}/generations", after=after, limit=limit)
+
     def sample(self, job_id: str, k: int) -> dict[str, Any]:
         return self.get(f"/v1/jobs/{job_id}/samples/{k}")
 

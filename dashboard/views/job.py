@@ -1,5 +1,6 @@
-"""Job: one job's state, stage timeline, metric curves, event log, checkpoints and model folder,
-with a cancel button; refreshed every few seconds while it runs."""
+"""Job: one job's state, stage timeline, metric curves, event log, checkpoints, the answers to
+held-out prompts before beside after training (with `gen_prompts`) and model folder, with a
+cancel button; refreshed every few seconds while it runs."""
 
 from __future__ import annotations
 
@@ -280,6 +281,70 @@ def download(client: ApiClient, job: dict[str, Any]) -> None:
         )
 
 
+GEN_METRICS = ("gen/gold_accuracy", "gen/reward", "gen/teacher_reward", "gen/win_rate")
+ANSWERS_PER_PAGE = 20
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, list):  # chat messages: the last user turn is the question
+        return str(prompt[-1].get("content", "")) if prompt else ""
+    return str(prompt)
+
+
+def _verdict(gold: bool | None) -> str:
+    return "—" if gold is None else ("✓" if gold else "✗")
+
+
+def answers(client: ApiClient, job: dict[str, Any]) -> None:
+    """The evaluate stage's greedy answers to held-out prompts, before beside after, scored."""
+    pager = CursorPager(f"answers:{job['id']}", ANSWERS_PER_PAGE)
+    try:
+        page = client.generations(job["id"], after=pager.after, limit=ANSWERS_PER_PAGE)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        st.caption(
+            "No answers: the evaluate stage answers held-out prompts when the job sets `gen_prompts` "
+            "(scored by the dataset's gold checker, `reward_model` and the teacher's implicit reward)."
+        )
+        return
+    rows = [
+        {"metric": name, "before": number(page["before"].get(name)), "after": number(page["after"].get(name))}
+        for name in GEN_METRICS
+        if name in page["before"] or name in page["after"]
+    ]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="gen-metrics")
+    scorers = ", ".join(f"{k}: {v}" for k, v in page["scorers"].items() if v) or "none"
+    st.caption(
+        f"Greedy answers (at most {page['max_new_tokens']} new tokens) of the student before training "
+        f"and at step {page['step']}. Scorers: {scorers}. Gold ✓/✗: the dataset's checker; "
+        "win: the teacher ranks the answer after above the one before (½ a tie)."
+    )
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "prompt": _prompt_text(g["prompt"]),
+                    "before": g["before"]["text"],
+                    "gold before": _verdict(g["before"]["gold"]),
+                    "reward before": number(g["before"]["reward"]),
+                    "after": g["after"]["text"],
+                    "gold after": _verdict(g["after"]["gold"]),
+                    "reward after": number(g["after"]["reward"]),
+                    "teacher reward before → after": (
+                        f"{number(g['before']['teacher_reward'])} → {number(g['after']['teacher_reward'])}"
+                    ),
+                    "win": number(g["win"]),
+                }
+                for g in page["data"]
+            ]
+        ),
+        hide_index=True,
+        key="answers",
+    )
+    pager.controls(page, noun="answers")
+
+
 def final_metrics(job: dict[str, Any]) -> None:
     result = job.get("result") or {}
     rows = []
@@ -299,7 +364,7 @@ def show(client: ApiClient, job_id: str) -> bool:
     if job.get("model_path"):
         download(client, job)
     final_metrics(job)
-    tabs = st.tabs(["Curves", "Timeline", "Events", "Checkpoints", "Settings"])
+    tabs = st.tabs(["Curves", "Timeline", "Events", "Checkpoints", "Answers", "Settings"])
     with tabs[0]:
         curves(client, job)
     with tabs[1]:
@@ -309,6 +374,8 @@ def show(client: ApiClient, job_id: str) -> bool:
     with tabs[3]:
         checkpoint_list(client, job)
     with tabs[4]:
+        answers(client, job)
+    with tabs[5]:
         st.json({"hyperparameters": job["hyperparameters"], "metadata": job["metadata"]}, expanded=False)
     return is_active(job)
 

@@ -39,7 +39,9 @@ def jobs(api: str, workers: Any, tiny_assets: dict[str, str]) -> Jobs:
     with client(api) as c:
         ids = []
         for alpha in (0.7, 0.0):
-            r = c.post("/v1/jobs", json=job_body(tiny_assets, alpha))
+            # The TVKD job also answers its held-out prompts before and after (the Answers tab).
+            gen = {"gen_prompts": 2, "gen_max_new_tokens": 4, "reward_model": "rm"} if alpha else {}
+            r = c.post("/v1/jobs", json=job_body(tiny_assets, alpha, **gen))
             assert r.status_code == 201, r.text
             ids.append(r.json()["id"])
 

@@ -126,3 +126,24 @@ def test_a_chain_of_jobs_is_shown_on_each_of_its_pages(
         assert c.post(f"/v1/jobs/{dpo['id']}/cancel").status_code == 200
         after = c.get(f"/v1/jobs/{last['id']}").json()
     assert after["status"] == "failed" and after["error"]["code"] == "dependency_failed"
+
+
+def test_answers_before_beside_after(jobs: Jobs, api: str, dashboard_env: str) -> None:
+    # The TVKD job set gen_prompts=2 and a reward model: its Answers tab shows both answers to
+    # each held-out prompt, scored, and the gen/* metrics before → after.
+    with client(api) as c:
+        want = c.get(f"/v1/jobs/{jobs.tvkd['id']}/generations").json()
+    at = open_page("job", job=jobs.tvkd["id"])
+    no_exceptions(at)
+    table = frame_with(at, "gold before")
+    assert len(table) == 2
+    assert list(table["before"]) == [g["before"]["text"] for g in want["data"]]
+    assert list(table["after"]) == [g["after"]["text"] for g in want["data"]]
+    assert set(table["gold after"]) <= {"✓", "✗"} and set(table["win"]) == {"—"}  # no teacher reference
+    metrics = next(e.value for e in at.dataframe if {"metric", "before", "after"} <= set(e.value.columns))
+    gen = metrics[metrics["metric"].str.startswith("gen/")]
+    assert list(gen["metric"]) == ["gen/gold_accuracy", "gen/reward"]
+    # A job without generation evaluation says how to turn it on.
+    at = open_page("job", job=jobs.dpo["id"])
+    no_exceptions(at)
+    assert "the evaluate stage answers held-out prompts when the job sets `gen_prompts`" in texts(at)
