@@ -116,3 +116,11 @@ def test_levers_smoke(tmp_path):
         "torch.compile",
     ):
         assert name in out
+
+    assert (tmp_path / "out" / "gpu.json").is_file()  # written to $OUT like on the device
+
+
+def test_generation_eval_smoke(tmp_path):
+    out = _run("generation_eval.py", "--smoke", tmp_path=tmp_path)
+    assert "| generation evaluation | train s | evaluate s |" in out
+    assert "| off |" in out and "2 prompts × 4 tokens, reward model" in out
