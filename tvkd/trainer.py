@@ -185,9 +185,9 @@ class Trainer:
             set_checkpointing(self.model, True)
         # torch.compile of the decoder for the training step: a wrapper sharing the module's
         # weights (checkpoints and the saved model are the plain module's); shapes vary by batch.
-        self.step_decoder = (
-            torch.compile(output_head(self.model)[0], dynamic=True) if cfg.torch_compile else None
-        )
+        # (SFTConfig has no such lever: its step is its own.)
+        compile_step = getattr(cfg, "torch_compile", False)
+        self.step_decoder = torch.compile(output_head(self.model)[0], dynamic=True) if compile_step else None
         self.model.train()
 
     def _reference_pass(self) -> None:
