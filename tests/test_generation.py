@@ -166,3 +166,45 @@ def test_job_scores_answers_before_and_after_training(train_models, reward_model
     assert record["eval_metrics"][GOLD] == doc.after[GOLD] and "rewards/accuracies" in record["eval_metrics"]
     evals = [h for h in record["train"]["history"] if h["split"] == "eval"]
     assert evals[0] == {"step": 0, "split": "eval", **doc.before}
+
+
+def test_teacher_reference_judges_before_against_after(train_models, tmp_path):
+    """With a teacher and its reference, every answer gets the implicit reward and each prompt a
+    win: after beats before by the teacher's ranking (the two 'students' here are two models)."""
+    from tvkd.answers import TEACHER_REWARD
+    from tvkd.batch import build_train_pairs
+    from tvkd.generation import GenerationOptions, evaluate_generation
+
+    tok = load_tokenizer(train_models["student"])
+    pairs = [conv_pair(q) for q in ("What is 2 + 3?", "Sort 3, 1, 2.", "Spell 12.")]
+    held_out, _ = build_train_pairs(pairs, range(3), tokenizer=tok, max_length=64)
+    options = GenerationOptions(
+        prompts=3,
+        max_new_tokens=5,
+        teacher=train_models["teacher"],
+        teacher_reference=train_models["student"],
+        max_length=64,
+    )
+    doc = evaluate_generation(
+        tmp_path,
+        options=options,
+        after_model=load_causal_lm(train_models["teacher"]),
+        before_model=lambda: load_causal_lm(train_models["student"]),
+        tokenizer=tok,
+        held_out=held_out,
+        pairs=pairs,
+        records={},
+        step=1,
+    )
+    judge = ImplicitReward(train_models["teacher"], train_models["student"], max_length=64 + 20)
+    for g, pair in zip(doc.generations, pairs, strict=True):
+        want = judge.rewards([(pair, g.before.text), (pair, g.after.text)])
+        assert [g.before.teacher_reward, g.after.teacher_reward] == pytest.approx(want, abs=1e-6)
+        assert g.win == win(g.before.teacher_reward, g.after.teacher_reward)
+        assert g.before.gold is None and g.before.reward is None  # no checker, no reward model
+    assert doc.scorers == {"gold": None, "reward": None, "teacher": "implicit"}
+    assert doc.after[WIN_RATE] == pytest.approx(sum(g.win for g in doc.generations) / 3)
+    assert doc.before[TEACHER_REWARD] == pytest.approx(
+        sum(g.before.teacher_reward for g in doc.generations) / 3
+    )
+    assert read_generations(tmp_path).after == doc.after

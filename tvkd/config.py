@@ -565,11 +565,17 @@ def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {**train.pop("method", {}), **train, **settings["options"]}
 
 
+NOT_SFT_OPTIONS = frozenset(
+    {"precompute_bf16", "teacher_reference", "gen_prompts", "gen_max_new_tokens", "reward_model"}
+)
+
+
 def split_sft_settings(flat: Mapping[str, Any]) -> tuple[SFTConfig, JobOptions]:
     """`split_settings` for an "sft" job: each key to the SFTConfig or JobOptions field of its
-    name (precompute_bf16 and teacher_reference are not SFT options). Raises ConfigError naming
-    an unknown or invalid setting (a TVKD method setting such as alpha included)."""
-    names = {f.name for f in dataclasses.fields(JobOptions)} - {"precompute_bf16", "teacher_reference"}
+    name (precompute_bf16, teacher_reference and the generation evaluation's options are not SFT
+    options). Raises ConfigError naming an unknown or invalid setting (a TVKD method setting such
+    as alpha included)."""
+    names = {f.name for f in dataclasses.fields(JobOptions)} - NOT_SFT_OPTIONS
     _refuse_unknown(flat, names | {f.name for f in dataclasses.fields(SFTConfig)})
     options = JobOptions.from_dict({k: v for k, v in flat.items() if k in names})
     return SFTConfig.from_dict({k: v for k, v in flat.items() if k not in names}), options

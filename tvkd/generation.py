@@ -73,7 +73,7 @@ def generation_options(spec: JobSpec) -> GenerationOptions:
         max_new_tokens=options.gen_max_new_tokens,
         reward_model=options.reward_model,
         teacher=spec.teacher,
-        teacher_reference=None,
+        teacher_reference=options.teacher_reference,
         max_length=spec.train.max_length,
         batch_size=spec.train.batch_size,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tvkd.cli.train import _device, add_config_flags, build_options, execute
-from tvkd.config import ConfigError, JobOptions, JobSpec, SFTConfig, config_fields
+from tvkd.config import NOT_SFT_OPTIONS, ConfigError, JobOptions, JobSpec, SFTConfig, config_fields
 
 
 def register(subparsers: Any) -> None:
@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     add_config_flags(
         p.add_argument_group("job options (JobOptions)"),
         JobOptions,
-        skip=("precompute_bf16", "teacher_reference"),
+        skip=tuple(NOT_SFT_OPTIONS),
         aliases={"eval_dataset": "--eval-data"},
     )
     add_config_flags(p.add_argument_group("training (SFTConfig)"), SFTConfig)
