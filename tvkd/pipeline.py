@@ -347,6 +347,18 @@ def train(
     The job's `report_to` trackers (tvkd/trackers.py) get the metrics, the settings and the final
     model's path; `trackers` says where their runs go (default: `TrackerSettings.for_output`)."""
     tracker, callbacks = _open_trackers(spec, trackers, callbacks)
+    result: TrainResult | None = None
+    try:
+        result = _train(spec, prepared, store, callbacks, resume)
+        return result
+    finally:
+        if tracker is not None:
+            tracker.close(result.model_dir if result else None, result.status if result else "failed")
+
+
+def _train(
+    spec: JobSpec, prepared: Prepared, store: ValueStore | None, callbacks: Callbacks | None, resume: bool
+) -> TrainResult:
     if isinstance(spec.train, SFTConfig):
         return _run(
             SFTTrainer(
@@ -359,8 +371,7 @@ def train(
                 device=spec.device,
                 callbacks=callbacks,
                 resume=resume,
-            ),
-            tracker,
+            )
         )
     trainer = Trainer(
         spec.train,
@@ -375,20 +386,15 @@ def train(
         callbacks=callbacks,
         resume=resume,
     )
-    return _run(trainer, tracker)
+    return _run(trainer)
 
 
-def _run(trainer: Trainer, tracker: TrackerCallbacks | None = None) -> TrainResult:
-    """setup → train → cleanup; the trackers' runs end with the model's path and the status."""
-    result: TrainResult | None = None
+def _run(trainer: Trainer) -> TrainResult:
     try:
         trainer.setup()
-        result = trainer.train()
-        return result
+        return trainer.train()
     finally:
         trainer.cleanup()
-        if tracker is not None:
-            tracker.close(result.model_dir if result else None, result.status if result else "failed")
 
 
 def _open_trackers(
@@ -480,10 +486,24 @@ def run_job(
     resume: bool = True,
     trackers: TrackerSettings | None = None,
 ) -> JobResult:
-    """validate → precompute → train → evaluate; writes output_dir/result.json (also when stopped)."""
+    """validate → precompute → train → evaluate; writes output_dir/result.json (also when stopped).
+    The job's trackers keep one run from the train stage to the end of the evaluate stage."""
+    tracker, cb = _open_trackers(spec, trackers, callbacks or Callbacks())
+    try:
+        job = _run_job(spec, cb or Callbacks(), resume=resume)
+    except BaseException:
+        if tracker is not None:
+            tracker.close(None, "failed")
+        raise
+    if tracker is not None:
+        train = job.train
+        tracker.close(train.model_dir if train else None, train.status if train else "stopped")
+    return job
+
+
+def _run_job(spec: JobSpec, cb: Callbacks, *, resume: bool) -> JobResult:
     from tvkd.precompute import PrecomputeStopped
 
-    cb = callbacks or Callbacks()
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -500,13 +520,13 @@ def run_job(
     if pre is not None or not spec.uses_teacher:
         t = time.perf_counter()
         store = pre.store if pre is not None else None
-        result = train(spec, prepared, store, cb, resume=resume, trackers=trackers)
+        result = _train(spec, prepared, store, cb, resume)
         timings["train"] = time.perf_counter() - t
         status = result.status
     if result is not None and result.status == "completed":
         t = time.perf_counter()
         store = pre.store if pre is not None else None
-        evaluation = evaluate(spec, prepared, store, cb, step=result.steps, trackers=trackers)
+        evaluation = _evaluate(spec, prepared, store, cb, step=result.steps)
         timings["evaluate"] = time.perf_counter() - t
         if evaluation.before_metrics:  # the generation evaluation's untrained student
             result.history.append({"step": 0, "split": "eval", **evaluation.before_metrics})
