@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tvkd.cli.client import ClientError, _call, _client, _common, _run, describe_error
+from tvkd.cli.client import ClientError, _client, _common, _run, call, describe_error
 
 PART = ".part"
 
@@ -80,7 +80,7 @@ def download(client: Any, job_id: str, out: Path, checkpoint: int | None = None)
     """Download into `out`; returns the listing with, per file, `status` (skipped | fetched |
     resumed) and `received` bytes. Raises ClientError on a refused request or a hash mismatch."""
     params = {} if checkpoint is None else {"checkpoint": checkpoint}
-    listing = _call(client, "GET", f"/v1/jobs/{job_id}/model", params=params)
+    listing = call(client, "GET", f"/v1/jobs/{job_id}/model", params=params)
     out.mkdir(parents=True, exist_ok=True)
     for f in listing["files"]:
         name = Path(f["name"]).name  # a listing names files, never paths
