@@ -29,7 +29,7 @@ from service.settings import Settings
 JOB_ID_RE = re.compile(r"\bjob_[0-9a-f]{24}\b")
 # An absolute POSIX path: a `/` that starts a token (not inside a URL, a relative path or a word),
 # up to whitespace, a quote, a bracket or a separator.
-PATH_RE = re.compile(r"(?<![\w.:/~\-%])/[^\s'\"`()\[\]{}<>,;|]*")
+PATH_RE = re.compile(r"(?<![\w.:/~\-%])/[^\s'\"`()\[\]{}<>,;|]+")  # a lone "/" is no path
 TRACEBACK_HEAD = "Traceback (most recent call last)"
 SQL_MARKERS = ("[SQL:", "sqlalche.me/e/", "(psycopg.", "(sqlite3.", "psycopg.errors.")
 DATABASE_ERROR = "a database error (details in the server log)"

@@ -270,3 +270,26 @@ def test_cli_sft(train_models, arith_data, tmp_path, capsys):
     assert info.value.code == 2
     assert main([*argv, "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sft", "train"])
+def test_cli_names_an_empty_dataset_and_a_bad_config_file(command, train_models, tmp_path, capsys):
+    """An empty dataset, or a --config file that is not JSON, is an `error:` line naming the file,
+    never a traceback (both crashed with a bare ValueError / an unnamed JSONDecodeError)."""
+    from tvkd.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    argv = [command, "--student", train_models["student"], "--data", str(empty)]
+    argv += ["--output", str(tmp_path / "o"), "--device", "cpu", "--max-steps", "1", "--no-resume"]
+    if command == "train":
+        argv += ["--alpha", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: {empty}: no_pairs: the dataset holds no pairs" in err and "Traceback" not in err
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\n")
+    assert main([*argv, "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {bad}: not valid JSON" in err

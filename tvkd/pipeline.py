@@ -27,6 +27,7 @@ from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, Train
 from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
 from tvkd.evaluate import EvalResult, Evaluator
 from tvkd.generation import generation_options, held_out_records
+from tvkd.pairs import file_error
 from tvkd.sft import SFTTrainer, evaluate_saved
 from tvkd.store import ValueStore
 from tvkd.teacher_check import teacher_check
@@ -153,7 +154,11 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
         train_idx = [i for i, p in enumerate(pairs) if id(p) not in held]
         eval_idx = [i for i, p in enumerate(pairs) if id(p) in held]
     if not train_idx:
-        raise DataError(report) if report.issues else ValueError(f"{spec.dataset}: no pairs")
+        raise (
+            DataError(report)
+            if report.issues
+            else file_error(str(spec.dataset), "no_pairs", "the dataset holds no pairs")
+        )
 
     load_config(spec.student)
     tokenizers = {"student": load_tokenizer(spec.student)}

@@ -39,6 +39,7 @@ from tvkd.evaluate import EvalResult
 from tvkd.logps import linear_logps, response_positions
 from tvkd.modeling import decoder_hidden, output_head, pad_token_id
 from tvkd.models import load_tokenizer
+from tvkd.pairs import file_error
 from tvkd.tokenize import tokenize_pair
 from tvkd.trainer import Trainer
 from tvkd.windows import effective_max_length
@@ -186,7 +187,11 @@ class SFTTrainer(Trainer):
                 "warning", f"dropped {len(self.dropped)} rows (rows {rows}{more})", {"dropped": self.dropped}
             )
         if not self.train_set:
-            raise ValueError(f"no training row is usable ({len(self.dropped)} dropped; see the events)")
+            raise file_error(
+                "training data",
+                "no_usable_rows",
+                f"no training row is usable ({len(self.dropped)} dropped; see the events)",
+            )
 
     def _reference_pass(self) -> None:
         """SFT has no reference model."""

@@ -49,6 +49,7 @@ from tvkd.modeling import set_activation_checkpointing as set_checkpointing
 from tvkd.models import load_causal_lm
 from tvkd.numerics import NonFiniteError
 from tvkd.optim import adamw, warmup_cosine
+from tvkd.pairs import file_error
 from tvkd.reference import REFERENCE_FILE, reference_logps
 from tvkd.stage_results import TrainResult
 from tvkd.store import ValueStore
@@ -166,7 +167,11 @@ class Trainer:
         if self.dropped:
             self.cb.on_event("warning", dropped_message(self.dropped), {"dropped": self.dropped})
         if not self.train_set:
-            raise ValueError(f"no training pair is usable ({len(self.dropped)} dropped; see the events)")
+            raise file_error(
+                "training data",
+                "no_usable_pairs",
+                f"no training pair is usable ({len(self.dropped)} dropped; see the events)",
+            )
 
     def _setup_model(self) -> None:
         cfg = self.config

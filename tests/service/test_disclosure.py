@@ -190,3 +190,14 @@ def test_paths_outside_the_roots_get_one_answer_whether_they_exist(
             same = {name: text.replace(name.rsplit("/", 1)[-1], "<leaf>") for name, text in answers.items()}
             assert same[existing] == same[missing], answers
             assert str(service_home) not in answers[existing], answers  # nor a path of the server
+
+
+def test_a_lone_slash_in_a_message_is_not_taken_for_a_path(tmp_path: Path) -> None:
+    """ "'chosen'/'rejected'" reached API clients as "'chosen'…'rejected'"; paths are still hidden."""
+    from service.disclosure import Redactor
+
+    redactor = Redactor([(tmp_path, "<data root>")])
+    assert redactor.text("no 'chosen'/'rejected' columns") == "no 'chosen'/'rejected' columns"
+    assert redactor.text("a / b and 1 / 2") == "a / b and 1 / 2"
+    assert redactor.text(f"cannot read {tmp_path}/d/x.jsonl.") == "cannot read d/x.jsonl."
+    assert redactor.text("cannot read /etc/secret/x.json") == "cannot read …/x.json"

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from tvkd.cli.train import _device, add_config_flags, build_options, execute
+from tvkd.cli.train import _device, add_config_flags, build_options, execute, read_config_file
 from tvkd.config import NOT_SFT_OPTIONS, ConfigError, JobOptions, JobSpec, SFTConfig, config_fields
 
 
@@ -56,7 +55,7 @@ def register(subparsers: Any) -> None:
 
 def build_sft_config(args: argparse.Namespace) -> SFTConfig:
     """Defaults < --config file < flags."""
-    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    data: dict[str, Any] = read_config_file(args.config) if args.config else {}
     names = {f.name for f in config_fields(SFTConfig)}
     return SFTConfig.from_dict({**data, **{k: v for k, v in vars(args).items() if k in names}})
 

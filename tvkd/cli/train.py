@@ -108,9 +108,23 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a `--config` file. Raises ConfigError naming the file when it cannot be
+    read, is not JSON, or is not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}", f"cannot read it ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}", f"not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}", f"must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --config file < flags (flags are flat; `TrainConfig.from_dict` merges them)."""
-    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    data: dict[str, Any] = read_config_file(args.config) if args.config else {}
     names = {f.name for cls in (MethodConfig, TrainConfig) for f in config_fields(cls)} - {"method"}
     # Only flags the user typed are in the namespace.
     return TrainConfig.from_dict({**data, **{k: v for k, v in vars(args).items() if k in names}})
