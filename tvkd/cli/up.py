@@ -164,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"tvkd up: {exc}", file=sys.stderr)
         return 1
-    print(f"API        {stack.api_url}   (key in {stack.home / 'api_key'}; export TVKD_API_KEY=…)")
+    print(
+        f"API        {stack.api_url}   (key in {stack.home / 'api_key'}; "
+        f"export TVKD_API_URL={stack.api_url} TVKD_API_KEY=…)"
+    )
     if stack.dashboard_url:
         print(f"dashboard  {stack.dashboard_url}   (log in with the key in {stack.home / 'api_key'})")
     print(f"state      {stack.home}   logs in {stack.logs}\nCtrl-C stops everything.")
