@@ -143,3 +143,22 @@ def test_sft_never_runs_past_the_models_window(window_models, long_data, tmp_pat
     trainer.cleanup()
     assert result.status == "completed"
     assert [(d["row"], d["code"]) for d in result.dropped] == [(2, "too_long")]
+
+
+def test_a_run_whose_held_out_pairs_are_all_dropped_says_so(
+    window_models, long_data, tmp_path, recording_callbacks
+):
+    """A held-out split made only of rows dropped later (here the over-long row 2) used to end
+    `completed` with empty eval metrics and no word about it."""
+    pairs, _ = load_pairs(long_data)
+    config = TrainConfig.from_dict({"batch_size": 2, "max_steps": 1, "method": {"alpha": 0.0}})
+    callbacks = recording_callbacks()
+    trainer = Trainer(
+        config, student=window_models["gpt2"], teacher=None, pairs=pairs, train_idx=[0, 1, 3, 4],
+        eval_idx=[2], store=None, output_dir=tmp_path, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.setup()
+    trainer.cleanup()
+    assert trainer.eval_set == []
+    warnings = [text for level, text in callbacks.events if level == "warning"]
+    assert any("all 1 held-out pairs were dropped" in text for text in warnings), warnings

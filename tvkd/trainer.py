@@ -166,6 +166,13 @@ class Trainer:
         self.dropped = dropped + dropped_eval
         if self.dropped:
             self.cb.on_event("warning", dropped_message(self.dropped), {"dropped": self.dropped})
+        if self.eval_idx and not self.eval_set:
+            self.cb.on_event(
+                "warning",
+                f"all {len(self.eval_idx)} held-out pairs were dropped: this run has no held-out metrics "
+                "(fix or remove those rows, or give --eval-dataset)",
+                {"held_out": len(self.eval_idx), "held_out_kept": 0},
+            )
         if not self.train_set:
             raise file_error(
                 "training data",
