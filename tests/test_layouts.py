@@ -357,3 +357,17 @@ def test_bad_tool_fields(tmp_path: Path) -> None:
     ]
     _, report = load_pairs(write_jsonl(tmp_path / "text.jsonl", bad[5:]), on_error="drop")
     assert [(i.row, i.field, i.code) for i in report.issues] == [(0, "tools", "bad_type")]
+
+
+def test_a_source_with_no_object_rows_says_so_instead_of_a_guessed_layout_reason(tmp_path: Path) -> None:
+    """An empty file, or one whose rows are not objects, was reported as 'text_implicit (strings
+    without a prompt column ...)', which sends the user looking for the wrong fault."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _, report = load_pairs(empty, on_error="drop")
+    assert report.layout_reason.startswith("no rows to detect a layout from")
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text('[1, 2]\n"x"\n')
+    _, report = load_pairs(lists, on_error="drop")
+    assert report.layout_reason.startswith("no row that is a JSON object")
+    assert [i.code for i in report.issues] == ["bad_type", "bad_type"]

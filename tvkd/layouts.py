@@ -181,7 +181,11 @@ def resolve_layout(format: str, raw: RawRows) -> Layout:
         and any(_is_messages(v) for v in (chosen, _first(raw, "prompt"), _first(raw, "messages")))
     ):
         return _conversational(raw, format)
-    return _text(raw, format, chosen)
+    layout = _text(raw, format, chosen)
+    if format == "auto" and not cols:  # nothing to detect from: say so instead of a guessed reason
+        what = "no rows" if not raw.total else "no row that is a JSON object"
+        return Layout(layout.name, f"{what} to detect a layout from; read as {layout.name}")
+    return layout
 
 
 def _conversational(raw: RawRows, format: str) -> Layout:
