@@ -86,7 +86,7 @@ def test_implicit_pre_eos_sft_weight_job(train_models, arith_data, recording_cal
     train = [m for m in job.train.history if m["split"] == "train"]
     for name in (*NEW_METRICS, "tvkd/shaping_accuracy", "tvkd/shaping_ties"):
         assert all(math.isfinite(m[name]) for m in train), name
-    assert set(NEW_METRICS) <= set(job.train.eval_metrics)
+    assert set(NEW_METRICS) <= set(job.evaluation.metrics)
     # The teacher check: at step 0, split "teacher", in result.json, and an event about it.
     teacher_points = [(step, m) for step, split, m in cb.metrics if split == "teacher"]
     assert len(teacher_points) == 1 and teacher_points[0][0] == 0
@@ -133,7 +133,7 @@ def test_plain_dpo_has_no_shaping_accuracy(train_models, arith_data, tmp_path):
     spec = spec_for(train_models, arith_data, tmp_path, alpha=0.0, max_steps=2, num_samples=0)
     job = run_job(spec)
     assert job.precompute is None
-    for metrics in [m for m in job.train.history] + [job.train.eval_metrics]:
+    for metrics in [m for m in job.train.history] + [job.evaluation.metrics]:
         assert "tvkd/shaping_accuracy" not in metrics and "nll/chosen" in metrics
         assert metrics["tvkd/offset"] == 0.0 and metrics["tvkd/gradient_scale"] == pytest.approx(1.0)
 
