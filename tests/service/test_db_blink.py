@@ -85,7 +85,12 @@ def test_dropped_connections_during_training_do_not_fail_the_job(dep: Deployment
     # Each stage ran once, in the same worker: the errors were retried, not left to the reconciler
     # (without the retries a failed write ends the stage; the job is failed, or resumed elsewhere
     # after its lease expires when even the failure could not be written).
-    assert sum(m.startswith("train running on") for m in messages) == 1, messages
+    # One known gap: a blink that hits a stage's own bookkeeping write (not retried one by one,
+    # StageContext.record) hands the job back at once, with an event saying so, and the stage
+    # resumes from its checkpoint in a worker; it is never left to a lease expiry.
+    handed_back = sum("the database was unavailable during train" in m for m in messages)
+    assert handed_back <= 1, messages
+    assert sum(m.startswith("train running on") for m in messages) == 1 + handed_back, messages
     assert not [e for e in events["data"] if e["level"] == "error"], messages
     text = str(done) + str(events)
     for sql in ("SELECT", "UPDATE", "INSERT", "[SQL:", "psycopg"):
