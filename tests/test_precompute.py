@@ -8,8 +8,10 @@ import json
 import multiprocessing as mp
 import os
 import random
+import sys
 import time
 import tracemalloc
+import types
 from pathlib import Path
 from typing import Any
 
@@ -295,8 +297,11 @@ def _concurrent_worker(teacher: str, pairs: list, root: str, cache_dir: str, bar
 
 
 def test_two_processes_on_one_key_compute_it_once(
-    tmp_path: Path, precompute_teacher: str, teacher_tokenizer: Any
+    tmp_path: Path, precompute_teacher: str, teacher_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Spawned children re-run __main__ from its path; after the dashboard tests' AppTest that is
+    # dashboard/app.py (the children died in its login gate and the queue stayed empty in a full run).
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     pairs = _pairs(6, seed=6)
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
