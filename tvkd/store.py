@@ -119,19 +119,6 @@ class PairValues:
     chosen_topk_ids: np.ndarray | None = None
     rejected_topk_ids: np.ndarray | None = None
 
-    def first_nonfinite(self) -> tuple[int, str] | None:
-        """(pair index, array name) of the first stored number that is NaN or infinite, or None.
-        Reads every shard once (vectorised)."""
-        for s in range(-(-self.num_pairs // self.shard_size)):
-            shard = self._shard(s)
-            for name in self.arrays:
-                if np.isfinite(np.asarray(shard.flat(name), dtype=np.float64)).all():
-                    continue
-                for r in range(len(shard)):
-                    if not np.isfinite(np.asarray(shard.row(name, r), dtype=np.float64)).all():
-                        return s * self.shard_size + r, name
-        return None
-
     def response_tokens(self) -> int:
         """T_chosen + T_rejected (teacher tokens)."""
         return len(self.chosen_values) + len(self.rejected_values) - 2
