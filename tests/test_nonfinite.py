@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvkd.batch import build_train_pairs
+from tvkd.callbacks import Callbacks
 from tvkd.config import ConfigError, MethodConfig, PrecomputeConfig, TrainConfig
 from tvkd.data import load_pairs
 from tvkd.models import load_causal_lm, load_tokenizer
@@ -142,6 +143,62 @@ def test_a_run_of_skipped_steps_fails_with_a_code(train_models, data, tmp_path, 
     assert trainer.step == failed_at and trainer.skipped_steps == failed_at
     assert f"stopped at step {failed_at}" in str(info.value)
     assert not (tmp_path / "out" / "model").exists()  # no "completed" model
+
+
+class _StopAfter(Callbacks):
+    """Asks for a stop once `steps` optimizer steps have been reported."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.seen = steps, 0
+
+    def on_progress(self, stage: str, done: int, total: int, eta_seconds: float | None) -> None:
+        if stage == "train":
+            self.seen = done
+
+    def should_stop(self) -> bool:
+        return self.seen >= self.steps
+
+
+def test_a_resumed_run_counts_the_skips_before_its_checkpoint(train_models, data, tmp_path):
+    """Every step of the NaN student is skipped; max_skipped_steps=3. The first run stops (and
+    checkpoints) after 2 skipped steps; its resume must fail at step 3 (3 in a row), not at step 5
+    as a run that forgot the 2 earlier skips would."""
+    pairs, _ = load_pairs(data)
+    student = _nan_student(train_models, tmp_path / "student")
+    config = TrainConfig.from_dict(
+        {
+            "batch_size": 2,
+            "max_steps": 10,
+            "max_length": 64,
+            "method": {"alpha": 0.0},
+            "max_skipped_steps": 3,
+            "max_skipped_fraction": 1.0,
+        }
+    )
+
+    def trainer(resume: bool, callbacks: Callbacks | None = None) -> Trainer:
+        t = Trainer(
+            config, student=student, teacher=None, pairs=pairs, train_idx=range(4), eval_idx=[],
+            store=None, output_dir=tmp_path / "out", callbacks=callbacks, resume=resume,
+        )  # fmt: skip
+        t.setup()
+        return t
+
+    first = trainer(resume=False, callbacks=_StopAfter(2))
+    assert first.train().status == "stopped"
+    first.cleanup()
+    assert (first.step, first.skipped_steps, first.skipped_in_a_row) == (2, 2, 2)
+    state = json.loads((first.last_checkpoint / "state.json").read_text())
+    assert (state["skipped_steps"], state["skipped_in_a_row"]) == (2, 2)
+
+    resumed = trainer(resume=True)
+    assert resumed.resumed_from == 2 and resumed.skipped_steps == 2
+    with pytest.raises(NonFiniteError) as info:
+        resumed.train()
+    resumed.cleanup()
+    assert info.value.code == "nonfinite_gradients"
+    assert resumed.step == 3 and resumed.skipped_steps == 3
+    assert "stopped at step 3" in str(info.value) and "3 steps in a row" in str(info.value)
 
 
 def test_one_skipped_step_is_tolerated_and_metrics_stay_finite(train_models, data, tmp_path):

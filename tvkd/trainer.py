@@ -121,7 +121,9 @@ class Trainer:
         # run reports exactly what the uninterrupted one would have (log_every > 1).
         self.window: list[dict[str, float]] = []
         self.tokens_seen = 0
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm (this run)
+        # Optimizer steps skipped for a non-finite gradient norm; a checkpoint carries both counts,
+        # so that a resumed run counts the skips before it against max_skipped_*.
+        self.skipped_steps = 0
         self.skipped_in_a_row = 0
 
     # ---------------------------------------------------------------------------- setup
@@ -243,6 +245,9 @@ class Trainer:
         ckpt, state, changed = found
         self.step = self.resumed_from = int(state["step"])
         self.window, self.tokens_seen = list(state["window"]), int(state["tokens_seen"])
+        # .get: checkpoints written before the counts were kept have none.
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         self.last_checkpoint = ckpt
         if changed:
             self.cb.on_event(
@@ -451,6 +456,8 @@ class Trainer:
             "metrics": self.last_metrics,
             "tokens_seen": self.tokens_seen,
             "window": self.window,
+            "skipped_steps": self.skipped_steps,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         self.last_checkpoint = ckpt_io.save_checkpoint(
