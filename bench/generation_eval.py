@@ -32,9 +32,9 @@ def main() -> None:
     if args.smoke:
         args.steps, args.prompts, args.new_tokens = 2, 2, 4
 
-    from tvkd.config import JobOptions, TrainConfig
+    from tvkd.config import JobOptions, JobSpec, TrainConfig
     from tvkd.model_prep import build_tiny_model, build_tiny_reward_model
-    from tvkd.pipeline import JobSpec, run_job
+    from tvkd.run_job import run_job
     from tvkd.tasks import generate, split, write_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:

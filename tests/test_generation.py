@@ -121,8 +121,8 @@ def test_generations_file_refuses_a_newer_version(tmp_path):
 
 
 def test_job_scores_answers_before_and_after_training(train_models, reward_model, tmp_path):
-    from tvkd.config import JobOptions, TrainConfig
-    from tvkd.pipeline import JobSpec, run_job
+    from tvkd.config import JobOptions, JobSpec, TrainConfig
+    from tvkd.run_job import run_job
 
     train, held_out = split(generate(40, seed=2), eval_count=8)
     write_jsonl(train + held_out, tmp_path / "tasks.jsonl")

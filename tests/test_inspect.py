@@ -320,8 +320,8 @@ def test_cli_samples(tmp_path, capsys):
 def test_samples_of_a_real_job_match_the_inspector(model_dirs, teacher, tmp_path, capsys):
     """A tiny job's samples.json (values from the store, on the student's tokens) renders, and
     its teacher values are what the inspector computes for the same prompt and response."""
-    from tvkd.config import TrainConfig
-    from tvkd.pipeline import JobSpec, run_job
+    from tvkd.config import JobSpec, TrainConfig
+    from tvkd.run_job import run_job
 
     rows = [
         {"prompt": f"Human: What is {a}+{a}?\n\nAssistant:", "chosen": f" The answer is {2 * a}.",

@@ -12,9 +12,10 @@ import pytest
 
 from tvkd.alignment import check_alignment
 from tvkd.artifacts import RESULT_VERSION, read_result
-from tvkd.config import ConfigError, MethodConfig, TrainConfig
+from tvkd.config import ConfigError, JobSpec, MethodConfig, TrainConfig
 from tvkd.data import PreferencePair
-from tvkd.pipeline import JobSpec, precompute, run_job, validate
+from tvkd.pipeline import precompute, validate
+from tvkd.run_job import run_job
 
 TOKEN_KEYS = {"text", "id", "logratio", "value", "psi", "teacher_logp"}
 
@@ -130,7 +131,7 @@ def test_later_stages_load_what_validate_prepared(train_models, arith_data, tmp_
     them) but checks nothing again; a dataset changed since validate is refused."""
     import shutil
 
-    from tvkd.pipeline import PREPARED_FILE, DatasetChanged, load_prepared, write_prepared
+    from tvkd.prepared import PREPARED_FILE, DatasetChanged, load_prepared, write_prepared
 
     student = tmp_path / "student"
     shutil.copytree(train_models["student"], student)

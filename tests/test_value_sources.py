@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from tvkd.artifacts import read_result
-from tvkd.config import ConfigError, JobOptions, MethodConfig, TrainConfig
-from tvkd.pipeline import JobSpec, precompute, run_job, validate
+from tvkd.config import ConfigError, JobOptions, JobSpec, MethodConfig, TrainConfig
+from tvkd.pipeline import precompute, validate
+from tvkd.run_job import run_job
 from tvkd.teacher_check import teacher_check, wilson_interval
 
 NEW_METRICS = ("tvkd/offset", "tvkd/gradient_scale", "nll/chosen")

@@ -2,7 +2,7 @@
 
 - `result.json` (`ResultFile`, `write_result` / `read_result`): how a run ended, its metrics,
   where its files are, what validation, the teacher pass and training reported, and the spec.
-  Written by `tvkd.pipeline.run_job` (CLI and library) and by the worker's last stage.
+  Written by `tvkd.run_job.run_job` (CLI and library) and by the worker's last stage.
 - `samples.json` (`SamplesFile`, `write_samples_file` / `read_samples`): per-token signals of a
   few held-out pairs after training, written by `tvkd.evaluate.write_samples`, read by the CLI
   (`tvkd inspect --samples`), the API (`GET /v1/jobs/{id}/samples`) and the worker.

@@ -1,106 +1,33 @@
 """The job path of DESIGN.md as stage functions: validate → precompute → train → evaluate.
 
 Each stage is a plain function of a `JobSpec` (and the previous stage's output), so the Celery
-worker can run them one by one and record progress between them; `run_job` chains them for the
-CLI and writes `output_dir/result.json` (`tvkd.artifacts.ResultFile`). The reference pass runs
+worker can run them one by one and record progress between them; `tvkd.run_job` chains them for
+the CLI and writes `output_dir/result.json` (`tvkd.artifacts.ResultFile`). What validate
+prepared is a `tvkd.prepared.Prepared` (kept in `prepared.json` for the later stages). The reference pass runs
 inside `train` (it needs the student the trainer loads) and announces itself through
 `Callbacks.on_stage`; `evaluate` scores the saved model folder on the held-out pairs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tvkd.alignment import check_alignment
-from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, write_result
-from tvkd.atomic import write_json_atomic
 from tvkd.callbacks import CallbackList, Callbacks
-from tvkd.completions import load_completions
 from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig, flat_settings
-from tvkd.data import DataError, DataReport, PreferencePair, dataset_fingerprint, load_pairs, split_pairs
+from tvkd.data import DataError, dataset_fingerprint, split_pairs
 from tvkd.evaluate import EvalResult, Evaluator
 from tvkd.generation import generation_options, held_out_records
 from tvkd.pairs import file_error
+from tvkd.prepared import Prepared, issue_list, row_loader
 from tvkd.sft import SFTTrainer, evaluate_saved
 from tvkd.store import ValueStore
 from tvkd.teacher_check import teacher_check
 from tvkd.trackers import TrackerCallbacks, TrackerSettings, open_trackers
 from tvkd.trainer import Trainer, TrainResult
 from tvkd.windows import LengthLimit, effective_max_length
-
-PREPARED_FILE = "prepared.json"  # what validate prepared, for the later stages (`load_prepared`)
-
-
-class DatasetChanged(ValueError):
-    """The dataset differs from the one the validate stage checked."""
-
-
-@dataclass
-class Prepared:
-    """What validation found: the pairs (train then eval when an eval set is given), the split."""
-
-    pairs: list[PreferencePair]
-    train_idx: list[int]
-    eval_idx: list[int]
-    report: DataReport
-    eval_report: DataReport | None
-    dataset_fingerprint: str
-    same_tokenizer: bool | None  # None without a teacher
-    token_reports: dict[str, DataReport] = field(default_factory=dict)  # "student"/"teacher" → tokenizing
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def record(self) -> dict[str, Any]:
-        """What later stages need besides the pairs themselves (`write_prepared` stores it)."""
-        return {
-            "version": 1,
-            "dataset_fingerprint": self.dataset_fingerprint,
-            "train_idx": self.train_idx,
-            "eval_idx": self.eval_idx,
-            "same_tokenizer": self.same_tokenizer,
-            "warnings": self.warnings,
-            "summary": self.summary(),
-        }
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "pairs": len(self.pairs),
-            "train_pairs": len(self.train_idx),
-            "eval_pairs": len(self.eval_idx),
-            "dataset_fingerprint": self.dataset_fingerprint,
-            "same_tokenizer": self.same_tokenizer,
-            "report": self.report.to_dict(),
-            "eval_report": self.eval_report.to_dict() if self.eval_report else None,
-            "tokenize": {k: {"kept": r.kept, "dropped": r.dropped} for k, r in self.token_reports.items()},
-            "warnings": self.warnings,
-        }
-
-
-@dataclass
-class JobResult:
-    status: str  # "completed" | "stopped"
-    prepared: Prepared
-    precompute: Any  # PrecomputeResult | None
-    train: TrainResult | None
-    evaluation: EvalResult | None
-    timings: dict[str, float]
-    result_path: str
-
-
-def _issues(report: DataReport, limit: int = 50) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(i) for i in report.issues[:limit]]
-
-
-def _loader(spec: JobSpec) -> Callable[..., tuple[list[PreferencePair], DataReport]]:
-    """How the job reads its rows: SFT examples (`tvkd.completions`) or preference pairs."""
-    return load_completions if spec.kind == "sft" else load_pairs
 
 
 def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
@@ -128,13 +55,13 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
         cb.on_event("warning", w)
 
     on_error = spec.options.on_error
-    load = _loader(spec)
+    load = row_loader(spec)
     pairs, report = load(spec.dataset, on_error=on_error, limit=spec.options.limit)
     if report.dropped:
         cb.on_event(
             "warning",
             f"{report.dropped} bad rows of {report.total_rows} dropped from {spec.dataset}",
-            {"issues": _issues(report)},
+            {"issues": issue_list(report)},
         )
     eval_report = None
     if spec.options.eval_dataset:
@@ -143,7 +70,7 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
             cb.on_event(
                 "warning",
                 f"{eval_report.dropped} bad rows dropped from {spec.options.eval_dataset}",
-                {"issues": _issues(eval_report)},
+                {"issues": issue_list(eval_report)},
             )
         train_idx = list(range(len(pairs)))
         eval_idx = list(range(len(pairs), len(pairs) + len(eval_pairs)))
@@ -198,7 +125,7 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
                 "warning",
                 f"{rep.dropped} of {len(pairs)} pairs do not fit the {name} "
                 f"(max_length={limit.max_length} or chat template); they will be dropped",
-                {"issues": _issues(rep)},
+                {"issues": issue_list(rep)},
             )
         if rep.kept == 0:
             raise DataError(rep)
@@ -220,47 +147,6 @@ def validate(spec: JobSpec, callbacks: Callbacks | None = None) -> Prepared:
         {"train_pairs": len(train_idx), "eval_pairs": len(eval_idx), "same_tokenizer": same_tokenizer},
     )
     return prepared
-
-
-def write_prepared(path: str | os.PathLike[str], prepared: Prepared) -> Path:
-    """Store what validation prepared (kept-pair split, fingerprint; see `Prepared.record`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, prepared.record())
-    return path
-
-
-def load_prepared(spec: JobSpec, path: str | os.PathLike[str]) -> Prepared:
-    """The pairs `validate` checked, without checking them again: the data are read (the pairs are
-    needed) but not split, tokenized or round-tripped through templates; the split comes from
-    the file `write_prepared` wrote.
-
-    Raises DatasetChanged when the data read now differ from what validation saw (the pairs'
-    fingerprint), so a job never trains on other data than were checked.
-    """
-    record = json.loads(Path(path).read_text())
-    options, load = spec.options, _loader(spec)
-    pairs, report = load(spec.dataset, on_error=options.on_error, limit=options.limit)
-    eval_report = None
-    if options.eval_dataset:
-        eval_pairs, eval_report = load(options.eval_dataset, on_error=options.on_error, limit=options.limit)
-        pairs = pairs + eval_pairs
-    fingerprint, expected = dataset_fingerprint(pairs), str(record["dataset_fingerprint"])
-    if fingerprint != expected:
-        raise DatasetChanged(
-            f"{spec.dataset}: the dataset changed since the validate stage checked it "
-            f"(fingerprint {fingerprint[:12]} != {expected[:12]}); submit a new job"
-        )
-    return Prepared(
-        pairs=pairs,
-        train_idx=[int(i) for i in record["train_idx"]],
-        eval_idx=[int(i) for i in record["eval_idx"]],
-        report=report,
-        eval_report=eval_report,
-        dataset_fingerprint=fingerprint,
-        same_tokenizer=record["same_tokenizer"],
-        warnings=list(record["warnings"]),
-    )
 
 
 def length_limit(spec: JobSpec) -> LengthLimit:
@@ -333,7 +219,7 @@ def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = 
         cb.on_event(
             "warning",
             f"{len(result.store.missing)} pairs do not fit the teacher; they will be dropped",
-            {"issues": _issues(result.report)},
+            {"issues": issue_list(result.report)},
         )
     return result
 
@@ -351,21 +237,22 @@ def train(
 
     The job's `report_to` trackers (tvkd/trackers.py) get the metrics, the settings and the final
     model's path; `trackers` says where their runs go (default: `TrackerSettings.for_output`)."""
-    tracker, callbacks = _open_trackers(spec, trackers, callbacks)
+    tracker, callbacks = open_job_trackers(spec, trackers, callbacks)
     result: TrainResult | None = None
     try:
-        result = _train(spec, prepared, store, callbacks, resume)
+        result = run_training(spec, prepared, store, callbacks, resume)
         return result
     finally:
         if tracker is not None:
             tracker.close(result.model_dir if result else None, result.status if result else "failed")
 
 
-def _train(
+def run_training(
     spec: JobSpec, prepared: Prepared, store: ValueStore | None, callbacks: Callbacks | None, resume: bool
 ) -> TrainResult:
+    """`train` without opening the job's trackers (the caller holds them: `tvkd.run_job`)."""
     if isinstance(spec.train, SFTConfig):
-        return _run(
+        return _run_recipe(
             SFTTrainer(
                 spec.train,
                 student=spec.student,
@@ -391,10 +278,10 @@ def _train(
         callbacks=callbacks,
         resume=resume,
     )
-    return _run(trainer)
+    return _run_recipe(trainer)
 
 
-def _run(trainer: Trainer) -> TrainResult:
+def _run_recipe(trainer: Trainer) -> TrainResult:
     try:
         trainer.setup()
         return trainer.train()
@@ -402,7 +289,7 @@ def _run(trainer: Trainer) -> TrainResult:
         trainer.cleanup()
 
 
-def _open_trackers(
+def open_job_trackers(
     spec: JobSpec,
     trackers: TrackerSettings | None,
     callbacks: Callbacks | None,
@@ -437,10 +324,10 @@ def evaluate(
     generation evaluation (generations.json); for an "sft" job the held-out mean NLL
     (`tvkd.sft.evaluate_saved`; no generation evaluation). The job's trackers get the held-out
     metrics in the run the train stage started, which ends here with the model folder's path."""
-    tracker, callbacks = _open_trackers(spec, trackers, callbacks, resume_at=step)
+    tracker, callbacks = open_job_trackers(spec, trackers, callbacks, resume_at=step)
     result: EvalResult | None = None
     try:
-        result = _evaluate(spec, prepared, store, callbacks, step=step)
+        result = run_evaluation(spec, prepared, store, callbacks, step=step)
         return result
     finally:
         if tracker is not None:
@@ -448,9 +335,10 @@ def evaluate(
             tracker.close(model_dir if result else None, "completed" if result else "failed")
 
 
-def _evaluate(
+def run_evaluation(
     spec: JobSpec, prepared: Prepared, store: ValueStore | None, callbacks: Callbacks | None, *, step: int
 ) -> EvalResult:
+    """`evaluate` without opening the job's trackers (the caller holds them: `tvkd.run_job`)."""
     if isinstance(spec.train, SFTConfig):
         return evaluate_saved(
             spec.train,
@@ -482,98 +370,3 @@ def _evaluate(
         return evaluator.run()
     finally:
         evaluator.cleanup()
-
-
-def run_job(
-    spec: JobSpec,
-    callbacks: Callbacks | None = None,
-    *,
-    resume: bool = True,
-    trackers: TrackerSettings | None = None,
-) -> JobResult:
-    """validate → precompute → train → evaluate; writes output_dir/result.json (also when stopped).
-    The job's trackers keep one run from the train stage to the end of the evaluate stage."""
-    tracker, cb = _open_trackers(spec, trackers, callbacks or Callbacks())
-    try:
-        job = _run_job(spec, cb or Callbacks(), resume=resume)
-    except BaseException:
-        if tracker is not None:
-            tracker.close(None, "failed")
-        raise
-    if tracker is not None:
-        train = job.train
-        tracker.close(train.model_dir if train else None, train.status if train else "stopped")
-    return job
-
-
-def _run_job(spec: JobSpec, cb: Callbacks, *, resume: bool) -> JobResult:
-    from tvkd.precompute import PrecomputeStopped
-
-    out = Path(spec.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    prepared = validate(spec, cb)
-    timings["validate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pre, result, evaluation, status = None, None, None, "stopped"
-    try:
-        pre = precompute(spec, prepared, cb)
-    except PrecomputeStopped:
-        cb.on_event("info", "stopped during the teacher precompute (finished shards are kept)")
-    timings["precompute"] = time.perf_counter() - t
-    if pre is not None or not spec.uses_teacher:
-        t = time.perf_counter()
-        store = pre.store if pre is not None else None
-        result = _train(spec, prepared, store, cb, resume)
-        timings["train"] = time.perf_counter() - t
-        status = result.status
-    if result is not None and result.status == "completed":
-        t = time.perf_counter()
-        store = pre.store if pre is not None else None
-        evaluation = _evaluate(spec, prepared, store, cb, step=result.steps)
-        timings["evaluate"] = time.perf_counter() - t
-        if evaluation.before_metrics:  # the generation evaluation's untrained student
-            result.history.append({"step": 0, "split": "eval", **evaluation.before_metrics})
-        if evaluation.metrics:
-            result.history.append({"step": result.steps, "split": "eval", **evaluation.metrics})
-    record = ResultFile(
-        status=status,
-        steps=result.steps if result else 0,
-        metrics=result.metrics if result else {},
-        eval_metrics=evaluation.metrics if evaluation else {},
-        paths=ResultPaths(
-            output_dir=str(out),
-            model=result.model_dir if result else None,
-            adapter=result.adapter_dir if result else None,
-            checkpoint=result.checkpoint if result else None,
-            reference=result.reference_path if result else None,
-            samples=evaluation.samples_path if evaluation else None,
-            generations=evaluation.generations_path if evaluation else None,
-            store=str(pre.store.path) if pre else None,
-        ),
-        data={**prepared.summary(), "dropped_in_training": result.dropped if result else []},
-        precompute=None
-        if pre is None
-        else {
-            "key": pre.key,
-            "cached": pre.cached,
-            "seconds": pre.seconds,
-            "tokens": pre.tokens,
-            "tokens_per_second": pre.tokens_per_second,
-            "teacher_check": pre.teacher_check.to_dict() if pre.teacher_check else None,
-        },
-        train=None
-        if result is None
-        else {
-            "seconds": result.seconds,
-            "tokens_per_second": result.tokens_per_second,
-            "total_steps": result.total_steps,
-            "resumed_from": result.resumed_from,
-            "history": result.history,
-        },
-        timings=timings,
-        spec=spec.to_dict(),
-    )
-    path = write_result(out / RESULT_FILE, record)
-    return JobResult(status, prepared, pre, result, evaluation, timings, str(path))

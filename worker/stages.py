@@ -25,113 +25,45 @@ again (they need the pairs) but do not re-check, re-split or re-tokenize it, and
 fingerprint changed since validate fails the job instead of training on other data than was
 checked.
 
-Layout under the artifact root: `jobs/<job id>/` (the job's output: prepared.json, checkpoints,
-reference log-probs, samples, model, result.json) and `values/<key>/` (teacher value stores,
-shared by every job with the same content key).
+What every runner shares (the StageContext, `prepare`, the value store, the artifact rows, the
+folders' layout) is in worker/context.py; the out-of-memory retry in worker/oom.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-from celery import Celery
 from sqlalchemy import update
-from sqlalchemy.orm import Session, sessionmaker
 
-from service import jobstate
 from service.db import transaction
-from service.errors import APIError
-from service.models import Artifact, Job, Precompute, utcnow
-from service.settings import Settings
+from service.models import Precompute, utcnow
 from service.statemachine import STAGES
-from service.validation import job_spec
 from tvkd import pipeline
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, read_samples, write_result
-from tvkd.config import JobSpec, flat_settings
+from tvkd.config import flat_settings
 from tvkd.evaluate import EvalResult
 from tvkd.models import ModelError
-from tvkd.pipeline import DatasetChanged, Prepared
+from tvkd.prepared import PREPARED_FILE, write_prepared
 from tvkd.store import ValueStore
-from worker.reporting import JobReporter, StopFlags, _jsonable, relative_path, upsert
+from worker.context import (
+    VALUES_DIR,
+    Outcome,
+    StageContext,
+    output_dir,
+    prepare,
+    record_artifacts,
+    value_store,
+    with_batch,
+)
+from worker.oom import retry_on_oom, smaller_batch_recorder
+from worker.reporting import _jsonable, upsert
 
 log = logging.getLogger("tvkd.worker")
-T = TypeVar("T")
-OOM_RETRIES = 3
 RECORDER_WAIT_SECONDS = 5.0
-JOBS_DIR = "jobs"
-VALUES_DIR = "values"
-
-
-class DatasetNotFound(FileNotFoundError):
-    """The job's dataset cannot be found under the data roots (or as an uploaded dataset)."""
-
-
-def job_output_rel(job_id: str) -> str:
-    return f"{JOBS_DIR}/{job_id}"
-
-
-def output_dir(settings: Settings, job: Job) -> Path:
-    return settings.artifacts / (job.output_dir or job_output_rel(job.id))
-
-
-@dataclass
-class Outcome:
-    kind: Literal["advance", "succeeded", "stopped"]
-    next_stage: str | None = None
-    message: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] = field(default_factory=dict)  # merged into job.result
-    job_values: dict[str, Any] = field(default_factory=dict)  # other job columns to set
-
-
-@dataclass
-class StageContext:
-    app: Celery
-    settings: Settings
-    factory: sessionmaker[Session]
-    job: Job  # detached snapshot taken when the lease was acquired
-    token: str
-    worker: str
-    reporter: JobReporter
-    flags: StopFlags
-
-    @cached_property
-    def spec(self) -> JobSpec:
-        """The job's stored spec with this worker's paths. Raises ModelError or DatasetNotFound
-        when a name no longer resolves under the roots."""
-        try:
-            with self.factory() as session:
-                return job_spec(
-                    self.settings,
-                    session,
-                    self.job,
-                    output_dir=str(output_dir(self.settings, self.job)),
-                    store_root=str(self.settings.artifacts / VALUES_DIR),
-                )
-        except APIError as exc:
-            kind = ModelError if exc.code in ("invalid_model", "dependency_failed") else DatasetNotFound
-            raise kind(f"{exc.field}: {exc.message}") from exc
-
-    @property
-    def stage(self) -> str:
-        return self.job.stage
-
-    def rel(self, path: str | Path | None) -> str | None:
-        return relative_path(path, self.settings.artifacts) if path else None
-
-    def record(self, **values: Any) -> None:
-        """Set data columns of the job row (service.jobstate.DATA_COLUMNS) while this worker
-        holds the lease."""
-        with transaction(self.factory) as session:
-            jobstate.record(session, self.job.id, self.token, **values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +79,7 @@ def run_validate(ctx: StageContext) -> Outcome:
     if not uses_teacher:
         what = "supervised fine-tuning" if spec.kind == "sft" else "plain DPO (alpha=0 or shaping='none')"
         ctx.reporter.event("info", f"{what}: no teacher precompute")
-    pipeline.write_prepared(Path(spec.output_dir) / pipeline.PREPARED_FILE, prepared)
+    write_prepared(Path(spec.output_dir) / PREPARED_FILE, prepared)
     summary = prepared.summary()
     return Outcome(
         "advance",
@@ -165,22 +97,6 @@ def run_validate(ctx: StageContext) -> Outcome:
             }
         },
     )
-
-
-def prepare(ctx: StageContext) -> Prepared:
-    """The pairs and split the validate stage prepared (raises DatasetChanged when the data
-    differ now). A job validated before prepared.json existed is validated again, silently."""
-    path = Path(ctx.spec.output_dir) / pipeline.PREPARED_FILE
-    if path.is_file():
-        return pipeline.load_prepared(ctx.spec, path)
-    prepared = pipeline.validate(ctx.spec, ctx.reporter.silent())
-    expected = ((ctx.job.result or {}).get("validate") or {}).get("dataset_fingerprint")
-    if expected and prepared.dataset_fingerprint != expected:
-        raise DatasetChanged(
-            f"{ctx.job.dataset}: the dataset changed since the validate stage checked it "
-            f"(fingerprint {prepared.dataset_fingerprint[:12]} != {expected[:12]}); submit a new job"
-        )
-    return prepared
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,92 +216,6 @@ def _wait_for_recorder(ctx: StageContext, key: str, store: ValueStore) -> str | 
 # train (the reference pass, then training)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def smaller_batch(batch_size: int, grad_accum: int) -> tuple[int, int] | None:
-    """(batch_size, grad_accum) with about half the micro-batch and the same effective batch
-    (batch_size × grad_accum, which also keeps the data order of each step); None at 1."""
-    if batch_size <= 1:
-        return None
-    new = next(d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0)
-    return new, grad_accum * (batch_size // new)
-
-
-def retry_on_oom(
-    run: Callable[[int, int], T],
-    batch_size: int,
-    grad_accum: int,
-    *,
-    on_retry: Callable[[BaseException, tuple[int, int], tuple[int, int], int], None],
-    retries: int = OOM_RETRIES,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """run(batch_size, grad_accum); on out-of-memory, retry with a smaller micro-batch and a
-    backoff, at most `retries` times (then, or at batch_size 1, the error propagates)."""
-    attempt = 0
-    while True:
-        try:
-            return run(batch_size, grad_accum)
-        except Exception as exc:
-            smaller = smaller_batch(batch_size, grad_accum)
-            if not is_out_of_memory(exc) or attempt >= retries or smaller is None:
-                raise
-            attempt += 1
-            _free_memory()
-            on_retry(exc, (batch_size, grad_accum), smaller, attempt)
-            sleep(min(2.0**attempt, 30.0))
-            batch_size, grad_accum = smaller
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def value_store(ctx: StageContext, prepared: Prepared) -> ValueStore | None:
-    """The teacher's value store the precompute stage recorded (computed again when it is gone);
-    None when the method uses no teacher."""
-    spec = ctx.spec
-    if not spec.uses_teacher:
-        return None
-    key = ctx.job.precompute_key
-    store = ValueStore.find(spec.store_root, key) if key else None
-    if store is None:
-        ctx.reporter.event("warning", f"the value store {key} is gone: computing the teacher values again")
-        store = pipeline.precompute(spec, prepared, ctx.reporter).store
-    return store
-
-
-def smaller_batch_recorder(
-    ctx: StageContext,
-) -> Callable[[BaseException, tuple[int, int], tuple[int, int], int], None]:
-    """retry_on_oom's `on_retry`: stores the smaller batch in the job's spec and says so."""
-
-    def on_retry(exc: BaseException, old: tuple[int, int], new: tuple[int, int], n: int) -> None:
-        stored = ctx.job.spec
-        job_spec = {**stored, "train": {**stored["train"], "batch_size": new[0], "grad_accum": new[1]}}
-        ctx.job.spec = job_spec  # a resume after a crash keeps the smaller batch too
-        ctx.record(spec=job_spec)
-        ctx.reporter.event(
-            "warning",
-            f"out of memory at batch_size={old[0]} (grad_accum={old[1]}): retrying from the last checkpoint "
-            f"with batch_size={new[0]}, grad_accum={new[1]} (same effective batch), try {n} of {OOM_RETRIES}",
-            {"error": str(exc)[:500], "batch_size": new[0], "grad_accum": new[1]},
-        )
-
-    return on_retry
-
-
 def run_train(ctx: StageContext) -> Outcome:
     spec = ctx.spec
     ctx.reporter.checkpoint_every = spec.train.save_every
@@ -441,28 +271,6 @@ def run_train(ctx: StageContext) -> Outcome:
             }
         },
     )
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def record_artifacts(ctx: StageContext, paths: dict[str, str | Path | None]) -> None:
-    rows = [
-        {
-            "job_id": ctx.job.id,
-            "kind": kind,
-            "path": ctx.rel(path),
-            "bytes": _size(Path(path)),
-            "created_at": utcnow(),
-        }
-        for kind, path in paths.items()
-        if path and Path(path).exists()
-    ]
-    with transaction(ctx.factory) as session:
-        upsert(session, Artifact, rows, keys=("job_id", "kind"), update_cols=("path", "bytes", "created_at"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,12 +377,6 @@ def _api_settings(spec: dict[str, Any]) -> dict[str, Any]:
     flat = flat_settings(spec)
     alpha, beta = flat.pop("alpha", None), flat.pop("beta", None)
     return {"kind": spec.get("kind") or "tvkd", "alpha": alpha, "beta": beta, "hyperparameters": flat}
-
-
-def with_batch(spec: JobSpec, batch_size: int, grad_accum: int) -> JobSpec:
-    return dataclasses.replace(
-        spec, train=dataclasses.replace(spec.train, batch_size=batch_size, grad_accum=grad_accum)
-    )
 
 
 # Stage → its runner, as the stage table names it (a stage without its function fails here).

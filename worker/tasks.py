@@ -47,9 +47,11 @@ from tvkd.config import ConfigError
 from tvkd.data import DataError
 from tvkd.models import ModelError
 from tvkd.numerics import NonFiniteError, nonfinite_paths
-from tvkd.pipeline import DatasetChanged
+from tvkd.prepared import DatasetChanged
+from worker.context import DatasetNotFound, Outcome, StageContext, job_output_rel
+from worker.oom import is_out_of_memory
 from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
-from worker.stages import RUNNERS, DatasetNotFound, Outcome, StageContext, is_out_of_memory, job_output_rel
+from worker.stages import RUNNERS
 
 log = logging.getLogger("tvkd.worker")
 TRACEBACK_LINES = 25

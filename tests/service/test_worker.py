@@ -561,7 +561,7 @@ def test_embedded_broker_runs_a_job(tmp_path: Path) -> None:
 def test_oom_retry_halves_the_micro_batch_keeping_the_effective_batch() -> None:
     import torch
 
-    from worker.stages import retry_on_oom, smaller_batch
+    from worker.oom import retry_on_oom, smaller_batch
 
     assert smaller_batch(8, 1) == (4, 2)
     assert smaller_batch(6, 2) == (3, 4)

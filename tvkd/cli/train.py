@@ -187,7 +187,7 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
     from tvkd.callbacks import PrintCallbacks
     from tvkd.data import DataError
     from tvkd.models import ModelError
-    from tvkd.pipeline import run_job
+    from tvkd.run_job import run_job
 
     callbacks = PrintCallbacks()
 
