@@ -22,9 +22,8 @@ def stage_table() -> str:
     rows = ["| " + " | ".join([*head, "what runs"]) + " |", "|---|---|---|---|---|---|---|"]
     for s in STAGES.values():
         nxt = " or ".join(f"`{n}`" for n in s.next) if s.next else "— (`succeeded`)"
-        rows.append(
-            f"| `{s.name}` | `{s.status}` | `{s.queue}` | `{s.task}` | `{s.runner}` | {nxt} | {s.doc} |"
-        )
+        queue = f"`{s.queue}`" + (f", `{s.queue}.n<N>` (num_processes N > 1)" if s.sized else "")
+        rows.append(f"| `{s.name}` | `{s.status}` | {queue} | `{s.task}` | `{s.runner}` | {nxt} | {s.doc} |")
     return "\n".join(rows)
 
 

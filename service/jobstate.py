@@ -194,6 +194,16 @@ def advance(session: Session, job: Job, to: str, *, message: str, data: dict[str
     job.stage = to
     job.resends = 0
     _wait(job)
+    processes = ((job.spec or {}).get("train") or {}).get("num_processes", 1)
+    if STAGES[to].sized and isinstance(processes, int) and processes > 1:
+        add_event(
+            session,
+            job.id,
+            f"the {to} stage needs a worker with at least {processes} devices (queue {STAGES[to].queue}.n"
+            f"{processes}); the job stays queued until one takes it",
+            stage=to,
+            data={"num_processes": processes},
+        )
 
 
 def hand_back(session: Session, job: Job, *, message: str, data: dict[str, Any] | None = None) -> None:

@@ -16,6 +16,12 @@ Queues and routes come from the stage table (service/statemachine.py).
 - Late acknowledgement (`task_acks_late`, `task_reject_on_worker_lost`), one message reserved
   per worker process (`worker_prefetch_multiplier=1`), JSON only.
 
+Sized stages (the train stage, `Stage.sized`) go to a queue per number of processes: a job with
+`hyperparameters.num_processes` N goes to `train` (N = 1) or `train.n<N>`, declared for every N up
+to TVKD_LIMIT_NUM_PROCESSES (`all_queues`). A worker advertising D devices consumes `train`,
+`train.n2` … `train.n<D>` (`worker_queues`); a job asking for more than any worker has stays
+`queued`, its message waiting in its queue (the reconciler sees it there and does not re-send).
+
 A message carries only the job id; everything else is read from the database when the task
 starts. Its task id is `<job id>:<stage>:<random>`, so that the reconciler can tell which jobs
 already have a message waiting in a queue without decoding task arguments. The send time
@@ -44,6 +50,7 @@ from kombu import Queue
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
+from sqlalchemy import select
 
 from service.db import cached_sessions, transaction
 from service.jobstate import add_event
@@ -129,8 +136,49 @@ def _broker(settings: Settings) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 def queue_name(settings: Settings, queue: str) -> str:
-    """The broker's name of this deployment's `queue` (one of statemachine.QUEUES)."""
+    """The broker's name of this deployment's `queue` (one of `all_queues`)."""
     return f"{settings.queue_namespace}.{queue}"
+
+
+SIZED_QUEUES: tuple[str, ...] = tuple(dict.fromkeys(s.queue for s in STAGES.values() if s.sized))
+
+
+def sized_queue(queue: str, processes: int) -> str:
+    """The queue of a sized stage's job with `processes` processes: `queue` for 1, else `queue.n<N>`."""
+    return queue if processes <= 1 else f"{queue}.n{processes}"
+
+
+def stage_queue(stage: str, processes: int = 1) -> str:
+    """The queue (unprefixed) a job's `stage` goes to when the job asks for `processes` processes."""
+    s = STAGES[stage]
+    return sized_queue(s.queue, processes) if s.sized else s.queue
+
+
+def all_queues(settings: Settings) -> tuple[str, ...]:
+    """Every queue of the deployment: the stage table's, and each sized one for 2..limit processes."""
+    extra = [sized_queue(q, n) for q in SIZED_QUEUES for n in range(2, settings.limit_num_processes + 1)]
+    return (*QUEUES, *extra)
+
+
+def worker_queues(queues: list[str], devices: int) -> list[str]:
+    """The queues a worker consumes when asked for `queues` (of statemachine.QUEUES) and it has
+    `devices` devices: each sized queue for 1..devices processes."""
+    out: list[str] = []
+    for q in queues:
+        out.append(q)
+        if q in SIZED_QUEUES:
+            out += [sized_queue(q, n) for n in range(2, devices + 1)]
+    return out
+
+
+def job_processes(settings: Settings, job_id: str) -> int:
+    """The job's `num_processes` as its stored spec says (1 for an unknown job or spec)."""
+    from service.models import Job
+
+    with cached_sessions(settings.resolved_database_url)() as session:
+        spec = session.scalar(select(Job.spec).where(Job.id == job_id))
+    value = ((spec or {}).get("train") or {}).get("num_processes", 1)
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
 def create_app(settings: Settings) -> Celery:
@@ -151,7 +199,9 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         # A broker blip must not abort a training run in flight; the lease keeps it single.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_queues=[Queue(queue_name(settings, q), routing_key=queue_name(settings, q)) for q in QUEUES],
+        task_queues=[
+            Queue(queue_name(settings, q), routing_key=queue_name(settings, q)) for q in all_queues(settings)
+        ],
         task_default_queue=queue_name(settings, "default"),
         task_create_missing_queues=False,
         task_routes={
@@ -194,10 +244,21 @@ def job_of_task_id(task_id: object) -> str | None:
     return task_id.split(":", 1)[0]
 
 
-def send_stage(app: Celery, job_id: str, stage: str, *, retry_policy: dict[str, Any] | None = None) -> str:
-    """Publish the task of `stage` for the job; returns the task id. Raises PUBLISH_ERRORS."""
+def send_stage(
+    app: Celery,
+    job_id: str,
+    stage: str,
+    *,
+    retry_policy: dict[str, Any] | None = None,
+    processes: int | None = None,
+) -> str:
+    """Publish the task of `stage` for the job, to the queue of its size (`stage_queue`; a sized
+    stage reads the job's num_processes from the database unless `processes` is given); returns
+    the task id. Raises PUBLISH_ERRORS."""
     settings: Settings = app.tvkd_settings  # type: ignore[attr-defined]
-    task, queue = STAGES[stage].task, queue_name(settings, STAGES[stage].queue)
+    if processes is None:
+        processes = job_processes(settings, job_id) if STAGES[stage].sized else 1
+    task, queue = STAGES[stage].task, queue_name(settings, stage_queue(stage, processes))
     task_id = task_id_for(job_id, stage)
     app.send_task(
         task,

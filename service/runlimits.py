@@ -4,7 +4,8 @@ tvkd's own config bounds say what is valid; these say what this deployment accep
 is a 422 naming the field and the setting that sets the bound, before anything is queued:
 
 - run size: `max_steps`, `epochs`, `batch_size`, `grad_accum` (TRL's
-  gradient_accumulation_steps), `max_length`, `num_samples` at most TVKD_LIMIT_<NAME>;
+  gradient_accumulation_steps), `max_length`, `num_samples`, `num_processes` at most
+  TVKD_LIMIT_<NAME>; `num_nodes` 1 (multi-node runs go through the library CLI, README 'Scaling');
 - model size: a model folder's config.json, read as plain JSON (no weights, no code), may declare
   at most TVKD_MAX_MODEL_LAYERS layers and, by a closed-form estimate of its parameters
   (embeddings + per layer 4·H² attention + 3·H·I MLP), at most TVKD_MAX_MODEL_PARAMETERS; so a
@@ -28,6 +29,7 @@ RUN_LIMITS = {
     "grad_accum": "limit_grad_accum",
     "max_length": "limit_max_length",
     "num_samples": "limit_num_samples",
+    "num_processes": "limit_num_processes",
 }
 
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -38,6 +40,14 @@ _INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim")
 def check_run_size(settings: Settings, train: dict[str, Any]) -> None:
     """422 naming `hyperparameters.<name>` when a run-size setting of `train` (TrainConfig as a
     dict) is over this deployment's bound."""
+    nodes = train.get("num_nodes")
+    if isinstance(nodes, int) and nodes > 1:
+        raise invalid(
+            "hyperparameters.num_nodes",
+            f"{nodes} nodes: the service runs a job on one node (num_processes devices of one worker); "
+            "run a multi-node job with the library CLI under a cluster scheduler (README 'Scaling')",
+            code="over_limit",
+        )
     for name, attr in RUN_LIMITS.items():
         bound = getattr(settings, attr)
         value = train.get(name)

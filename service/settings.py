@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     )
     limit_max_length: int = Field(default=131_072, description="Largest `max_length` a job may ask for.")
     limit_num_samples: int = Field(default=1000, description="Largest `num_samples` a job may ask for.")
+    limit_num_processes: int = Field(
+        default=8,
+        ge=1,
+        description="Largest `num_processes` (devices of one train stage, under torchrun) a job may ask "
+        "for; the broker has a train queue per size up to it (`train`, `train.n2`, …).",
+    )
     max_model_layers: int = Field(
         default=512, description="Most layers a teacher or student config may declare (422 at submit)."
     )
@@ -129,6 +135,13 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto",
         description="Torch device of the workers: auto (cuda when available), cpu, cuda, cuda:1.",
+    )
+    worker_devices: int = Field(
+        default=0,
+        ge=0,
+        description="Devices a worker advertises: it takes train stages of jobs with num_processes up to "
+        "this many (queues `train`, `train.n2`, …); 0 = the CUDA device count, 1 without CUDA (a CPU "
+        "worker running N gloo processes sets N).",
     )
     tensorboard_dir: Path | None = Field(
         default=None,

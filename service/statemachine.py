@@ -11,6 +11,11 @@ progress.
     train        training               train        tvkd.train         run_train       evaluate
     evaluate     evaluating             train        tvkd.evaluate      run_evaluate    (succeeded)
 
+A stage marked *sized* (train) goes to a queue per number of processes the job asks for
+(`hyperparameters.num_processes`): `train` for 1, `train.n2` for 2, …; a worker that advertises D
+devices consumes the sized queues for 1..D (service/queue.py: `stage_queue`, `worker_queues`), so
+a job waits in its queue until a worker that fits takes it. Evaluate runs in one process.
+
 Between two stages a job shows `queued`; the first stage's status (`validating`) is also shown
 while the job waits for it. A job that names another job's output (`"job:<id>"` as its teacher
 or student) shows `waiting` until those jobs have succeeded, then goes on to `validating` (or
@@ -64,6 +69,7 @@ class Stage:
     runner: str  # the function of worker/stages.py that does the work
     next: tuple[str, ...]  # stages that may follow, the usual one first; () = the last stage
     doc: str
+    sized: bool = False  # runs in num_processes processes: its queue is split by that number
 
     @property
     def last(self) -> bool:
@@ -99,6 +105,7 @@ STAGES: dict[str, Stage] = {
             "run_train",
             ("evaluate",),
             "reference log-probs, then TVKD training with checkpoints; saves the model folder",
+            sized=True,
         ),
         Stage(
             "evaluate",

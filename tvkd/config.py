@@ -379,6 +379,19 @@ class TrainConfig:
         "tolerance; the first steps compile).",
         default=False,
     )
+    num_processes: int = _help(
+        "Processes (devices) of the train stage, one per device: the service runs it under "
+        "torchrun on a worker with at least this many devices (README 'Scaling'); the library "
+        "CLI runs under `torchrun --nproc-per-node N` instead.",
+        default=1,
+        ge=1,
+    )
+    num_nodes: int = _help(
+        "Nodes of the train stage. The service runs 1 only; a multi-node run goes through the "
+        "library CLI under a cluster scheduler (README 'Scaling').",
+        default=1,
+        ge=1,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):
@@ -461,6 +474,8 @@ class SFTConfig:
     lora_target_modules: list[str] = _like(TrainConfig, "lora_target_modules")
     gradient_checkpointing: bool = _like(TrainConfig, "gradient_checkpointing")
     torch_compile: bool = _like(TrainConfig, "torch_compile")
+    num_processes: int = _like(TrainConfig, "num_processes")
+    num_nodes: int = _like(TrainConfig, "num_nodes")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Celery
 
-from service.queue import QUEUES, embedded_folders, is_embedded, job_of_task_id, queue_name
+from service.queue import all_queues, embedded_folders, is_embedded, job_of_task_id, queue_name
 from service.settings import Settings
 
 
@@ -31,7 +31,7 @@ def _redis_task_ids(app: Celery, settings: Settings) -> set[str]:
     with app.connection_for_read() as conn:
         channel: Any = conn.default_channel
         client = channel.client
-        for queue in (queue_name(settings, q) for q in QUEUES):
+        for queue in (queue_name(settings, q) for q in all_queues(settings)):
             for pri in channel.priority_steps:
                 for raw in client.lrange(channel._q_for_pri(queue, pri), 0, -1):
                     task_id = _task_id_of(raw)

@@ -37,7 +37,8 @@ def small_api(service_env: dict[str, str], service_home: Path) -> Iterator[tuple
     (base URL, pid)."""
     env = {**service_env, "TVKD_MAX_JSON_BODY_BYTES": "4096", "TVKD_UPLOAD_IDLE_SECONDS": "1",
            "TVKD_UPLOAD_MAX_ROWS": "20", "TVKD_LIMIT_MAX_STEPS": "100", "TVKD_LIMIT_BATCH_SIZE": "64",
-           "TVKD_LIMIT_EPOCHS": "3", "TVKD_TEMPLATE_SECONDS": "1"}  # fmt: skip
+           "TVKD_LIMIT_EPOCHS": "3", "TVKD_TEMPLATE_SECONDS": "1",
+           "TVKD_LIMIT_NUM_PROCESSES": "4"}  # fmt: skip
     port = free_port()
     proc = start_process(
         "api-bounds", ["serve", "--host", "127.0.0.1", "--port", str(port)], env, service_home
@@ -174,6 +175,9 @@ def test_run_size_and_model_size_have_operator_bounds(small_api, service_home, t
             ({"max_steps": 101}, "hyperparameters.max_steps", "TVKD_LIMIT_MAX_STEPS"),
             ({"batch_size": 65}, "hyperparameters.batch_size", "TVKD_LIMIT_BATCH_SIZE"),
             ({"epochs": 3.5}, "hyperparameters.epochs", "TVKD_LIMIT_EPOCHS"),
+            ({"num_processes": 5}, "hyperparameters.num_processes", "TVKD_LIMIT_NUM_PROCESSES"),
+            # One node only: multi-node runs go through the library CLI (README 'Scaling').
+            ({"num_nodes": 2}, "hyperparameters.num_nodes", "README 'Scaling'"),
         ):
             r = c.post("/v1/jobs", json={**body, "hyperparameters": hp})
             assert r.status_code == 422, r.text

@@ -164,9 +164,24 @@ def test_runners_routes_and_api_statuses_come_from_the_table() -> None:
     for stage in STAGES.values():
         assert stage.task in app.tasks
         assert app.conf.task_routes[stage.task]["queue"] == queue_name(settings, stage.queue)
-    # This deployment's names of the queues: its prefix, then the table's queue.
-    assert {q.name for q in app.conf.task_queues} == {f"{settings.queue_namespace}.{q}" for q in QUEUES}
+    # This deployment's names of the queues: its prefix, then the table's queue; a sized stage's
+    # queue once per number of processes up to the operator's limit.
+    sized = {f"{s.queue}.n{n}" for s in STAGES.values() if s.sized for n in range(2, 9)}
+    assert settings.limit_num_processes == 8 and sized == {f"train.n{n}" for n in range(2, 9)}
+    names = {f"{settings.queue_namespace}.{q}" for q in (*QUEUES, *sized)}
+    assert {q.name for q in app.conf.task_queues} == names
     assert set(JobStatus.__args__) == {s.value for s in Status}  # type: ignore[attr-defined]
+
+
+def test_a_job_goes_to_the_queue_of_its_size_and_a_worker_takes_the_sizes_it_fits() -> None:
+    from service.queue import stage_queue, worker_queues
+
+    assert stage_queue("train", 1) == "train" and stage_queue("train", 4) == "train.n4"
+    assert stage_queue("evaluate", 4) == "train"  # one process: any train worker evaluates
+    assert stage_queue("precompute", 4) == "precompute" and stage_queue("validate", 3) == "default"
+    assert worker_queues(["default", "train"], 1) == ["default", "train"]
+    assert worker_queues(["precompute", "train"], 3) == ["precompute", "train", "train.n2", "train.n3"]
+    assert worker_queues(["default"], 4) == ["default"]  # no sized queue asked for
 
 
 # -------------------------------------------------------------------------------------- transitions

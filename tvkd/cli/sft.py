@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from tvkd.cli.train import _device, add_config_flags, build_options, execute, read_config_file
+from tvkd.cli.train import _device, add_config_flags, build_options, check_world, execute, read_config_file
 from tvkd.config import NOT_SFT_OPTIONS, ConfigError, JobOptions, JobSpec, SFTConfig, config_fields
 
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             device=_device(args.device),
             options=build_options(args),
         )
+        check_world(spec.train)
     except (ConfigError, OSError, json.JSONDecodeError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

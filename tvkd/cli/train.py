@@ -130,6 +130,21 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict({**data, **{k: v for k, v in vars(args).items() if k in names}})
 
 
+def check_world(config: TrainConfig | Any) -> None:
+    """`num_processes`/`num_nodes` above 1 name the torchrun world this run must be in (the CLI
+    does not launch one). Raises ConfigError when the run has another world size."""
+    from tvkd.distributed import context
+
+    wanted, world = config.num_processes * config.num_nodes, context().world_size
+    if wanted > 1 and world != wanted:
+        raise ConfigError(
+            "num_processes" if config.num_nodes == 1 else "num_nodes",
+            f"{config.num_processes} process(es) on {config.num_nodes} node(s) asked for, but this run "
+            f"has {world}: launch it as `torchrun --nnodes {config.num_nodes} --nproc-per-node "
+            f"{config.num_processes} -m tvkd.cli ...` (README 'Scaling')",
+        )
+
+
 def build_options(args: argparse.Namespace) -> JobOptions:
     names = {f.name for f in config_fields(JobOptions)}
     return JobOptions.from_dict({k: v for k, v in vars(args).items() if k in names})
@@ -164,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, options = build_config(args), build_options(args)
         require_teacher_reference(config.method, options)
+        check_world(config)
     except (ConfigError, OSError, json.JSONDecodeError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,11 @@ process that holds the job. With --concurrency N > 1 it runs N tasks on threads 
 pool), for CPU stages or several small jobs on one device. Run one worker process per GPU
 (TVKD_DEVICE=cuda:0, cuda:1, ...).
 
+Devices: a worker advertises D devices (--devices, else TVKD_WORKER_DEVICES, else the CUDA device
+count, 1 without CUDA) and takes the train stage of jobs asking for up to D processes (queues
+`train`, `train.n2` … `train.n<D>`); such a stage runs under torchrun with one process per device
+(worker/torchrun.py). One worker process per multi-GPU host, then, rather than one per GPU.
+
 Like `tvkd serve`, this is a server command: it imports the service and worker packages
 lazily, so the `tvkd` library itself never depends on them.
 """
@@ -39,6 +44,12 @@ def register(subparsers: Any) -> None:
         default=1,
         help="tasks at once (default 1: in the worker's own process; N > 1: N threads)",
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="devices this worker advertises: it takes train stages of jobs with num_processes up to "
+        "this many (default: TVKD_WORKER_DEVICES, else the CUDA device count, 1 without CUDA)",
+    )
     p.add_argument("--hostname", help="worker name, e.g. gpu0@%%h (default: celery@<host>)")
     p.add_argument("--loglevel", default="INFO", help="log level (default: INFO)")
     p.add_argument(
@@ -63,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise SystemExit("tvkd worker: --concurrency must be >= 1")
     settings = get_settings()
+    devices = advertised_devices(args.devices if args.devices is not None else settings.worker_devices)
     app = create_app(settings)
     import worker.tasks  # torch and the library now, not on the first job
 
@@ -80,10 +92,13 @@ def run(args: argparse.Namespace) -> int:
         reconciler.start()
         sender = WebhookSender(settings)  # the jobs' webhook POSTs (service/webhooks.py)
         sender.start()
-    from service.queue import queue_name
+    from service.queue import queue_name, worker_queues
 
+    # No job asks for more than the limit, and only that many sized queues exist.
+    consumed = worker_queues(queues, min(devices, settings.limit_num_processes))
+    logging.getLogger("tvkd.worker").info("%d device(s): consuming %s", devices, ", ".join(consumed))
     options: dict[str, Any] = {
-        "queues": [queue_name(settings, q) for q in queues],  # this deployment's names of them
+        "queues": [queue_name(settings, q) for q in consumed],  # this deployment's names of them
         "concurrency": args.concurrency,
         "pool": "solo" if args.concurrency == 1 else "threads",
         "loglevel": args.loglevel.upper(),
@@ -105,3 +120,15 @@ def run(args: argparse.Namespace) -> int:
         if sender is not None:
             sender.stop()
     return int(celery_worker.exitcode or 0)
+
+
+def advertised_devices(setting: int) -> int:
+    """The devices a worker advertises: `setting` when > 0, else the CUDA device count (1 without
+    CUDA). Raises SystemExit on a negative setting."""
+    if setting < 0:
+        raise SystemExit("tvkd worker: --devices must be >= 0 (0: the CUDA device count)")
+    if setting:
+        return setting
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
