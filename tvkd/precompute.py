@@ -7,13 +7,19 @@ batches of at most `batch_tokens` padded tokens, and it is written as soon as it
 that shard's results are ever held, and a stopped or killed run resumes at the first unwritten
 shard. The store key is computed before the teacher is loaded, so a cache hit costs a tokenizer
 load and the fingerprints.
+
+Many processes: `precompute_shards` computes only the shards it is given (torchrun rank r takes
+shards r, r+world, ...: `rank_shards`; a Celery shard task takes its slice), each under its shard
+lock, and `finalize_if_complete` writes the manifest once every shard is on disk. A shard's
+numbers do not depend on which process computes it, so the store is bit-identical to a
+one-process precompute (tests/test_precompute_shards.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,30 +27,12 @@ from typing import Any, Literal
 import torch
 
 from tvkd.config import ConfigError, PrecomputeConfig
-from tvkd.data import DataError, DataReport, PreferencePair, RowError, RowIssue, dataset_fingerprint
-from tvkd.modeling import model_device, pad_token_id
-from tvkd.numerics import NonFiniteError, first_nonfinite
-from tvkd.store import (
-    PairValues,
-    StoreLockTimeout,
-    StoreWriter,
-    ValueStore,
-    content_key,
-    key_fields,
-    store_arrays,
-)
-from tvkd.teacher import (
-    batches_by_tokens,
-    eval_mode,
-    run_batch,
-    sequences,
-    verify_once,
-)
-from tvkd.tokenize import TokenizedPair, check_chat_template, tokenize_pair
-
-
-class PrecomputeStopped(Exception):
-    """should_stop() returned True. Finished shards are kept; calling again resumes."""
+from tvkd.data import DataError, DataReport, PreferencePair, RowIssue, dataset_fingerprint
+from tvkd.numerics import NonFiniteError
+from tvkd.shard_pass import LazyTeacher, Run, check_all_rows, fill_shards, report
+from tvkd.shard_pass import PrecomputeStopped as PrecomputeStopped  # re-exported: callers catch it here
+from tvkd.store import StoreLockTimeout, StoreWriter, ValueStore, content_key, key_fields, store_arrays
+from tvkd.tokenize import check_chat_template
 
 
 @dataclass
@@ -61,107 +49,41 @@ class PrecomputeResult:
     teacher_check: Any = None  # tvkd.teacher_check.TeacherCheck, set by tvkd.pipeline.precompute
 
 
-# --------------------------------------------------------------------------------------------
-# The dataset pass
-
-
-def _report(source: str, total: int, issues: list[RowIssue]) -> DataReport:
-    return DataReport(source, total, kept=total - len(issues), dropped=len(issues), issues=issues)
-
-
-def _report_from_store(source: str, store: ValueStore) -> DataReport:
-    issues = [RowIssue(**d) for d in store.manifest.get("issues", [])]
-    return _report(source, store.num_pairs, issues)
-
-
-def _tokenize_shard(
-    tokenizer: Any, pairs: Sequence[PreferencePair], indices: range, config: PrecomputeConfig
-) -> tuple[list[TokenizedPair | None], list[RowIssue]]:
-    out: list[TokenizedPair | None] = []
-    issues: list[RowIssue] = []
-    for i in indices:
-        try:
-            out.append(
-                tokenize_pair(
-                    tokenizer,
-                    pairs[i],
-                    max_length=config.max_length,
-                    index=i,
-                    truncation_mode=config.truncation_mode,
-                )
-            )
-        except RowError as exc:
-            out.append(None)
-            issues.append(exc.issue)
-    return out, issues
-
-
-def _check_all_rows(
-    tokenizer: Any, pairs: Sequence[PreferencePair], source: str, config: PrecomputeConfig
-) -> None:
-    """on_error="raise": find every bad row before any teacher work (ids are not kept)."""
-    _, issues = _tokenize_shard(tokenizer, pairs, range(len(pairs)), config)
-    if issues:
-        raise DataError(_report(source, len(pairs), issues))
-
-
 @dataclass
-class _Run:
-    """Counters of one precompute call."""
+class ShardsResult:
+    """What one `precompute_shards` call did (the store is complete only once every shard is)."""
 
-    total: int
-    done: int = 0
-    tokens: int = 0
-    forward_seconds: float = 0.0
-
-
-def _compute_shard(
-    model: Any,
-    tokenized: list[TokenizedPair | None],
-    config: PrecomputeConfig,
-    pad_id: int,
-    run: _Run,
-    progress: Callable[[int, int], None] | None,
-    should_stop: Callable[[], bool] | None,
-    reference: Any = None,
-) -> list[PairValues | None]:
-    seqs = [s for slot, tp in enumerate(tokenized) if tp is not None for s in sequences(slot, tp)]
-    arrays: list[dict[str, Any]] = [{} for _ in tokenized]
-    n_fields = len(store_arrays(config.topk, config.token_stats))  # both sides' fields
-    run.done += sum(tp is None for tp in tokenized)  # missing pairs are done at once
-    if not seqs and progress is not None:  # a shard of missing pairs only: no batch reports it
-        progress(run.done, run.total)
-    device = model_device(model)
-    for batch in batches_by_tokens(seqs, config.batch_tokens):
-        if should_stop is not None and should_stop():
-            raise PrecomputeStopped("precompute stopped on request; finished shards are kept")
-        t0 = time.perf_counter()
-        signals = run_batch(model, batch, config, pad_id, device, reference)
-        for s, side_arrays in zip(batch, signals, strict=True):
-            arrays[s.slot].update(side_arrays)
-            if len(arrays[s.slot]) == n_fields:  # the pair's second side just finished
-                run.done += 1
-        run.forward_seconds += time.perf_counter() - t0
-        run.tokens += sum(len(s.ids) for s in batch)
-        if progress is not None:
-            progress(run.done, run.total)
-    return [None if tp is None else PairValues(**a) for tp, a in zip(tokenized, arrays, strict=True)]
+    key: str
+    fields: dict[str, Any]  # the key fields (for `finalize_if_complete`)
+    config: PrecomputeConfig  # the config used (max_length capped at the teacher's window)
+    num_shards: int  # shards of the whole store
+    computed: list[int]  # shards this call computed
+    tokens: int  # teacher tokens run through the teacher this call
+    forward_seconds: float
+    seconds: float
+    device: str
+    complete: bool = False  # the store was already complete (nothing was done)
 
 
-def _check_finite(
-    teacher: str, pairs: Sequence[PreferencePair], indices: range, records: Sequence[PairValues | None]
-) -> None:
-    """NonFiniteError (code nonfinite_teacher) naming the teacher and the first pair of `records`
-    whose signals hold a NaN or an infinity."""
-    for i, record in zip(indices, records, strict=True):
-        bad = None if record is None else first_nonfinite(vars(record))
-        if bad is not None:
-            raise NonFiniteError(
-                "nonfinite_teacher",
-                f"teacher {teacher} gives non-finite {bad} (NaN/Inf) for pair {i} (row {pairs[i].row}); "
-                "nothing of it was written to the value store. Its weights may be damaged, or its "
-                "logits overflow (try without bf16)",
-            )
+def store_report(source: str, store: ValueStore) -> DataReport:
+    """The data report of a complete store (the rows the teacher could not take)."""
+    issues = [RowIssue(**d) for d in store.manifest.get("issues", [])]
+    return report(source, store.num_pairs, issues)
+
+
+def _writer(
+    store_root: str | Path, key: str, fields: dict[str, Any], num_pairs: int, config: PrecomputeConfig
+) -> StoreWriter:
+    arrays = store_arrays(config.topk, config.token_stats)
+    return StoreWriter(
+        store_root,
+        key,
+        fields=fields,
+        num_pairs=num_pairs,
+        shard_size=config.shard_size,
+        arrays=arrays,
+        topk=config.topk,
+    )
 
 
 def _check_store(store: ValueStore, pairs: Sequence[PreferencePair]) -> None:
@@ -176,38 +98,6 @@ def _check_store(store: ValueStore, pairs: Sequence[PreferencePair]) -> None:
             f"the value store {store.path} holds non-finite {name} (NaN/Inf) for pair {i} (row {row}); "
             "it is not reused: delete it and precompute again",
         )
-
-
-def _fill_store(
-    writer: StoreWriter,
-    teacher: str | Path,
-    model: Any,
-    tokenizer: Any,
-    pairs: Sequence[PreferencePair],
-    config: PrecomputeConfig,
-    run: _Run,
-    progress: Callable[[int, int], None] | None,
-    should_stop: Callable[[], bool] | None,
-    reference: Any = None,
-) -> None:
-    done = writer.done_shards()
-    run.done = sum(len(writer.shard_range(i)) for i in done)
-    if progress is not None:
-        progress(run.done, run.total)
-    pad_id = pad_token_id(tokenizer)
-    for i in range(writer.num_shards):
-        if i in done:
-            continue
-        t0, tokens0 = time.perf_counter(), run.tokens
-        tokenized, issues = _tokenize_shard(tokenizer, pairs, writer.shard_range(i), config)
-        records = _compute_shard(model, tokenized, config, pad_id, run, progress, should_stop, reference)
-        _check_finite(str(teacher), pairs, writer.shard_range(i), records)  # before anything is written
-        info = {
-            "issues": [vars(issue) for issue in issues],
-            "teacher_tokens": run.tokens - tokens0,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        writer.write_shard(i, records, info=info)
 
 
 def check_teacher_reference(
@@ -302,7 +192,7 @@ def precompute_values(
     from, needed by `q_source="implicit"` (MATH.md) and part of the key then; ConfigError when
     it is missing or does not share the teacher's tokenizer.
     """
-    from tvkd.models import load_causal_lm, load_tokenizer
+    from tvkd.models import load_tokenizer
 
     if on_error not in ("raise", "drop"):
         raise ValueError(f"on_error must be 'raise' or 'drop'; got {on_error!r}")
@@ -314,14 +204,14 @@ def precompute_values(
     )
     source = f"precompute({teacher}, max_length={config.max_length})"
 
-    def result(store: ValueStore, run: _Run | None, waited: float = 0.0) -> PrecomputeResult:
-        report = _report_from_store(source, store)
-        if on_error == "raise" and report.issues:
-            raise DataError(report)
+    def result(store: ValueStore, run: Run | None, waited: float = 0.0) -> PrecomputeResult:
+        rep = store_report(source, store)
+        if on_error == "raise" and rep.issues:
+            raise DataError(rep)
         secs = time.perf_counter() - start
         tokens = run.tokens if run else 0
         tps = tokens / run.forward_seconds if run and run.forward_seconds > 0 else 0.0
-        return PrecomputeResult(store, key, run is None, report, len(pairs), tokens, secs, tps, waited)
+        return PrecomputeResult(store, key, run is None, rep, len(pairs), tokens, secs, tps, waited)
 
     found = ValueStore.find(store_root, key)
     if found is not None:
@@ -329,47 +219,23 @@ def precompute_values(
         return result(found, None)
     check_chat_template(tokenizer, pairs, source)
     if on_error == "raise":
-        _check_all_rows(tokenizer, pairs, source, config)
-    writer = StoreWriter(
-        store_root,
-        key,
-        fields=fields,
-        num_pairs=len(pairs),
-        shard_size=config.shard_size,
-        arrays=store_arrays(config.topk, config.token_stats),
-        topk=config.topk,
-    )
+        check_all_rows(tokenizer, pairs, source, config)
+    writer = _writer(store_root, key, fields, len(pairs), config)
+    lazy = LazyTeacher(
+        teacher, tokenizer, pairs, config, device=device, model=model,
+        teacher_reference=teacher_reference, reference_model=reference_model,
+    )  # fmt: skip
     try:
-        with writer.acquire(should_stop=should_stop) as waited:
+        with writer.acquire(should_stop=should_stop) as waited, lazy:
             found = writer.find_complete()  # another process may have finished it while we waited
             if found is not None:
                 _check_store(found, pairs)
                 return result(found, None, waited)
-            if model is None:
-                model = load_causal_lm(teacher, dtype=torch.float32, device=device)
-            reference = None
-            if config.q_source == "implicit":
-                reference = reference_model
-                if reference is None:
-                    assert teacher_reference is not None  # checked by precompute_key
-                    device = model_device(model)
-                    reference = load_causal_lm(teacher_reference, dtype=torch.float32, device=device)
-            run = _Run(total=len(pairs))
-            with eval_mode(model), eval_mode(reference):
-                _verify_first(str(teacher), model, tokenizer, pairs, config)
-                if reference is not None:
-                    _verify_first(f"{teacher}'s reference", reference, tokenizer, pairs, config)
-                _fill_store(
-                    writer, teacher, model, tokenizer, pairs, config, run, progress, should_stop, reference
-                )
-            store = writer.finalize(
-                timings={
-                    "seconds": round(time.perf_counter() - start, 3),
-                    "forward_seconds": round(run.forward_seconds, 3),
-                    "teacher_tokens_this_run": run.tokens,
-                    "device": str(model_device(model)),
-                }
+            run = Run(total=len(pairs))
+            fill_shards(
+                writer, range(writer.num_shards), lazy, pairs, run, progress=progress, should_stop=should_stop
             )
+            store = writer.finalize(timings=_timings(start, run, lazy.device_name))
             return result(store, run, waited)
     except StoreLockTimeout as exc:
         if exc.stopped:
@@ -377,22 +243,128 @@ def precompute_values(
         raise
 
 
-def _verify_first(
-    teacher: str, model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], config: PrecomputeConfig
-) -> None:
-    """verify_head on the first usable pair (nothing to check when no pair is usable); non-finite
-    logits name the teacher and the pair."""
-    for i in range(min(len(pairs), 64)):
-        try:
-            tp = tokenize_pair(
-                tokenizer, pairs[i], max_length=config.max_length, truncation_mode=config.truncation_mode
+def _timings(start: float, run: Run, device: str) -> dict[str, Any]:
+    return {
+        "seconds": round(time.perf_counter() - start, 3),
+        "forward_seconds": round(run.forward_seconds, 3),
+        "teacher_tokens_this_run": run.tokens,
+        "device": device,
+    }
+
+
+def rank_shards(num_shards: int, rank: int, world_size: int) -> range:
+    """The shards rank `rank` of `world_size` computes: rank, rank + world_size, ... (round robin,
+    so ranks get neighbouring shards of similar lengths)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    return range(rank, num_shards, world_size)
+
+
+def num_shards(num_pairs: int, config: PrecomputeConfig) -> int:
+    """Shards of a store of `num_pairs` pairs (`config.shard_size` pairs each)."""
+    return -(-num_pairs // config.shard_size)
+
+
+def precompute_shards(
+    teacher: str | Path,
+    pairs: Sequence[PreferencePair],
+    config: PrecomputeConfig,
+    *,
+    store_root: str | Path,
+    shards: Iterable[int],
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_error: Literal["raise", "drop"] = "drop",
+    model: Any = None,
+    tokenizer: Any = None,
+    teacher_reference: str | Path | None = None,
+    reference_model: Any = None,
+    made_by: Mapping[str, Any] | None = None,
+) -> ShardsResult:
+    """Compute only `shards` of the store `precompute_values` would write for the same arguments;
+    no manifest (`finalize_if_complete` writes it once every shard is on disk).
+
+    Each shard is computed under its own lock; a shard already written, or written by another
+    process while this one waited for its lock, is skipped, so overlapping calls are harmless.
+    `progress(done, total)` counts the pairs of `shards`. `made_by` (JSON-serialisable: rank,
+    worker, task) is recorded in each shard this call writes, with host and pid. Arguments and
+    errors as `precompute_values`; ValueError for a shard index outside the store. Raises
+    PrecomputeStopped when should_stop() (finished shards are kept).
+    """
+    from tvkd.models import load_tokenizer
+
+    if on_error not in ("raise", "drop"):
+        raise ValueError(f"on_error must be 'raise' or 'drop'; got {on_error!r}")
+    start = time.perf_counter()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(teacher))
+    config = within_window(config, model.config if model is not None else str(teacher))
+    key, fields = precompute_key(
+        teacher, pairs, config, tokenizer=tokenizer, teacher_reference=teacher_reference
+    )
+    wanted = sorted(set(shards))
+    total = num_shards(len(pairs), config)
+    outside = [i for i in wanted if not 0 <= i < total]
+    if outside:
+        raise ValueError(f"shards {outside[:10]} are outside the store's {total} shards")
+
+    def result(run: Run | None, computed: list[int], device_name: str) -> ShardsResult:
+        tokens, forward = (run.tokens, run.forward_seconds) if run else (0, 0.0)
+        secs = time.perf_counter() - start
+        return ShardsResult(
+            key, fields, config, total, computed, tokens, forward, secs, device_name, run is None
+        )
+
+    if ValueStore.find(store_root, key) is not None:
+        return result(None, [], str(device))
+    source = f"precompute({teacher}, max_length={config.max_length})"
+    check_chat_template(tokenizer, pairs, source)
+    if on_error == "raise":
+        check_all_rows(tokenizer, pairs, source, config)
+    writer = _writer(store_root, key, fields, len(pairs), config)
+    run = Run(total=sum(len(writer.shard_range(i)) for i in wanted))
+    lazy = LazyTeacher(
+        teacher, tokenizer, pairs, config, device=device, model=model,
+        teacher_reference=teacher_reference, reference_model=reference_model,
+    )  # fmt: skip
+    try:
+        with lazy:
+            computed = fill_shards(
+                writer, wanted, lazy, pairs, run, progress=progress, should_stop=should_stop, made_by=made_by
             )
-        except RowError:
-            continue
-        try:
-            verify_once(model, tp.prompt_ids + tp.chosen_ids)
-        except NonFiniteError as exc:
-            raise NonFiniteError(
-                exc.code, f"teacher {teacher}: pair {i} (row {pairs[i].row}): {exc}; nothing was computed"
-            ) from exc
-        return
+            return result(run, computed, lazy.device_name)
+    except StoreLockTimeout as exc:
+        if exc.stopped:
+            raise PrecomputeStopped(str(exc)) from exc
+        raise
+
+
+def finalize_if_complete(
+    store_root: str | Path,
+    key: str,
+    fields: dict[str, Any],
+    *,
+    num_pairs: int,
+    config: PrecomputeConfig,
+    timings: Mapping[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ValueStore | None:
+    """The complete store of `key`: found, or finalized here (manifest written, under the key's
+    lock) when every shard is on disk; None while a shard is missing.
+
+    `fields` and `config` are a `ShardsResult`'s (or `precompute_key`'s and the capped config).
+    Waits for a one-process precompute holding the key's lock. Raises PrecomputeStopped when
+    should_stop() during that wait."""
+    writer = _writer(store_root, key, fields, num_pairs, config)
+    try:
+        with writer.acquire(should_stop=should_stop):
+            found = writer.find_complete()
+            if found is not None:
+                return found
+            if writer.done_shards() != set(range(writer.num_shards)):
+                return None
+            return writer.finalize(timings=timings)
+    except StoreLockTimeout as exc:
+        if exc.stopped:
+            raise PrecomputeStopped(str(exc)) from exc
+        raise

@@ -6,23 +6,24 @@ offsets in safetensors files (`tvkd.ragged`), plus a manifest holding the conten
     <root>/<key>/shard-00000.safetensors   pairs [0, shard_size)
     <root>/<key>/shard-00001.safetensors   pairs [shard_size, 2·shard_size)  ...
     <root>/<key>/manifest.json             written last: its presence (complete=true) is the commit
-    <root>/<key>/.lock                     fcntl lock held by the one process computing this key
+    <root>/<key>/.lock, .lock-00000 ...    fcntl locks of the key and of each shard (`tvkd.store_lock`)
 
 The key is a hash of everything that changes the stored numbers (teacher weights, tokenizer and
 chat template, dataset, max length, q_source, β_v, top-k, token stats, precision), so the same
-request finds the same folder and is never recomputed. Every file appears by an atomic rename, so
-a file that exists is whole: a killed precompute leaves finished shards that a rerun keeps.
+request finds the same folder and is never recomputed (`tvkd.store_key`). Every file appears by
+an atomic rename, so a file that exists is whole: a killed precompute leaves finished shards that
+a rerun keeps.
+Several processes may fill one key, each writing the shards it holds the lock of; the manifest is
+written once, by whoever finds every shard done.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,73 +32,17 @@ from typing import Any
 import numpy as np
 
 from tvkd.atomic import write_json_atomic
-from tvkd.config import PrecomputeConfig
+from tvkd.numerics import first_nonfinite
 from tvkd.ragged import RaggedFile, write_ragged
+from tvkd.store_key import STORE_FORMAT
+from tvkd.store_key import content_key as content_key  # re-exported: the key is the store's
+from tvkd.store_key import key_fields as key_fields
+from tvkd.store_lock import KEY_LOCK, hold, shard_lock_name
+from tvkd.store_lock import StoreError as StoreError  # re-exported: the store's errors
+from tvkd.store_lock import StoreLockTimeout as StoreLockTimeout
 
-STORE_FORMAT = 1
 MANIFEST = "manifest.json"
-LOCK = ".lock"
 SIDES = ("chosen", "rejected")
-
-
-class StoreError(RuntimeError):
-    """A store folder is missing, incomplete, or does not match what was asked for."""
-
-
-class StoreLockTimeout(StoreError):
-    """Gave up waiting for another process that holds the store's lock (`stopped`: on request)."""
-
-    def __init__(self, message: str, *, stopped: bool = False) -> None:
-        super().__init__(message)
-        self.stopped = stopped
-
-
-def content_key(fields: Mapping[str, object]) -> str:
-    """sha256 of the canonical JSON of `fields` (+ the store format) → 32 hex characters."""
-    payload = {"store_format": STORE_FORMAT, **fields}
-    canon = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canon.encode()).hexdigest()[:32]
-
-
-def key_fields(
-    *,
-    teacher: str,
-    teacher_fingerprint: str,
-    tokenizer_fingerprint: str,
-    dataset_fingerprint: str,
-    config: PrecomputeConfig,
-    teacher_reference: tuple[str, str] | None = None,
-) -> dict[str, Any]:
-    """Everything that changes the stored numbers, and nothing else.
-
-    batch_tokens, chunk_size and shard_size only change float summation order (and the file
-    split), so they stay out: a rerun with a bigger batch finds the same store. bf16 changes the
-    teacher's hidden states well beyond float noise, so the precision is in. `teacher_reference`
-    (name, weights fingerprint) is in with `q_source="implicit"` (the values are the teacher's
-    log-ratio to it). The training-time options γ, terminal and shaping are not: they are applied
-    to the stored V when the loss is formed, so one store serves them all. truncation_mode is in
-    only when it cuts rows ("none" leaves the keys of earlier stores as they were).
-    """
-    reference = {}
-    if teacher_reference is not None:
-        name, fingerprint = teacher_reference
-        reference = {"teacher_reference": name, "teacher_reference_fingerprint": fingerprint}
-    cut = {} if config.truncation_mode == "none" else {"truncation_mode": config.truncation_mode}
-    return {
-        **reference,
-        **cut,
-        "teacher": str(teacher),
-        "teacher_fingerprint": teacher_fingerprint,
-        "tokenizer_fingerprint": tokenizer_fingerprint,
-        "dataset_fingerprint": dataset_fingerprint,
-        "max_length": int(config.max_length),
-        "q_source": config.q_source,
-        # float() so that value_beta=1 and value_beta=1.0 hash alike
-        "value_beta": float(config.value_beta),
-        "topk": int(config.topk),
-        "token_stats": bool(config.token_stats),
-        "precision": "bf16" if config.bf16 else "fp32",
-    }
 
 
 @dataclass
@@ -220,15 +165,13 @@ class ValueStore:
 
     def first_nonfinite(self) -> tuple[int, str] | None:
         """(pair index, array name) of the first stored number that is NaN or infinite, or None.
-        Reads every shard once (vectorised)."""
+        Reads every shard once (`tvkd.numerics.first_nonfinite` on its flat arrays)."""
         for s in range(-(-self.num_pairs // self.shard_size)):
             shard = self._shard(s)
-            for name in self.arrays:
-                if np.isfinite(np.asarray(shard.flat(name), dtype=np.float64)).all():
-                    continue
-                for r in range(len(shard)):
-                    if not np.isfinite(np.asarray(shard.row(name, r), dtype=np.float64)).all():
-                        return s * self.shard_size + r, name
+            name = first_nonfinite({name: shard.flat(name) for name in self.arrays})
+            if name is not None:
+                row = next(r for r in range(len(shard)) if first_nonfinite({name: shard.row(name, r)}))
+                return s * self.shard_size + row, name
         return None
 
     def response_tokens(self) -> int:
@@ -249,11 +192,11 @@ class ValueStore:
 class StoreWriter:
     """Writes one store folder: shards (atomically, in any order), then the manifest.
 
-    Hold `acquire()` around the whole computation: it takes an exclusive `fcntl.flock` on
-    <root>/<key>/.lock, so two processes asking for the same key never both compute it; the second
-    waits, then sees the finished store (`find_complete()`). The OS drops the lock when its holder
-    dies, so a crash never leaves a stale lock. (flock is per host on most network filesystems: a
-    shared artifact root across hosts needs one precompute per key scheduled by the queue.)
+    A one-process precompute holds `acquire()` (the key's lock) around its whole run, so two
+    processes asking for the same key never both compute it: the second waits, then sees the
+    finished store (`find_complete()`). Processes that share one key's work (torchrun ranks,
+    Celery shard tasks) hold `acquire_shard(i)` around each shard instead, and `finalize` under
+    `acquire()` once every shard is done (`tvkd.store_lock`).
     """
 
     def __init__(
@@ -285,40 +228,21 @@ class StoreWriter:
         """Pair indices covered by shard `i`."""
         return range(i * self.shard_size, min((i + 1) * self.shard_size, self.num_pairs))
 
-    @contextlib.contextmanager
     def acquire(
         self,
         *,
         should_stop: Callable[[], bool] | None = None,
         timeout: float | None = None,
         poll: float = 0.2,
-    ) -> Iterator[float]:
-        """Hold the key's lock; yields the seconds spent waiting for it.
+    ) -> contextlib.AbstractContextManager[float]:
+        """Hold the key's lock (`tvkd.store_lock.hold`); yields the seconds spent waiting for it."""
+        return hold(self.path / KEY_LOCK, should_stop=should_stop, timeout=timeout, poll=poll)
 
-        Polls a non-blocking flock so that a cancelled job (should_stop) can give up the wait;
-        raises StoreLockTimeout after `timeout` seconds, or with stopped=True when should_stop().
-        """
-        start = time.monotonic()
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if should_stop is not None and should_stop():
-                        raise StoreLockTimeout(
-                            f"stopped while waiting for the lock on {self.path}", stopped=True
-                        ) from None
-                    if timeout is not None and time.monotonic() - start > timeout:
-                        raise StoreLockTimeout(f"waited {timeout}s for the lock on {self.path}") from None
-                    time.sleep(poll)
-            try:
-                yield time.monotonic() - start
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+    def acquire_shard(
+        self, i: int, *, should_stop: Callable[[], bool] | None = None, poll: float = 0.2
+    ) -> contextlib.AbstractContextManager[float]:
+        """Hold shard `i`'s lock: whoever holds it computes and writes that shard."""
+        return hold(self.path / shard_lock_name(i), should_stop=should_stop, poll=poll)
 
     def find_complete(self) -> ValueStore | None:
         return ValueStore.find(self.root, self.key)
@@ -339,9 +263,9 @@ class StoreWriter:
             and sorted(f.fields) == self.arrays
         )
 
-    def done_shards(self) -> set[int]:
-        """Shards already on disk (a resumed precompute skips them)."""
-        return {i for i in range(self.num_shards) if self._shard_ok(i)}
+    def done_shards(self, among: Iterable[int] | None = None) -> set[int]:
+        """Shards already on disk (of `among`, default all): a resumed precompute skips them."""
+        return {i for i in (range(self.num_shards) if among is None else among) if self._shard_ok(i)}
 
     def write_shard(
         self,
@@ -349,11 +273,14 @@ class StoreWriter:
         records: Sequence[PairValues | None],
         *,
         info: Mapping[str, Any] | None = None,
+        made_by: Mapping[str, Any] | None = None,
     ) -> int:
         """Write shard `i` (one record per pair of its range; None = missing). Returns its bytes.
 
-        `info` (JSON-serialisable: issues, teacher tokens, seconds) goes into the shard's header,
-        so that `finalize` can total it without the writer remembering earlier shards.
+        `info` (JSON-serialisable: issues, teacher tokens) goes into the shard's header, so that
+        `finalize` can total it without the writer remembering earlier shards. `made_by` (seconds,
+        who computed it) goes there too, with this host and pid added; it is provenance, not
+        content, and ends in the manifest's `timings.shards`.
         """
         expected = len(self.shard_range(i))
         if len(records) != expected:
@@ -380,19 +307,26 @@ class StoreWriter:
             "missing": json.dumps(missing),
             "response_tokens": str(tokens),
             "info": json.dumps(dict(info or {})),
+            "made_by": json.dumps({**dict(made_by or {}), "host": socket.gethostname(), "pid": os.getpid()}),
         }
         return write_ragged(self.path / shard_name(i), columns, metadata=meta)
 
+    def shard_made_by(self, i: int) -> dict[str, Any]:
+        """Who wrote shard `i` and how long it took (`write_shard`'s `made_by`); {} for old stores."""
+        return json.loads(RaggedFile(self.path / shard_name(i)).metadata.get("made_by", "{}"))
+
     def _remove_strays(self) -> None:
-        """Drop leftovers of killed writes (*.tmp) and shards of an earlier, other-sized run."""
+        """Drop leftovers of killed writes (*.tmp), shards of an earlier, other-sized run and the
+        shard locks (every shard is written: no one computes one again)."""
         keep = {shard_name(i) for i in range(self.num_shards)}
         for p in self.path.iterdir():
             stray_shard = p.name.startswith("shard-") and p.name not in keep
-            if p.is_file() and (p.name.endswith(".tmp") or stray_shard):
+            if p.is_file() and (p.name.endswith(".tmp") or stray_shard or p.name.startswith(".lock-")):
                 p.unlink(missing_ok=True)
 
     def finalize(self, *, timings: Mapping[str, Any] | None = None) -> ValueStore:
-        """Write manifest.json (complete=true) once every shard exists; the store is then findable."""
+        """Write manifest.json (complete=true) once every shard exists; the store is then findable.
+        The caller holds `acquire()`. StoreError when a shard is not written."""
         absent = sorted(set(range(self.num_shards)) - self.done_shards())
         if absent:
             raise StoreError(f"cannot finalize {self.path}: shards {absent[:10]} are not written")
@@ -432,7 +366,10 @@ class StoreWriter:
             "missing": missing,
             "issues": issues,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "timings": dict(timings or {}),
+            "timings": {
+                **dict(timings or {}),
+                "shards": [self.shard_made_by(i) for i in range(self.num_shards)],
+            },
         }
         write_json_atomic(self.path / MANIFEST, manifest, sort_keys=True, fsync=True)
         return ValueStore.open(self.path)
