@@ -10,7 +10,7 @@ import pytest
 
 from tvkd.data import DataError
 from tvkd.pairs import PreferencePair, RowError
-from tvkd.sandbox import TemplateLimit, limited
+from tvkd.sandbox import TemplateLimit, TemplateStopped, limited, stop_when
 from tvkd.tokenize import tokenize_pair, tokenize_pairs
 
 LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -48,6 +48,31 @@ def test_a_runaway_template_is_a_named_error(tiny_tokenizer_factory, monkeypatch
     assert time.monotonic() - t0 < 10
     # The same rows with a template that terminates are fine afterwards.
     assert len(tokenize_pairs(tiny_tokenizer_factory(FINE), _pairs(3), max_length=64)[0]) == 3
+
+
+def test_a_stop_request_interrupts_a_looping_template_before_its_time_limit(
+    tiny_tokenizer_factory, monkeypatch
+):
+    """A worker's cancel must not wait for TVKD_TEMPLATE_SECONDS: within `stop_when`, a rendering
+    ends with TemplateStopped soon after the predicate turns True, and no bad-row handler (even
+    on_error="drop") swallows it."""
+    monkeypatch.setenv("TVKD_TEMPLATE_SECONDS", "120")
+    tokenizer = tiny_tokenizer_factory(FINE + LOOP)
+    asked = threading.Event()
+    threading.Timer(0.5, asked.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(TemplateStopped), stop_when(asked.is_set):
+        tokenize_pairs(tokenizer, _pairs(5), max_length=64, on_error="drop")
+    assert 0.5 <= time.monotonic() - t0 < 10
+    # Outside the block (or with the predicate False) a rendering is not stopped.
+    with stop_when(lambda: False):
+        assert len(tokenize_pairs(tiny_tokenizer_factory(FINE), _pairs(2), max_length=64)[0]) == 2
+    assert limited(lambda: 7, seconds=1) == 7
+    # A predicate that raises is not a stop (and does not kill the watchdog's limits).
+    monkeypatch.setenv("TVKD_TEMPLATE_SECONDS", "0.5")
+    with pytest.raises(RowError) as info, stop_when(lambda: 1 / 0):
+        tokenize_pair(tokenizer, _pairs(1)[0], max_length=64)
+    assert info.value.issue.code == "template_time"
 
 
 def test_limited_is_per_thread_and_restores_the_tracer():

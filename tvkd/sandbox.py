@@ -13,6 +13,12 @@ tokenizing conversational pairs 1.9x slower).
 The limits: `TVKD_TEMPLATE_SECONDS` (default 5 s per rendering) and `TVKD_TEMPLATE_MEMORY_MB`
 (default 1024 MB of resident-memory growth), read at each call. One operation in C (a string
 repeated a billion times) is interrupted only when it returns.
+
+A caller that can be stopped (a worker's job: cancel, shutdown) wraps its work in
+`stop_when(should_stop)`: the watchdog also polls `should_stop()` for every rendering of that
+thread and, once it is True, raises `TemplateStopped` there, so a cancel does not wait for the
+time limit. `TemplateStopped` is a BaseException (like KeyboardInterrupt): no handler of bad rows
+or template errors (`except Exception`) turns it into a bad row.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -51,6 +58,13 @@ class TemplateMemory(TemplateLimit):
     limit = "memory"
 
 
+class TemplateStopped(BaseException):
+    """the caller asked to stop (`stop_when`) while a chat template was rendering"""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__doc__ or "")
+
+
 def _rss() -> int:
     try:
         with open("/proc/self/statm", "rb") as fh:
@@ -72,10 +86,12 @@ class _Call:
     deadline: float
     max_bytes: int
     rss0: int | None = None  # sampled by the watchdog when it first sees the call
-    fired: type[TemplateLimit] | None = None
+    fired: type[BaseException] | None = None
+    stop: Callable[[], bool] | None = None  # the thread's `stop_when` function, if any
 
 
 _lock = threading.Lock()
+_local = threading.local()  # .stop: the innermost `stop_when` function of this thread
 _calls: dict[int, _Call] = {}  # id of the _Call's token → the call
 _watchdog: threading.Thread | None = None
 
@@ -102,8 +118,30 @@ def _watch() -> None:
                     call.fired = TemplateTimeout
                 elif rss - call.rss0 > call.max_bytes:
                     call.fired = TemplateMemory
+                elif call.stop is not None and _asks(call.stop):
+                    call.fired = TemplateStopped
                 if call.fired is not None:
                     _raise_in(call.thread_id, call.fired)
+
+
+def _asks(should_stop: Callable[[], bool]) -> bool:
+    try:
+        return bool(should_stop())
+    except Exception:  # a broken predicate must not kill the watchdog (and so every limit)
+        return False
+
+
+@contextmanager
+def stop_when(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, a chat template rendering (`limited`) of the calling thread ends with
+    `TemplateStopped` within ~20 ms of `should_stop()` turning True. `should_stop` runs in the
+    watchdog thread, every 20 ms while a rendering runs: it must be quick (read flags)."""
+    previous = getattr(_local, "stop", None)
+    _local.stop = should_stop
+    try:
+        yield
+    finally:
+        _local.stop = previous
 
 
 def _ensure_watchdog() -> None:
@@ -115,12 +153,14 @@ def _ensure_watchdog() -> None:
 
 def limited(call: Callable[[], T], *, seconds: float | None = None, max_bytes: int | None = None) -> T:
     """`call()` under the template limits (defaults: `template_limits()`); raises
-    TemplateTimeout or TemplateMemory (both TemplateLimit) when it runs past one."""
+    TemplateTimeout or TemplateMemory (both TemplateLimit) when it runs past one, and
+    TemplateStopped when the thread's `stop_when` function says stop."""
     default_seconds, default_bytes = template_limits()
     entry = _Call(
         threading.get_ident(),
         time.monotonic() + (default_seconds if seconds is None else seconds),
         default_bytes if max_bytes is None else max_bytes,
+        stop=getattr(_local, "stop", None),
     )
     token = id(entry)
     with _lock:

@@ -7,8 +7,10 @@
   or in another stage than this task runs (a stale or duplicate message: the reconciler may send
   a job twice, Redis may redeliver). A job whose cancel was requested ends `cancelled` here.
 - While the stage runs, a heartbeat thread refreshes the lease every TVKD_HEARTBEAT_SECONDS and
-  reads `cancel_requested`. A lost lease (another worker took the job over after this one went
-  silent) makes the stage raise `LeaseLost` at its next step; nothing more is written.
+  reads `cancel_requested`; a chat template rendering when a stop is requested (cancel, shutdown,
+  lost lease) is interrupted then (tvkd.sandbox.stop_when), and the stage ends as stopped. A
+  lost lease (another worker took the job over after this one went silent) makes the stage
+  raise `LeaseLost` at its next step; nothing more is written.
 - complete: advance job.stage, show `queued` and send the next stage's message (after the commit,
   so a fast worker never sees the old stage); or finish `succeeded`; or, when stopped, finish
   `cancelled` (training keeps the checkpoint it saved on stopping) or — the worker is shutting
@@ -48,6 +50,7 @@ from tvkd.data import DataError
 from tvkd.models import ModelError
 from tvkd.numerics import NonFiniteError, nonfinite_paths
 from tvkd.prepared import DatasetChanged
+from tvkd.sandbox import TemplateStopped, stop_when
 from worker.context import DatasetNotFound, Outcome, StageContext, job_output_rel
 from worker.oom import is_out_of_memory
 from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
@@ -82,7 +85,15 @@ def run_task(app: Celery, stage: str, job_id: str, *, worker: str) -> str:
     ctx = StageContext(app, settings, factory, job, token, worker, reporter, flags)
     beat.start()
     try:
-        outcome = RUNNERS[job.stage](ctx)
+        # A chat template that loops is interrupted by a cancel or a shutdown (within the
+        # heartbeat's second), not only by its time limit (TVKD_TEMPLATE_SECONDS).
+        with stop_when(lambda: flags.requested or flags.lease_lost):
+            outcome = RUNNERS[job.stage](ctx)
+    except TemplateStopped:
+        if flags.lease_lost:
+            log.warning("job %s: lease lost during %s; stopped without writing", job.id, job.stage)
+            return "lease_lost"
+        outcome = Outcome("stopped", message=f"stopped during {job.stage}, while a chat template ran")
     except LeaseLost:
         log.warning("job %s: lease lost during %s; stopped without writing", job.id, job.stage)
         return "lease_lost"
