@@ -42,12 +42,11 @@ from service.settings import Settings
 from service.statemachine import Status
 from tvkd.config import ConfigError, JobSpec, split_settings, split_sft_settings
 from tvkd.models import HUB_ID_RE, ModelError, load_config, load_tokenizer
+from tvkd.sources import DATA_SUFFIXES  # the file types tvkd.data.load_pairs reads
 
 logger = logging.getLogger(__name__)
 
 DATASET_ID_RE = re.compile(r"^ds_[0-9a-f]{1,64}$")
-# The file types tvkd.data.load_pairs reads.
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet")
 # Files whose change invalidates a cached model check.
 MODEL_CHECK_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_CHECK_CACHE_MAX = 256

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -488,6 +489,59 @@ def test_split_pairs() -> None:
 
 # --------------------------------------------------------------------------------------------
 # CLI
+
+
+def test_every_accepted_suffix_loads_and_the_cli_names_them_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The unsupported-type message lists exactly the suffixes `read_source` accepts (one list,
+    tvkd.sources.DATA_SUFFIXES, which the service's upload check uses too)."""
+    from tvkd.sources import DATA_SUFFIXES
+
+    assert {".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz", ".parquet"} <= set(
+        DATA_SUFFIXES
+    )
+    for suffix in DATA_SUFFIXES:
+        path = tmp_path / f"d{suffix}"
+        base = suffix.removesuffix(".gz")
+        if base in (".jsonl", ".ndjson"):
+            data = "".join(json.dumps(r) + "\n" for r in TEXT_ROWS).encode()
+        elif base == ".json":
+            data = json.dumps(TEXT_ROWS).encode()
+        else:
+            write_source(path, TEXT_ROWS)
+            data = None
+        if data is not None:
+            path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+        pairs, report = load_pairs(path)
+        assert len(pairs) == len(TEXT_ROWS) and not report.issues, suffix
+    other = tmp_path / "d.txt"
+    other.write_text(json.dumps(TEXT_ROWS[0]) + "\n")
+    assert main(["data", "check", str(other)]) == 1
+    captured = capsys.readouterr()
+    message = captured.out + captured.err
+    listed = re.search(r"unsupported file type \(use ([^)]*?)(?:, or a folder)?\)", message)
+    assert listed is not None, message
+    assert sorted(re.split(r",? or |, ", listed.group(1))) == sorted(DATA_SUFFIXES), message
+
+
+def test_data_check_does_not_leak_the_transformers_length_warning(
+    tmp_path: Path, tiny_tokenizer_factory: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """tvkd measures row lengths itself (too_long, the model windows); transformers' "Token
+    indices sequence length is longer than the specified maximum sequence length" warning about
+    the rows it tokenizes on purpose is noise in `tvkd data check --tokenizer`."""
+    tokenizer = tiny_tokenizer_factory()  # a fresh instance: transformers warns once per tokenizer
+    tokenizer.model_max_length = 8
+    model_dir = tmp_path / "tok8"
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"prompt": "A long question about " + "many things " * 20, "chosen": " yes", "rejected": " no"}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    capfd.readouterr()
+    assert main(["data", "check", str(path), "--tokenizer", str(model_dir), "--max-length", "512"]) == 0
+    captured = capfd.readouterr()
+    assert "OK: 1 usable pairs" in captured.out
+    assert "sequence length is longer" not in captured.out + captured.err
 
 
 def test_cli_data_check(tmp_path: Path, tiny_tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,8 @@ from tvkd.pairs import DataError, RowIssue, file_error
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 _JSON_SUFFIXES = (".json", ".json.gz")
 _PARQUET_SUFFIXES = (".parquet",)
+# Every file type `read_source` reads (the one list: error messages and the service use it).
+DATA_SUFFIXES = _JSONL_SUFFIXES + _JSON_SUFFIXES + _PARQUET_SUFFIXES
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -100,7 +102,7 @@ def read_source(
             raw = _read_parquet(path, limit, limits)
         else:
             raise file_error(
-                text, "bad_type", "unsupported file type (use .jsonl, .jsonl.gz, .json or .parquet)"
+                text, "bad_type", f"unsupported file type (use {', '.join(DATA_SUFFIXES)}, or a folder)"
             )
     elif _looks_like_path(text):
         raise FileNotFoundError(f"no such dataset file or folder: {text}")
@@ -137,7 +139,7 @@ def _looks_like_path(text: str) -> bool:
         or text.startswith((".", "~"))
         or text.count("/") > 1
         or "\\" in text
-        or lowered.endswith(_JSONL_SUFFIXES + _JSON_SUFFIXES + _PARQUET_SUFFIXES)
+        or lowered.endswith(DATA_SUFFIXES)
     )
 
 

@@ -199,8 +199,13 @@ def _check_max_length(max_length: int) -> None:
 # Encoding
 
 
+# verbose=False in every encode: tvkd tokenizes rows longer than the model on purpose and measures
+# them itself (too_long, tvkd.windows); transformers' "Token indices sequence length is longer
+# than the specified maximum sequence length" warning would only be noise in `tvkd data check`.
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _lead_ids(tokenizer: Any) -> list[int]:
@@ -209,7 +214,7 @@ def _lead_ids(tokenizer: Any) -> list[int]:
     settings such as `add_bos_token` change the post-processor). Trailing ones (an EOS some
     tokenizers append) are not taken: between prompt and response they would end the text."""
     plain = _encode(tokenizer, "a")
-    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"])
     for k in range(len(full) - len(plain) + 1):
         if full[k : k + len(plain)] == plain:
             return full[:k]
@@ -260,7 +265,9 @@ def _tokenize_response(
     else:
         turn = render_response(tokenizer, pair, prompt_text, name, content)
         response_text, content_start, ended = turn.text, turn.content_start, turn.ended
-    encoding = tokenizer(prompt_text + response_text, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = tokenizer(
+        prompt_text + response_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+    )
     joint = list(encoding["input_ids"])
     p = len(prompt_plain)
     if joint[:p] != prompt_plain:
