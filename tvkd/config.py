@@ -26,6 +26,7 @@ from typing import Any, Literal
 QSource = Literal["logits", "logprobs", "implicit"]
 Terminal = Literal["model", "zero", "pre_eos"]
 Shaping = Literal["value", "logprob", "logit", "none"]
+ParallelMode = Literal["auto", "ddp", "fsdp"]
 JobKind = Literal["tvkd", "dpo", "sft"]
 Truncation = Literal["none", "keep_start", "keep_end"]
 
@@ -392,6 +393,17 @@ class TrainConfig:
         default=1,
         ge=1,
     )
+    parallel: ParallelMode = _help(
+        "Under torchrun (world size > 1): 'ddp' replicates the student (DistributedDataParallel), "
+        "'fsdp' shards it per decoder layer (FSDP2 fully_shard); 'auto' is ddp. One process "
+        "ignores it. Each step's batch is batch_size × grad_accum pairs whatever the world size.",
+        default="auto",
+    )
+    fsdp_cpu_offload: bool = _help(
+        "With parallel='fsdp': keep the sharded parameters, gradients and optimizer state in CPU "
+        "memory (FSDP2 CPUOffloadPolicy).",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):
@@ -476,6 +488,8 @@ class SFTConfig:
     torch_compile: bool = _like(TrainConfig, "torch_compile")
     num_processes: int = _like(TrainConfig, "num_processes")
     num_nodes: int = _like(TrainConfig, "num_nodes")
+    parallel: ParallelMode = _like(TrainConfig, "parallel")
+    fsdp_cpu_offload: bool = _like(TrainConfig, "fsdp_cpu_offload")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from tvkd.alignment import check_store, load_tokenizers
 from tvkd.answers import GENERATIONS_FILE, GenerationsFile
@@ -47,11 +48,18 @@ MODEL_DIR = "model"  # the folder the train stage saves under output_dir
 
 @torch.no_grad()
 def evaluate(
-    model: Any, batches: Iterable[Batch], loss_options: Mapping[str, Any], *, bf16: bool = False
+    model: Any,
+    batches: Iterable[Batch],
+    loss_options: Mapping[str, Any],
+    *,
+    bf16: bool = False,
+    logps: Callable[[Any, Batch], tuple[Tensor, Tensor]] = policy_logps,
 ) -> dict[str, float]:
     """The MATH.md metrics (and "loss") over every pair of `batches`, plus "pairs" (their count).
 
-    `loss_options` are the keyword options of `tvkd_loss` (see `tvkd.losses.loss_options`).
+    `loss_options` are the keyword options of `tvkd_loss` (see `tvkd.losses.loss_options`);
+    `logps(model, batch)` gives the log-probs (`policy_logps`, or the trainer's forward through
+    its DDP/FSDP wrapper under torchrun, `tvkd.parallel.Parallel.forward`).
     """
     opts = dict(loss_options)
     alpha, beta, sft_weight = opts.pop("alpha"), opts.pop("beta"), opts.pop("sft_weight", 0.0)
@@ -62,7 +70,7 @@ def evaluate(
         for batch in batches:
             device = batch.input_ids.device
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                chosen, rejected = policy_logps(model, batch)
+                chosen, rejected = logps(model, batch)
             parts.append(
                 pair_terms(
                     chosen,
@@ -93,10 +101,11 @@ def evaluate_pairs(
     device: torch.device,
     *,
     bf16: bool = False,
+    logps: Callable[[Any, Batch], tuple[Tensor, Tensor]] = policy_logps,
 ) -> dict[str, float]:
     """`evaluate` over `pairs` collated `batch_size` at a time on `device`."""
     batches = (collate(pairs[k : k + batch_size], pad_id, device) for k in range(0, len(pairs), batch_size))
-    return evaluate(model, batches, loss_options, bf16=bf16)
+    return evaluate(model, batches, loss_options, bf16=bf16, logps=logps)
 
 
 class Evaluator:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tvkd import distributed
 from tvkd.alignment import check_alignment
 from tvkd.callbacks import CallbackList, Callbacks
 from tvkd.config import ConfigError, JobSpec, PrecomputeConfig, SFTConfig, TrainConfig, flat_settings
@@ -297,7 +298,10 @@ def open_job_trackers(
     resume_at: int | None = None,
 ) -> tuple[TrackerCallbacks | None, Callbacks | None]:
     """The job's `report_to` trackers, added to `callbacks`; with `resume_at`, their runs are
-    continued from that step at once (the evaluate stage reports into the train stage's runs)."""
+    continued from that step at once (the evaluate stage reports into the train stage's runs).
+    Under torchrun only rank 0 opens them."""
+    if not distributed.context().is_main:
+        return None, callbacks
     tracker = open_trackers(
         spec.options.report_to,
         trackers or TrackerSettings.for_output(spec.output_dir),

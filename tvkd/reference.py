@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tvkd import distributed
 from tvkd.batch import TrainPair, collate, policy_logps
 from tvkd.callbacks import Callbacks
 from tvkd.models import model_fingerprint, tokenizer_fingerprint
@@ -97,9 +98,13 @@ def reference_logps(
     model.eval()
     t0 = time.perf_counter()
     done = 0
-    for group in batches:
-        if cb.should_stop():
+    ctx = distributed.context()  # under torchrun rank r computes batches r, r+N, ... (same batches)
+    for start in range(0, len(batches), ctx.world_size):
+        if distributed.any_flag(cb.should_stop()):
             return None
+        if start + ctx.rank >= len(batches):
+            continue
+        group = batches[start + ctx.rank]
         batch = collate(group, pad_id, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             chosen, rejected = policy_logps(model, batch)
@@ -107,14 +112,35 @@ def reference_logps(
         for j, p in enumerate(batch.pairs):
             p.ref_chosen = chosen[j, : len(p.chosen_ids)].copy()
             p.ref_rejected = rejected[j, : len(p.rejected_ids)].copy()
-        done += len(group)
-        cb.on_progress("reference", done, len(pairs), (time.perf_counter() - t0) / done * (len(pairs) - done))
-    write_ragged(
-        path,
-        {"chosen": [p.ref_chosen for p in pairs], "rejected": [p.ref_rejected for p in pairs]},
-        metadata={**meta, "indices": json.dumps([p.index for p in pairs])},
-    )
+        done += len(group) * ctx.world_size  # an estimate from this rank's share
+        cb.on_progress("reference", min(done, len(pairs)), len(pairs), _eta(t0, done, len(pairs)))
+    _gather(pairs, ctx.world_size)
+    if ctx.is_main:
+        write_ragged(
+            path,
+            {"chosen": [p.ref_chosen for p in pairs], "rejected": [p.ref_rejected for p in pairs]},
+            metadata={**meta, "indices": json.dumps([p.index for p in pairs])},
+        )
+    distributed.barrier()
     return path
+
+
+def _eta(t0: float, done: int, total: int) -> float:
+    return (time.perf_counter() - t0) / done * max(0, total - done)
+
+
+def _gather(pairs: Sequence[TrainPair], world: int) -> None:
+    """Every rank's rows into every rank's pairs (all-gather; a no-op in one process)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    mine = {p.index: (p.ref_chosen, p.ref_rejected) for p in pairs if p.ref_chosen is not None}
+    parts: list[dict | None] = [None] * world
+    dist.all_gather_object(parts, mine)
+    rows = {i: row for part in parts for i, row in (part or {}).items()}
+    for p in pairs:
+        p.ref_chosen, p.ref_rejected = rows[p.index]
 
 
 def load_reference(

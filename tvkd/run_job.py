@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tvkd import distributed
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, write_result
 from tvkd.callbacks import Callbacks
 from tvkd.config import JobSpec
 from tvkd.evaluate import EvalResult
+from tvkd.parallel import rank_callbacks
 from tvkd.pipeline import open_job_trackers, precompute, run_evaluation, run_training, validate
 from tvkd.prepared import Prepared
 from tvkd.trackers import TrackerSettings
@@ -59,6 +61,7 @@ def _run_job(spec: JobSpec, cb: Callbacks, *, resume: bool) -> JobResult:
 
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cb = rank_callbacks(cb)  # under torchrun: rank 0 reports, every rank trains (tvkd.parallel)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     prepared = validate(spec, cb)
@@ -76,6 +79,8 @@ def _run_job(spec: JobSpec, cb: Callbacks, *, resume: bool) -> JobResult:
         result = run_training(spec, prepared, store, cb, resume)
         timings["train"] = time.perf_counter() - t
         status = result.status
+        if not distributed.context().is_main:  # rank 0 evaluates the saved model, writes result.json
+            return JobResult(status, prepared, pre, result, None, timings, str(out / RESULT_FILE))
     if result is not None and result.status == "completed":
         t = time.perf_counter()
         store = pre.store if pre is not None else None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,17 +200,23 @@ class SFTTrainer(Trainer):
     def train_step(self, micro_batches: list[list[CompletionRow]]) -> dict[str, float]:  # type: ignore[override]
         """One optimizer step: the gradient of the mean NLL over every completion token of the step."""
         n_tokens = sum(len(r.completion_ids) for rows in micro_batches for r in rows)
-        nll = 0.0
-        for rows in micro_batches:
+        sums = {"nll": 0.0, "tokens": 0.0}
+        mine = self.par.shard(micro_batches)  # under torchrun this rank's share (tvkd.parallel)
+        for k, (rows, factor) in enumerate(mine):
             batch = collate_rows(rows, self.pad_id, self.device)
-            with self._autocast():
-                logps = completion_logps(self.model, batch, decoder=self.step_decoder)
-            loss = -logps.sum() / n_tokens
-            loss.backward()
-            nll += float(loss.detach())
-            self.tokens_seen += batch.tokens
+            with self.par.sync(last=k == len(mine) - 1):
+                with self._autocast():
+                    logps = self.par.forward(completion_logps, batch, decoder=self.step_decoder)
+                loss = -logps.sum() / n_tokens
+                (loss * factor if factor != 1.0 else loss).backward()
+            if factor:
+                sums["nll"] += float(loss.detach())
+                sums["tokens"] += batch.tokens
+        sums = self.par.sum(sums)
+        nll = sums["nll"]
+        self.tokens_seen += int(sums["tokens"])
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf))
+        grad_norm = self.par.clip_grad_norm(self.params, self.config.max_grad_norm or math.inf)
         if math.isfinite(grad_norm):
             self.optimizer.step()
         else:
@@ -223,7 +229,14 @@ class SFTTrainer(Trainer):
     def mean_nll(self, rows: Sequence[CompletionRow]) -> tuple[float, int]:
         """(mean NLL per completion token, completion tokens) of `rows` under the current model."""
         cfg = self.config
-        return mean_nll(self.model, rows, pad_id=self.pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16)
+        return mean_nll(
+            self.model,
+            rows,
+            pad_id=self.pad_id,
+            batch_size=cfg.batch_size,
+            bf16=cfg.bf16,
+            logps=lambda _, batch: self.par.forward(completion_logps, batch),  # every rank (FSDP)
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Held-out mean NLL per completion token (reported with split="eval")."""
@@ -239,10 +252,17 @@ class SFTTrainer(Trainer):
 
 @torch.no_grad()
 def mean_nll(
-    model: Any, rows: Sequence[CompletionRow], *, pad_id: int, batch_size: int, bf16: bool = False
+    model: Any,
+    rows: Sequence[CompletionRow],
+    *,
+    pad_id: int,
+    batch_size: int,
+    bf16: bool = False,
+    logps: Callable[[Any, CompletionBatch], Tensor] = completion_logps,
 ) -> tuple[float, int]:
     """(mean NLL per completion token, completion tokens) of `rows` under `model` (eval mode;
-    NaN without rows)."""
+    NaN without rows). `logps(model, batch)`: `completion_logps`, or the trainer's forward
+    through its DDP/FSDP wrapper (`tvkd.parallel.Parallel.forward`)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -251,8 +271,8 @@ def mean_nll(
         for k in range(0, len(rows), batch_size):
             batch = collate_rows(rows[k : k + batch_size], pad_id, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logps = completion_logps(model, batch)
-            total -= float(logps.double().sum())
+                out = logps(model, batch)
+            total -= float(out.double().sum())
             count += int(batch.labels.numel())
     finally:
         model.train(was_training)

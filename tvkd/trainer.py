@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from tvkd import checkpoint as ckpt_io
+from tvkd import dcp
+from tvkd import distributed as dist_ctx
 from tvkd.alignment import check_store, load_tokenizers
 from tvkd.batch import (
     TrainPair,
@@ -50,6 +52,7 @@ from tvkd.models import load_causal_lm
 from tvkd.numerics import NonFiniteError
 from tvkd.optim import adamw, warmup_cosine
 from tvkd.pairs import file_error
+from tvkd.parallel import Parallel, rank_callbacks
 from tvkd.reference import REFERENCE_FILE, reference_logps
 from tvkd.stage_results import TrainResult
 from tvkd.store import ValueStore
@@ -139,6 +142,9 @@ class Trainer:
         )
         ckpt_io.seed_everything(self.config.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.config  # under torchrun: the process group, and rank 0 alone reports
+        self.par = Parallel(cfg.parallel, cpu_offload=cfg.fsdp_cpu_offload, bf16=cfg.bf16)
+        self.cb = rank_callbacks(self.cb)
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -188,9 +194,10 @@ class Trainer:
         disable_dropout(self.model)
         check_trainable_head(self.model)
         checkpoints = self.output_dir / CHECKPOINTS
-        if not self.resume and checkpoints.exists():
+        if not self.resume and checkpoints.exists() and self.par.ctx.is_main:
             self.cb.on_event("info", f"fresh start: removing old checkpoints in {checkpoints}")
             shutil.rmtree(checkpoints)
+        dist_ctx.barrier()
         self._reference_pass()  # before LoRA: π_ref is the initial student
         if cfg.lora:
             self.model = add_lora(self.model, cfg)
@@ -203,6 +210,7 @@ class Trainer:
         compile_step = getattr(cfg, "torch_compile", False)
         self.step_decoder = torch.compile(output_head(self.model)[0], dynamic=True) if compile_step else None
         self.model.train()
+        self.par.wrap(self.model, self.device)  # DDP / FSDP2 under torchrun (tvkd.parallel)
 
     def _reference_pass(self) -> None:
         """log π_ref of every pair (stored in the pairs); a stop request during it stops the run."""
@@ -231,7 +239,7 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
 
     def _restore_latest(self) -> None:
-        found = ckpt_io.restore_latest(
+        found = dcp.restore_latest(
             self.output_dir,
             model=self.model,
             optimizer=self.optimizer,
@@ -269,36 +277,42 @@ class Trainer:
         order = step_order(len(self.train_set), step, cfg.seed, cfg.batch_size, cfg.grad_accum)
         return [[self.train_set[i] for i in micro] for micro in order]
 
+    def _logps(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return policy_logps(model, batch, packed=self.config.padding_free, decoder=self.step_decoder)
+
     def train_step(self, micro_batches: list[list[TrainPair]]) -> dict[str, float]:
-        """One optimizer step over the micro-batches; returns its metrics (pair-weighted means)."""
+        """One optimizer step over the micro-batches (under torchrun this rank's share of them,
+        `Parallel.shard`); returns its metrics (pair-weighted means over every rank's pairs)."""
         n_pairs = sum(len(mb) for mb in micro_batches)
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}  # pairs behind each metric (some are absent in some batches)
-        for examples in micro_batches:
+        sums: dict[str, float] = {"tokens": 0.0}  # metric·pairs, "n/<metric>": pairs behind it
+        mine = self.par.shard(micro_batches)
+        for k, (examples, factor) in enumerate(mine):
             batch = collate(examples, self.pad_id, self.device)
-            with self._autocast():
-                chosen, rejected = policy_logps(  # one decoder pass, [2B, L] (or packed: [1, tokens])
-                    self.model, batch, packed=self.config.padding_free, decoder=self.step_decoder
+            with self.par.sync(last=k == len(mine) - 1):
+                with self._autocast():  # one decoder pass, [2B, L] (or packed: [1, tokens])
+                    chosen, rejected = self.par.forward(self._logps, batch)
+                loss, batch_metrics = tvkd_loss(
+                    chosen,
+                    rejected,
+                    *batch.split(batch.ref_logps),
+                    *batch.split(batch.values),
+                    *batch.split(batch.response_mask),
+                    **batch.teacher,
+                    **self.loss_options,
                 )
-            loss, batch_metrics = tvkd_loss(
-                chosen,
-                rejected,
-                *batch.split(batch.ref_logps),
-                *batch.split(batch.values),
-                *batch.split(batch.response_mask),
-                **batch.teacher,
-                **self.loss_options,
-            )
-            # Weighted by pairs: the step's gradient is that of the mean loss over all its pairs,
-            # even when the last micro-batch of an epoch is short.
-            (loss * (batch.size / n_pairs)).backward()
-            for name, value in batch_metrics.items():
-                sums[name] = sums.get(name, 0.0) + value * batch.size
-                weights[name] = weights.get(name, 0.0) + batch.size
-            self.tokens_seen += batch.tokens
+                # Weighted by pairs: the step's gradient is that of the mean loss over all its
+                # pairs, even when the last micro-batch of an epoch is short (factor: see Parallel).
+                (loss * (batch.size * factor / n_pairs)).backward()
+            if factor:
+                for name, value in batch_metrics.items():
+                    sums[name] = sums.get(name, 0.0) + value * batch.size
+                    sums["n/" + name] = sums.get("n/" + name, 0.0) + batch.size
+                sums["tokens"] += batch.tokens
+        sums = self.par.sum(sums)
+        self.tokens_seen += int(sums.pop("tokens"))
         lr = self.scheduler.get_last_lr()[0]
         # max_grad_norm = 0 turns clipping off; the norm is still reported.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf))
+        grad_norm = self.par.clip_grad_norm(self.params, self.config.max_grad_norm or math.inf)
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.skipped_in_a_row = 0
@@ -308,7 +322,7 @@ class Trainer:
             self.cb.on_event("warning", f"non-finite gradient norm at step {self.step + 1}: step skipped")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {name: total / weights[name] for name, total in sums.items()}
+        metrics = {k: v / sums["n/" + k] for k, v in sums.items() if not k.startswith("n/")}
         return {**metrics, "grad_norm": grad_norm, "lr": lr, "epoch": (self.step + 1) / self.steps_per_epoch}
 
     def train(self) -> TrainResult:
@@ -324,7 +338,7 @@ class Trainer:
             },
         )
         while not self.stopped and self.step < self.total_steps:
-            if cb.should_stop():
+            if self.par.should_stop(cb):  # rank 0's request stops every rank here
                 self.stopped = True
                 break
             self.window.append(self.train_step(self.step_batches(self.step)))
@@ -434,6 +448,7 @@ class Trainer:
             self.pad_id,
             self.device,
             bf16=cfg.bf16,
+            logps=lambda _, batch: self.par.forward(policy_logps, batch),  # every rank (FSDP)
         )
         self.history.append({"step": self.step, "split": "eval", **metrics})
         self.cb.on_metrics(self.step, metrics, "eval")
@@ -460,7 +475,7 @@ class Trainer:
             "skipped_in_a_row": self.skipped_in_a_row,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        self.last_checkpoint = ckpt_io.save_checkpoint(
+        self.last_checkpoint = dcp.save(
             self.output_dir,
             self.step,
             model=self.model,
@@ -477,10 +492,21 @@ class Trainer:
         self.cb.on_stage("save", {"lora": self.config.lora})
         if self.config.gradient_checkpointing:
             set_checkpointing(self.model, False)
-        self.model, out = ckpt_io.save_model_folder(
-            self.model, self.tokenizer, self.output_dir, lora=self.config.lora
+        self.model, out = dcp.save_model(
+            self.par,
+            self.model,
+            self.tokenizer,
+            self.output_dir,
+            lora=self.config.lora,
+            rebuild=self._rebuild,
         )
         return out
+
+    def _rebuild(self) -> Any:
+        """A fresh unsharded student (with LoRA adapters when the run has them): FSDP's final
+        weights are gathered into it (`tvkd.dcp.save_model`)."""
+        model = load_causal_lm(self.student, dtype=torch.float32, device="cpu")
+        return add_lora(model, self.config) if self.config.lora else model
 
     # ---------------------------------------------------------------------------- cleanup
 

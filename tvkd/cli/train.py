@@ -151,11 +151,17 @@ def build_options(args: argparse.Namespace) -> JobOptions:
 
 
 def _device(name: str | None) -> str:
+    """`name`, else cuda when available (under torchrun cuda:LOCAL_RANK), else cpu."""
     if name:
         return name
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from tvkd import distributed
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    ctx = distributed.context()
+    return f"cuda:{ctx.local_rank}" if ctx.enabled else "cuda"
 
 
 def _table(train: dict[str, float], evaluation: dict[str, float], *, preference: bool = True) -> str:
@@ -200,11 +206,14 @@ def run(args: argparse.Namespace) -> int:
 def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = None) -> int:
     """Run a job here with terminal progress (Ctrl-C stops after the step); print its metrics
     and files. The exit code of the module docstring."""
+    from tvkd import distributed
     from tvkd.callbacks import PrintCallbacks
     from tvkd.data import DataError
     from tvkd.models import ModelError
     from tvkd.run_job import run_job
 
+    # Under torchrun every rank runs the job (tvkd.parallel); rank 0 alone prints and writes.
+    ctx = distributed.init()
     callbacks = PrintCallbacks()
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -229,6 +238,9 @@ def execute(spec: JobSpec, *, resume: bool, trackers: TrackerSettings | None = N
         callbacks.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        distributed.destroy()
+    if not ctx.is_main:
+        return 0 if result.status == "completed" else 130
     train, evaluation = result.train, result.evaluation
     if train is not None:
         print(_table(train.metrics, evaluation.metrics if evaluation else {}, preference=spec.kind != "sft"))
