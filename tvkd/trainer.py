@@ -22,15 +22,14 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tvkd import checkpoint as ckpt_io
-from tvkd import dcp
 from tvkd import distributed as dist_ctx
+from tvkd import run_state
 from tvkd.alignment import check_store, load_tokenizers
 from tvkd.batch import (
     TrainPair,
@@ -49,7 +48,6 @@ from tvkd.losses import loss_options, tvkd_loss
 from tvkd.modeling import add_lora, check_trainable_head, disable_dropout, output_head, pad_token_id
 from tvkd.modeling import set_activation_checkpointing as set_checkpointing
 from tvkd.models import load_causal_lm
-from tvkd.numerics import NonFiniteError
 from tvkd.optim import adamw, warmup_cosine
 from tvkd.pairs import file_error
 from tvkd.parallel import Parallel, rank_callbacks
@@ -73,7 +71,7 @@ class Trainer:
         checkpointing, gradient accumulation, warm-up + cosine schedule, AdamW (no decay on
         norms and biases), resume from the newest checkpoint with the same data order, teacher
         and student with different tokenizers (values mapped onto the student's boundaries),
-        one device (CPU or one GPU).
+        one device, or N processes under torchrun (DDP or FSDP2: `tvkd.parallel`, `tvkd.dcp`).
     Assumed:
         a causal LM whose logits are its decoder's hidden states × a plain `nn.Linear` head
         (`tvkd.modeling.head_problem`); a fast tokenizer; a value store computed from these
@@ -238,34 +236,6 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.scheduler = warmup_cosine(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
 
-    def _restore_latest(self) -> None:
-        found = dcp.restore_latest(
-            self.output_dir,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            device=self.device,
-            config=self.config.to_dict(),
-        )
-        if found is None:
-            self.cb.on_event("info", f"no checkpoint in {self.output_dir}: starting from step 0")
-            return
-        ckpt, state, changed = found
-        self.step = self.resumed_from = int(state["step"])
-        self.window, self.tokens_seen = list(state["window"]), int(state["tokens_seen"])
-        # .get: checkpoints written before the counts were kept have none.
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        self.last_checkpoint = ckpt
-        if changed:
-            self.cb.on_event(
-                "warning",
-                f"resuming with changed settings {changed}: the remaining batches "
-                "and schedule may differ from the original run",
-                {"changed": changed},
-            )
-        self.cb.on_event("info", f"resumed from {ckpt} at step {self.step}", {"step": self.step})
-
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
@@ -367,68 +337,20 @@ class Trainer:
         return self._result("completed", seconds, tps, model_dir)
 
     def _check_skipped(self) -> None:
-        """NonFiniteError (code nonfinite_gradients) once too many steps were skipped for a
-        non-finite gradient norm: `max_skipped_steps` in a row, or more than
-        `max_skipped_fraction` of the run's steps (at least one is tolerated). A run that learned
-        nothing must not end `completed`."""
-        cfg = self.config
-        in_a_row = self.skipped_in_a_row >= cfg.max_skipped_steps
-        too_many = self.skipped_steps > max(1.0, cfg.max_skipped_fraction * self.total_steps)
-        if in_a_row or too_many:
-            why = (
-                f"{self.skipped_in_a_row} steps in a row (max_skipped_steps={cfg.max_skipped_steps})"
-                if in_a_row
-                else f"{self.skipped_steps} of {self.total_steps} steps "
-                f"(max_skipped_fraction={cfg.max_skipped_fraction})"
-            )
-            raise NonFiniteError(
-                "nonfinite_gradients",
-                f"training stopped at step {self.step}: the gradient norm was not finite (NaN/Inf) in "
-                f"{why}; those steps were skipped. Check the data, the teacher values and the "
-                "learning rate (or try without bf16)",
-            )
+        """Raise `run_state.skipped_error` once too many steps were skipped (non-finite norm)."""
+        error = run_state.skipped_error(self)
+        if error is not None:
+            raise error
 
     def _report(self) -> None:
-        """Mean of the steps since the last report; lr and epoch as of the last step. Only finite
-        values are averaged (a skipped step's NaN loss is not a measurement; the events name
-        those steps): a metric with no finite value in the window is left out."""
+        """Report the mean of the steps since the last report (`run_state.window_mean`)."""
         window, self.window = self.window, []
-        # A metric absent from some steps (tvkd/shaping_accuracy) is the mean of those that have it;
-        # only finite values are averaged (a skipped step's NaN loss is not a measurement).
-        names = dict.fromkeys(k for m in window for k in m)
-        metrics = {}
-        for k in names:
-            finite = [m[k] for m in window if k in m and math.isfinite(m[k])]
-            if finite:
-                metrics[k] = sum(finite) / len(finite)
-        metrics["lr"], metrics["epoch"] = window[-1]["lr"], window[-1]["epoch"]
-        self.last_metrics = metrics
+        self.last_metrics = metrics = run_state.window_mean(window)
         self.history.append({"step": self.step, "split": "train", **metrics})
         self.cb.on_metrics(self.step, metrics, "train")
 
     def _result(self, status: str, seconds: float, tps: float, model_dir: Path | None) -> TrainResult:
-        def text(path: Path | None) -> str | None:
-            return str(path) if path else None
-
-        return TrainResult(
-            status=status,
-            steps=self.step,
-            total_steps=self.total_steps,
-            metrics=self.last_metrics,
-            history=self.history,
-            output_dir=str(self.output_dir),
-            model_dir=text(model_dir),
-            adapter_dir=text(self.output_dir / "adapter" if model_dir and self.config.lora else None),
-            checkpoint=text(self.last_checkpoint),
-            reference_path=text(self.reference_path),
-            train_pairs=len(self.train_set),
-            eval_pairs=len(self.eval_set),
-            dropped=self.dropped,
-            same_tokenizer=self.same_tokenizer,
-            resumed_from=self.resumed_from,
-            seconds=seconds,
-            tokens_per_second=tps,
-        )
+        return run_state.train_result(self, status, seconds, tps, model_dir)
 
     # ---------------------------------------------------------------------------- evaluate
 
@@ -456,57 +378,16 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- save
 
+    def _restore_latest(self) -> None:
+        run_state.restore_latest(self)
+
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-NNNNNN/ (see `tvkd.checkpoint`); the newest `keep_checkpoints` kept."""
-        final = ckpt_io.checkpoint_path(self.output_dir, self.step)
-        if self.last_checkpoint == final and final.is_dir():
-            return final  # e.g. save_every landed on the last step
-        epoch, position = divmod(self.step, self.steps_per_epoch)
-        state = {
-            "step": self.step,
-            "epoch": epoch,
-            "position": position,
-            "total_steps": self.total_steps,
-            "config": self.config.to_dict(),
-            "metrics": self.last_metrics,
-            "tokens_seen": self.tokens_seen,
-            "window": self.window,
-            "skipped_steps": self.skipped_steps,
-            "skipped_in_a_row": self.skipped_in_a_row,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        self.last_checkpoint = dcp.save(
-            self.output_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state=state,
-            keep=self.config.keep_checkpoints,
-        )
-        self.cb.on_checkpoint(self.step, str(self.last_checkpoint))
-        return self.last_checkpoint
+        """checkpoints/step-NNNNNN/ (`tvkd.checkpoint`, or `tvkd.dcp` under torchrun)."""
+        return run_state.save_checkpoint(self)
 
     def save_model(self) -> Path:
         """output_dir/model: a plain HF folder (safetensors + tokenizer); LoRA merged into it."""
-        self.cb.on_stage("save", {"lora": self.config.lora})
-        if self.config.gradient_checkpointing:
-            set_checkpointing(self.model, False)
-        self.model, out = dcp.save_model(
-            self.par,
-            self.model,
-            self.tokenizer,
-            self.output_dir,
-            lora=self.config.lora,
-            rebuild=self._rebuild,
-        )
-        return out
-
-    def _rebuild(self) -> Any:
-        """A fresh unsharded student (with LoRA adapters when the run has them): FSDP's final
-        weights are gathered into it (`tvkd.dcp.save_model`)."""
-        model = load_causal_lm(self.student, dtype=torch.float32, device="cpu")
-        return add_lora(model, self.config) if self.config.lora else model
+        return run_state.save_model(self)
 
     # ---------------------------------------------------------------------------- cleanup
 
