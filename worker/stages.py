@@ -11,7 +11,8 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
   reused on resume), training with checkpoints, and the model folder. Always `resume=True`: a
   re-run after a crash or a hand-back continues from the newest checkpoint. Out-of-memory halves
   batch_size and doubles grad_accum (same effective batch, same data order) and retries from
-  the last checkpoint, a few times.
+  the last checkpoint, a few times. A job with num_processes N > 1 trains in N ranks under
+  torchrun, the worker relaying rank 0's progress (worker/torchrun.py, worker/rank_train.py).
 - evaluate: `pipeline.evaluate` loads the saved model folder (on the `train` queue: it needs the
   model on the device) and writes the held-out metrics (reported with split "eval"), the
   per-token samples and, with `gen_prompts`, the answers before and after training
@@ -223,6 +224,10 @@ def run_train(ctx: StageContext) -> Outcome:
     store = value_store(ctx, prepared)
 
     def attempt(batch_size: int, grad_accum: int) -> Any:
+        if spec.train.num_processes > 1:  # N ranks under torchrun, relayed (worker/torchrun.py)
+            from worker.torchrun import train_under_torchrun
+
+            return train_under_torchrun(ctx, with_batch(spec, batch_size, grad_accum), prepared, store)
         return pipeline.train(
             with_batch(spec, batch_size, grad_accum),
             prepared,

@@ -45,14 +45,11 @@ from service.models import Job
 from service.queue import PUBLISH_ERRORS, send_stage
 from service.settings import Settings
 from service.statemachine import FIRST_STAGE, Status, next_stage
-from tvkd.config import ConfigError
 from tvkd.data import DataError
-from tvkd.models import ModelError
 from tvkd.numerics import NonFiniteError, nonfinite_paths
-from tvkd.prepared import DatasetChanged
 from tvkd.sandbox import TemplateStopped, stop_when
-from worker.context import DatasetNotFound, Outcome, StageContext, job_output_rel
-from worker.oom import is_out_of_memory
+from worker.context import Outcome, StageContext, job_output_rel
+from worker.errors import RankCrashed, RankFailed, classify
 from worker.reporting import SHUTDOWN, Heartbeat, JobReporter, LeaseLost, StopFlags
 from worker.stages import RUNNERS
 
@@ -106,6 +103,9 @@ def run_task(app: Celery, stage: str, job_id: str, *, worker: str) -> str:
         if is_transient(exc):
             log.warning("job %s: %s stopped: the database stayed unavailable (%s)", job.id, job.stage, exc)
             return give_back(ctx, exc)
+        if isinstance(exc, RankCrashed):
+            log.warning("job %s: a rank of %s crashed: %s", job.id, job.stage, exc)
+            return retry_crashed(ctx, exc)
         log.exception("job %s: %s failed", job.id, job.stage)
         fail(ctx, exc)
         return "failed"
@@ -265,28 +265,43 @@ def give_back(ctx: StageContext, exc: BaseException) -> str:
     return "handed_back" if handed else "lease_lost"
 
 
-def classify(exc: BaseException, stage: str) -> str:
-    """The job's error code for an exception in `stage`."""
-    if is_out_of_memory(exc):
-        return "out_of_memory"
-    if isinstance(exc, NonFiniteError):
-        return exc.code
-    if isinstance(exc, ModelError):
-        return "model_error"
-    if isinstance(exc, ConfigError):
-        return "validation_error"
-    if isinstance(exc, DataError | DatasetNotFound | DatasetChanged):
-        return "validation_error" if stage == "validate" else "data_error"
-    from tvkd.teacher import UnsupportedTeacher
+def retry_crashed(ctx: StageContext, exc: RankCrashed) -> str:
+    """A rank of a torchrun stage died (worker/torchrun.py): the attempt failed, not the job. Hand
+    the job back to its queue to resume from its last checkpoint, counted as a re-send; past
+    TVKD_MAX_RESENDS the job fails with `retries_exhausted`."""
 
-    if isinstance(exc, UnsupportedTeacher):
-        return "model_error"
-    if stage == "validate" and isinstance(exc, ValueError | OSError):
-        return "validation_error"
-    return "internal_error"
+    def write(session: Session) -> str:
+        job = jobstate.held(session, ctx.job.id, ctx.token)
+        if job is None:
+            return "lease_lost"
+        limit = ctx.settings.max_resends
+        if job.resends >= limit:
+            message = (
+                f"the {job.stage} stage was re-sent {job.resends} times (TVKD_MAX_RESENDS={limit}) and a "
+                f"rank crashed again: {exc}"
+            )
+            code = jobstate.RETRIES_EXHAUSTED
+            finish(session, job, Status.FAILED, message=f"failed ({code}): {message}", error=(code, message))
+            return "failed"
+        jobstate.hand_back(
+            session,
+            job,
+            message=f"a rank crashed ({exc}); the job goes back to the queue and resumes from its last "
+            "checkpoint",
+            data={"crashed": str(exc)},
+        )
+        job.resends += 1
+        return "handed_back"
+
+    result = in_transaction(ctx.factory, write, what=f"job {ctx.job.id}: retry after a rank crash")
+    if result == "handed_back":
+        _send(ctx, ctx.stage)
+    return result
 
 
 def _traceback_tail(exc: BaseException) -> list[str]:
+    if isinstance(exc, RankFailed) and exc.traceback:  # the rank's, not the relay's
+        return exc.traceback[-TRACEBACK_LINES:]
     lines = "".join(traceback.format_exception(exc)).rstrip().splitlines()
     return lines[-TRACEBACK_LINES:]
 
