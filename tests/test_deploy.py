@@ -9,6 +9,7 @@ import re
 import shlex
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -93,3 +94,66 @@ def test_dashboard_is_published_on_loopback_by_default():
     for spec in ports:
         default = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", spec)  # compose's ${VAR:-default}
         assert default.startswith("127.0.0.1:"), spec
+
+
+# Multi-node examples (README "Scaling"): torchrun under Slurm and Kubernetes running `tvkd train`.
+SLURM = ROOT / "deploy" / "slurm" / "tvkd-train.sbatch"
+KUBERNETES = ROOT / "deploy" / "kubernetes" / "tvkd-train-job.yaml"
+# Values for the shell variables of the Slurm script's command line.
+SLURM_VALUES = {"SLURM_JOB_NUM_NODES": "2", "GPUS_PER_NODE": "8", "RDZV_PORT": "29500", "SLURM_JOB_ID": "42"}
+
+
+def _torchrun_then_tvkd(argv: list[str]) -> tuple[Any, Any]:
+    """(torchrun's arguments, tvkd's) of `torchrun ... -m tvkd.cli train ...`, each parsed by its
+    own parser (SystemExit, a failure, on a flag either does not accept)."""
+    from torch.distributed.run import get_args_parser
+
+    assert argv[0] == "torchrun", argv
+    launcher = get_args_parser().parse_args(argv[1:])
+    assert launcher.module and launcher.training_script == "tvkd.cli"
+    tvkd_args = build_parser().parse_args(launcher.training_script_args)
+    assert tvkd_args.func.__module__ == "tvkd.cli.train"  # `tvkd train`
+    return launcher, tvkd_args
+
+
+def _check_world(launcher: Any, tvkd_args: Any) -> None:
+    """The job's num_nodes × num_processes is the torchrun world the example starts."""
+    from tvkd.cli.train import build_config
+
+    config = build_config(tvkd_args)
+    assert (config.num_nodes, config.num_processes) == (int(launcher.nnodes), int(launcher.nproc_per_node))
+    assert launcher.rdzv_backend == "c10d" and launcher.rdzv_endpoint
+
+
+def test_the_slurm_example_parses_and_uses_flags_the_cli_accepts():
+    import subprocess
+
+    result = subprocess.run(["bash", "-n", str(SLURM)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = SLURM.read_text()
+    assert re.search(r"^#SBATCH --nodes=\d+$", text, re.M) and "--ntasks-per-node=1" in text
+    command = re.search(r"^srun .*?torchrun \\\n(?:.*\\\n)*.*[^\\]\n", text, re.M | re.S)
+    assert command, "an srun ... torchrun command"
+    line = re.sub(r"\\\n", " ", command.group(0))
+    line = re.sub(r"\$\{?(\w+)\}?", lambda m: SLURM_VALUES.get(m.group(1), f"/x/{m.group(1).lower()}"), line)
+    argv = shlex.split(line)
+    launcher, tvkd_args = _torchrun_then_tvkd(argv[argv.index("torchrun") :])
+    assert launcher.rdzv_endpoint == "/x/head_node:29500"  # the first node of the allocation
+    _check_world(launcher, tvkd_args)
+
+
+def test_the_kubernetes_example_parses_and_uses_flags_the_cli_accepts():
+    docs = list(yaml.safe_load_all(KUBERNETES.read_text()))
+    service = next(d for d in docs if d["kind"] == "Service")
+    job = next(d for d in docs if d["kind"] == "Job")
+    spec = job["spec"]
+    assert service["spec"]["clusterIP"] == "None" and spec["completionMode"] == "Indexed"
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    container = pod["containers"][0]
+    launcher, tvkd_args = _torchrun_then_tvkd(container["command"] + container["args"])
+    # The rendezvous is pod 0 through the headless Service; one pod per node.
+    assert launcher.rdzv_endpoint.startswith(f"{job['metadata']['name']}-0.{service['metadata']['name']}:")
+    assert spec["completions"] == spec["parallelism"] == int(launcher.nnodes)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(launcher.nproc_per_node)
+    _check_world(launcher, tvkd_args)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Proc, WorkerPool, client, start_process, wait_for
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from test_worker import checkpoints, events, get_job, submit, wait_status
+from test_worker import events, get_job, submit, wait_status
 
 from service.db import make_engine, session_factory
-from service.models import Job
 
 DEVICES = 2
 
@@ -88,28 +86,6 @@ def test_a_job_asking_for_more_processes_than_any_worker_has_stays_queued(
     with client(api) as c:
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     wait_status(api, job_id, {"cancelled"}, timeout=30, pool=workers)
-
-
-def test_cancel_during_a_two_process_train_stops_both_ranks(
-    api: str, workers: WorkerPool, pair_worker: Proc, tiny_assets: dict[str, str], db, service_home: Path
-) -> None:
-    job_id = submit(api, tiny_assets, num_processes=2, max_steps=3000, save_every=3)
-    wait_for(lambda: checkpoints(db, job_id), timeout=180, what="a first checkpoint")
-    pids = rank_pids(service_home, job_id)
-    with client(api) as c:
-        r = c.post(f"/v1/jobs/{job_id}/cancel")
-    assert r.status_code == 200, r.text
-    job = wait_status(api, job_id, {"cancelled"}, timeout=90, pool=workers)
-    assert job["error"] is None
-    wait_for(lambda: not any(alive(p) for p in pids), timeout=30, what="both ranks to exit")
-    ckpts = checkpoints(db, job_id)
-    assert ckpts and ckpts[-1].step < 3000
-    assert (service_home / "artifacts" / ckpts[-1].path).is_dir()
-    # Both ranks stopped cooperatively (no error files), and the stop checkpoint was kept.
-    assert not list(run_dir(service_home, job_id).glob("rank*.error"))
-    assert any(m.startswith("cancelled") and "kept" in m for m in messages(db, job_id))
-    with db() as s:
-        assert s.scalar(select(Job.status).where(Job.id == job_id)) == "cancelled"
 
 
 def test_how_an_attempt_ended_is_read_from_the_ranks_files(tmp_path: Path) -> None:
