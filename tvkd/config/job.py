@@ -1,200 +1,24 @@
-"""Configuration dataclasses, one per job type (TRL style: every field carries a help string).
+"""The job spec: the training settings of each job kind and the `JobSpec` that carries them whole.
 
-`MethodConfig` holds the TVKD options of MATH.md; `PrecomputeConfig` the teacher pass;
-`TrainConfig` the student training job (it embeds a `MethodConfig`). Each validates itself in
-`__post_init__` and raises `ConfigError` naming the offending field, so bad settings fail before
-any model is loaded.
-
-Every field is declared once, with `_help(text, default=..., ge=/gt=/le=/lt=..., choices=...)`:
-the help string, the bounds and the choices live in the field's metadata (a `Literal` type gives
-the choices too). `config_fields(cls)` reads them back; the same declaration feeds the dataclass
-check (`check_fields`, run by every `__post_init__`), the API schema (service/hyperparams.py), the
-CLI flags (tvkd/cli/train.py), the README table (scripts/config_reference.py) and, through the
-OpenAPI document, the dashboard's form.
+`MethodConfig` is the TVKD objective of MATH.md; `TrainConfig` one TVKD (or DPO) training job (it
+embeds a `MethodConfig`); `SFTConfig` one supervised fine-tuning job. `split_settings` is the one
+flat → nested merge of a request's (or the CLI's) settings, `flat_settings` its reverse. A service
+job stores `JobSpec.settings()` at submit; every stage rebuilds the spec from it (`from_dict`).
+These are kept in one module so that a setting such as `alpha` is followed through one file from
+its declaration to the spec (README, "Architecture"); how a field is declared and checked is
+tvkd/config/fields.py, the job options tvkd/config/options.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-QSource = Literal["logits", "logprobs", "implicit"]
-Terminal = Literal["model", "zero", "pre_eos"]
-Shaping = Literal["value", "logprob", "logit", "none"]
-ParallelMode = Literal["auto", "ddp", "fsdp"]
-JobKind = Literal["tvkd", "dpo", "sft"]
-Truncation = Literal["none", "keep_start", "keep_end"]
-
-Q_SOURCES: tuple[str, ...] = typing.get_args(QSource)
-TERMINALS: tuple[str, ...] = typing.get_args(Terminal)
-SHAPINGS: tuple[str, ...] = typing.get_args(Shaping)
-JOB_KINDS: tuple[str, ...] = typing.get_args(JobKind)
-# Experiment trackers a job can report to (TRL's `report_to` names); tvkd/trackers.py.
-REPORTERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
-TRUNCATIONS: tuple[str, ...] = typing.get_args(Truncation)
-
-BOUND_KEYS = ("ge", "gt", "le", "lt")
-
-
-class ConfigError(ValueError):
-    """A setting is out of range or inconsistent with another. `field` names the setting."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-def _help(
-    text: str,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    **kw: Any,
-) -> Any:
-    """A config field: its help string, and the bounds (`ge`/`gt`/`le`/`lt`) or `choices` that
-    `check_fields` enforces and the API schema, CLI and README show."""
-    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    meta: dict[str, Any] = {"help": text, "bounds": bounds}
-    if choices is not None:
-        meta["choices"] = tuple(choices)
-    return field(metadata=meta, **kw)
-
-
-@dataclass(frozen=True)
-class ConfigField:
-    """One declared setting, as `config_fields` reads it back from a config dataclass."""
-
-    name: str
-    type: Any  # int, float, bool, str, list[str], a Literal[...] or a nested config dataclass
-    default: Any  # the default value (a factory's value for list/dataclass fields)
-    help: str
-    bounds: dict[str, float]  # any of ge, gt, le, lt
-    choices: tuple[str, ...] | None  # from `choices=` or the Literal type
-    optional: bool = False  # `X | None`: None is allowed too (`type` is then X)
-
-    def check(self, value: Any) -> None:
-        """Raise ConfigError naming this field when `value` has the wrong type or is out of range."""
-        if value is None and self.optional:
-            return
-        if self.choices is not None and self.type == list[str]:  # a list of names, each a choice
-            if not _is_a(value, list[str]):
-                raise ConfigError(self.name, f"must be a list of names; got {value!r}")
-            for item in value:
-                _check_choice(self.name, item, self.choices)
-        elif self.choices is not None:
-            _check_choice(self.name, value, self.choices)
-        elif self.type is int:
-            _check_int(self.name, value, **self.bounds)
-        elif self.type is float:
-            _check_range(self.name, value, **self.bounds)
-        elif not _is_a(value, self.type):
-            what = getattr(self.type, "__name__", str(self.type))
-            raise ConfigError(self.name, f"must be a {what}; got {value!r}")
-
-    def range_text(self) -> str:
-        """The allowed values in words: `> 0`, `[0, 1)`, `model | zero`, or '' when unrestricted."""
-        if self.choices is not None:
-            return " | ".join(self.choices)
-        b = {k: f"{v:g}" for k, v in self.bounds.items()}
-        low = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
-        high = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
-        if low and high:
-            return f"{low[0]}{low[1]}, {high[0]}{high[1]}"
-        if low:
-            return f"{'≥' if low[0] == '[' else '>'} {low[1]}"
-        if high:
-            return f"{'≤' if high[1] == ']' else '<'} {high[0]}"
-        return ""
-
-
-def _is_a(value: Any, kind: Any) -> bool:
-    if kind == list[str]:  # a tuple of names is taken too
-        return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
-    return isinstance(value, kind) if isinstance(kind, type) else True
-
-
-@functools.cache
-def config_fields(cls: type) -> tuple[ConfigField, ...]:
-    """The declared fields of a config dataclass, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args and typing.get_origin(hint) in (typing.Union, types.UnionType)
-        if optional:
-            (hint,) = [a for a in args if a is not type(None)]
-        choices = f.metadata.get("choices")
-        if choices is None and typing.get_origin(hint) is Literal:
-            choices = typing.get_args(hint)
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        out.append(
-            ConfigField(
-                name=f.name,
-                type=hint,
-                default=default,
-                help=f.metadata.get("help", ""),
-                bounds=dict(f.metadata.get("bounds", {})),
-                choices=tuple(choices) if choices is not None else None,
-                optional=optional,
-            )
-        )
-    return tuple(out)
-
-
-def check_fields(config: Any) -> None:
-    """Check every field of a config dataclass against its declaration (type, bounds, choices),
-    in declaration order; the first problem raises ConfigError naming the field."""
-    for f in config_fields(type(config)):
-        f.check(getattr(config, f.name))
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(name, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_range(
-    name: str,
-    value: float,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(name, f"must be a number; got {value!r}")
-    if value != value:  # NaN
-        raise ConfigError(name, "must not be NaN")
-    if ge is not None and value < ge:
-        raise ConfigError(name, f"must be >= {ge}; got {value}")
-    if gt is not None and value <= gt:
-        raise ConfigError(name, f"must be > {gt}; got {value}")
-    if le is not None and value > le:
-        raise ConfigError(name, f"must be <= {le}; got {value}")
-    if lt is not None and value >= lt:
-        raise ConfigError(name, f"must be < {lt}; got {value}")
-
-
-def _check_int(name: str, value: int, **bounds: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer; got {value!r}")
-    _check_range(name, value, **bounds)
+from tvkd.config.choices import JOB_KINDS, JobKind, ParallelMode, QSource, Shaping, Terminal, Truncation
+from tvkd.config.fields import ConfigError, _build, _check_choice, _help, _like, _refuse_unknown, check_fields
+from tvkd.config.options import JobOptions
 
 
 @dataclass
@@ -264,42 +88,6 @@ class MethodConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.alpha > 0 and self.shaping != "none"
-
-
-@dataclass
-class PrecomputeConfig:
-    """The teacher pass that produces the value store (its fields are part of the content key)."""
-
-    q_source: QSource = _help(
-        "See MethodConfig.q_source ('implicit' runs teacher_reference too).", default="logits"
-    )
-    value_beta: float = _help("See MethodConfig.value_beta.", default=1.0, ge=1e-3, le=1e3)
-    topk: int = _help("Also store the top-k teacher logits and ids per state (0 = off).", default=0, ge=0)
-    token_stats: bool = _help(
-        "Also store the teacher's log-prob and logit of each response token (needed by the "
-        "'logprob'/'logit' shaping modes).",
-        default=False,
-    )
-    max_length: int = _help(
-        "Longest prompt+response in teacher tokens (capped at the teacher's context window); "
-        "longer rows follow truncation_mode.",
-        default=1024,
-        ge=2,
-    )
-    truncation_mode: Truncation = _help("See TrainConfig.truncation_mode.", default="none")
-    batch_tokens: int = _help(
-        "Token budget of one teacher batch (rows are batched by length).", default=8192, ge=1
-    )
-    chunk_size: int = _help("Positions per chunk of the vocabulary-wide logsumexp.", default=256, ge=1)
-    bf16: bool = _help(
-        "Run the teacher's transformer under bf16 autocast (values stay float32).", default=False
-    )
-    shard_size: int = _help(
-        "Pairs per store shard; a killed precompute resumes at shard granularity.", default=256, ge=1
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass
@@ -428,21 +216,6 @@ class TrainConfig:
         return cls(method=_build(MethodConfig, method), **data)
 
 
-def _like(cls: type, name: str, **change: Any) -> Any:
-    """The declaration of `cls.name` (help, bounds, choices, default) for another config class,
-    with `default=` or `help=` changed: a setting shared by two jobs is declared once."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    meta = dict(f.metadata)
-    if "help" in change:
-        meta["help"] = change.pop("help")
-    if "default" not in change:
-        if f.default is not dataclasses.MISSING:
-            change["default"] = f.default
-        else:
-            change["default_factory"] = f.default_factory
-    return field(metadata=meta, **change)
-
-
 # TrainConfig settings an SFT job does not have: the TVKD method, per-token samples of pairs,
 # and packing (padding_free packs preference pairs; SFT rows are not packed yet), and
 # truncation_mode (preference-pair tokenization; SFT rows follow tvkd.completions' own rules).
@@ -502,68 +275,6 @@ class SFTConfig:
         """Build from a flat dict; unknown keys (a TVKD method setting included) are an error
         naming the key."""
         return _build(cls, data)
-
-
-@dataclass
-class JobOptions:
-    """Options of one job beyond its training settings: which rows it reads and how, the
-    teacher's reference model (a model reference, resolved like `teacher`), the trackers, and
-    what the evaluate stage's generation evaluation does (`tvkd.generation`)."""
-
-    teacher_reference: str | None = _help(
-        "The model the teacher was DPO-trained from (e.g. its SFT checkpoint; same tokenizer as "
-        "the teacher). Needed by q_source='implicit' (MATH.md, 'Teacher soft value').",
-        default=None,
-    )
-    eval_dataset: str | None = _help(
-        "Held-out pairs (same rules as `dataset`); default: `eval_fraction` of the dataset.", default=None
-    )
-    limit: int | None = _help("Read only the first N rows of each dataset.", default=None, ge=1)
-    on_error: Literal["drop", "raise"] = _help(
-        "Bad rows: 'drop' them (reported in events) or 'raise' (fail).", default="drop"
-    )
-    precompute_bf16: bool = _help(
-        "Run the teacher pass under bf16 autocast (values stay float32).", default=False
-    )
-    report_to: list[str] = _help(
-        "Experiment trackers that receive the metrics, the settings and the model's path (TRL's "
-        "`report_to`); where their runs go is the machine's setting (README: Experiment trackers).",
-        default_factory=list,
-        choices=REPORTERS,
-    )
-    gen_prompts: int = _help(
-        "Held-out prompts the evaluate stage answers greedily before and after training, scored "
-        "into gen/gold_accuracy, gen/reward and gen/win_rate (0: no generation evaluation).",
-        default=0,
-        ge=0,
-        le=256,
-    )
-    gen_max_new_tokens: int = _help("Longest greedy answer, in student tokens.", default=64, ge=1, le=1024)
-    reward_model: str | None = _help(
-        "A Hugging Face sequence-classification folder that scores the answers (gen/reward).", default=None
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.report_to, tuple):  # a tuple of names is taken too
-            self.report_to = list(self.report_to)
-        check_fields(self)
-        if len(set(self.report_to)) != len(self.report_to):
-            raise ConfigError("report_to", f"names a tracker twice: {self.report_to}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JobOptions:
-        return _build(cls, data)
-
-
-def _refuse_unknown(data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(unknown[0], "unknown setting")
-
-
-def _build(cls: Any, data: Mapping[str, Any]) -> Any:
-    _refuse_unknown(data, {f.name for f in dataclasses.fields(cls)})
-    return cls(**data)
 
 
 def split_settings(flat: Mapping[str, Any]) -> tuple[TrainConfig, JobOptions]:
@@ -676,8 +387,3 @@ class JobSpec:
             kind=kind,
             **data,
         )
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name → help string, for CLIs, the API schema and the dashboard."""
-    return {f.name: f.help for f in config_fields(cls)}
