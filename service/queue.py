@@ -22,6 +22,9 @@ to TVKD_LIMIT_NUM_PROCESSES (`all_queues`). A worker advertising D devices consu
 `train.n2` … `train.n<D>` (`worker_queues`); a job asking for more than any worker has stays
 `queued`, its message waiting in its queue (the reconciler sees it there and does not re-send).
 
+A stage's helper tasks (`Stage.helpers`: the precompute stage's shard tasks) go to the stage's
+queue as one Celery group (`send_helpers`), with task ids that do not start with the job id.
+
 A message carries only the job id; everything else is read from the database when the task
 starts. Its task id is `<job id>:<stage>:<random>`, so that the reconciler can tell which jobs
 already have a message waiting in a queue without decoding task arguments. The send time
@@ -45,7 +48,7 @@ from time import monotonic
 from typing import Any
 
 import kombu.exceptions
-from celery import Celery
+from celery import Celery, group
 from kombu import Queue
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
@@ -205,8 +208,9 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=queue_name(settings, "default"),
         task_create_missing_queues=False,
         task_routes={
-            s.task: {"queue": queue_name(settings, s.queue), "routing_key": queue_name(settings, s.queue)}
+            task: {"queue": queue_name(settings, s.queue), "routing_key": queue_name(settings, s.queue)}
             for s in STAGES.values()
+            for task in (s.task, *s.helpers)
         },
         control_exchange=f"{settings.queue_namespace}.celery",
         task_publish_retry=True,
@@ -270,6 +274,24 @@ def send_stage(
         retry_policy=retry_policy or WORKER_PUBLISH_RETRY,
     )
     return task_id
+
+
+def send_helpers(app: Celery, job_id: str, stage: str, parts: int) -> list[str]:
+    """Publish, as one Celery group, the helper tasks of the job's `stage` for parts 1..parts-1 of
+    its work (part 0 is the stage's own task); each gets (job id, part, parts). Their task ids
+    start with `helper:`, not with the job id: a helper waiting in a queue is not the job's stage
+    message, which the reconciler must still re-send if the stage's task dies. Raises
+    PUBLISH_ERRORS."""
+    settings: Settings = app.tvkd_settings  # type: ignore[attr-defined]
+    (task,) = STAGES[stage].helpers
+    queue = queue_name(settings, STAGES[stage].queue)
+    ids = [f"helper:{job_id}:{stage}:{p}:{secrets.token_hex(6)}" for p in range(1, parts)]
+    signatures = [
+        app.signature(task, args=[job_id, p, parts], task_id=ids[p - 1], queue=queue, routing_key=queue)
+        for p in range(1, parts)
+    ]
+    group(signatures).apply_async(retry=True, retry_policy=WORKER_PUBLISH_RETRY)
+    return ids
 
 
 def publish(settings: Settings, job_id: str, stage: str) -> None:

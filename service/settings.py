@@ -143,6 +143,19 @@ class Settings(BaseSettings):
         "this many (queues `train`, `train.n2`, …); 0 = the CUDA device count, 1 without CUDA (a CPU "
         "worker running N gloo processes sets N).",
     )
+    precompute_shard_tasks: int = Field(
+        default=4,
+        ge=1,
+        description="Most tasks one job's teacher precompute is split into on the `precompute` queue: "
+        "K = min(this, the store's shards); the stage's task and K-1 shard tasks compute shards of the "
+        "same store, so K workers share one job (README 'Scaling'). 1 = one task per job.",
+    )
+    precompute_shard_size: int = Field(
+        default=256,
+        ge=1,
+        description="Pairs per value-store shard in the workers' precompute: the unit a shard task "
+        "computes and a killed precompute redoes (not part of the store's key).",
+    )
     tensorboard_dir: Path | None = Field(
         default=None,
         description="TensorBoard root of jobs with `report_to: [tensorboard]` (a folder per job id); "

@@ -11,6 +11,13 @@ progress.
     train        training               train        tvkd.train         run_train       evaluate
     evaluate     evaluating             train        tvkd.evaluate      run_evaluate    (succeeded)
 
+A stage may have *helpers*: Celery tasks on its queue that share its work without holding the
+job's lease. The precompute stage's is `tvkd.precompute_shard`: a large store is split K ways
+(TVKD_PRECOMPUTE_SHARD_TASKS), the stage's own task sends K-1 shard tasks (worker/fanout.py),
+every task computes shards of the same store, and the stage's task, which keeps the lease, the
+heartbeat and the cancel, waits for the last shard, writes the manifest and advances the job;
+the job shows `precomputing` throughout.
+
 A stage marked *sized* (train) goes to a queue per number of processes the job asks for
 (`hyperparameters.num_processes`): `train` for 1, `train.n2` for 2, …; a worker that advertises D
 devices consumes the sized queues for 1..D (service/queue.py: `stage_queue`, `worker_queues`), so
@@ -70,6 +77,7 @@ class Stage:
     next: tuple[str, ...]  # stages that may follow, the usual one first; () = the last stage
     doc: str
     sized: bool = False  # runs in num_processes processes: its queue is split by that number
+    helpers: tuple[str, ...] = ()  # Celery tasks on its queue sharing its work (no lease, no job writes)
 
     @property
     def last(self) -> bool:
@@ -96,6 +104,7 @@ STAGES: dict[str, Stage] = {
             "run_precompute",
             ("train",),
             "the teacher's values of every pair into the shared value store (reused by content key)",
+            helpers=("tvkd.precompute_shard",),
         ),
         Stage(
             "train",

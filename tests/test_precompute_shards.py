@@ -13,15 +13,14 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from store_equality import assert_same_store
 
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair, load_pairs
 from tvkd.precompute import finalize_if_complete, precompute_shards, precompute_values, rank_shards
-from tvkd.ragged import RaggedFile
 from tvkd.store import MANIFEST, StoreWriter, ValueStore, shard_name
 
 _WORDS = "the quick brown fox jumps over a lazy dog while helpful assistants answer"
@@ -53,31 +52,6 @@ def _data(tmp_path: Path) -> tuple[Path, list[PreferencePair]]:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs, _ = load_pairs(path, on_error="raise")
     return path, pairs
-
-
-def assert_same_store(a: ValueStore, b: ValueStore) -> None:
-    """Every array of every shard file equal bit for bit (dtype and shape too), the shards' headers
-    equal but for `made_by` (who wrote it, how long it took), and the manifests equal but for the
-    creation time, the timings and the files' byte sizes (the headers hold `made_by`)."""
-    assert a.key == b.key
-    shards = sorted(p.name for p in a.path.glob("shard-*"))
-    assert shards == sorted(p.name for p in b.path.glob("shard-*")) and shards
-    for name in shards:
-        fa, fb = RaggedFile(a.path / name), RaggedFile(b.path / name)
-        assert sorted(fa._arrays) == sorted(fb._arrays)
-        for array in fa._arrays:
-            x, y = fa._arrays[array], fb._arrays[array]
-            assert x.dtype == y.dtype and x.shape == y.shape, (name, array)
-            assert x.tobytes() == y.tobytes(), f"{name}: {array} differs"
-        ma = {k: v for k, v in fa.metadata.items() if k != "made_by"}
-        assert ma == {k: v for k, v in fb.metadata.items() if k != "made_by"}
-
-    def comparable(manifest: dict[str, Any]) -> dict[str, Any]:
-        m = {k: v for k, v in manifest.items() if k not in ("created", "timings")}
-        m["shards"] = [{k: v for k, v in s.items() if k != "bytes"} for s in m["shards"]]
-        return m
-
-    assert comparable(a.manifest) == comparable(b.manifest)
 
 
 def test_rank_shards_round_robin() -> None:
@@ -170,6 +144,21 @@ def test_overlapping_shard_lists_compute_each_shard_once(tmp_path: Path, precomp
     assert done.complete and done.computed == [] and done.tokens == 0
     with pytest.raises(ValueError, match=r"outside the store's 4 shards"):
         precompute_shards(precompute_teacher, pairs, config, store_root=tmp_path / "x", shards=[4])
+
+
+def test_a_helper_passes_by_a_shard_another_process_holds(tmp_path: Path, precompute_teacher: str) -> None:
+    _, pairs = _data(tmp_path)
+    config = PrecomputeConfig(**CONFIG)
+    res = precompute_shards(precompute_teacher, pairs, config, store_root=tmp_path, shards=[])
+    other = StoreWriter(tmp_path, res.key, fields={}, num_pairs=7, shard_size=2, arrays=["chosen_values"])
+    with other.acquire_shard(1):  # another open file: flock conflicts as with another process
+        helper = precompute_shards(
+            precompute_teacher, pairs, config, store_root=tmp_path, shards=[1, 2, 0, 3], wait_for_busy=False
+        )
+        assert helper.computed == [2, 0, 3]  # in the given order, the held shard left to its holder
+    last = precompute_shards(precompute_teacher, pairs, config, store_root=tmp_path, shards=range(4))
+    assert last.computed == [1]  # its holder let go without writing it: computed here
+    assert finalize_if_complete(tmp_path, res.key, res.fields, num_pairs=7, config=res.config) is not None
 
 
 def test_shard_locks_are_separate(tmp_path: Path) -> None:

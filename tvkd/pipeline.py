@@ -158,11 +158,14 @@ def length_limit(spec: JobSpec) -> LengthLimit:
     return effective_max_length(spec.train.max_length, {"student": spec.student, "teacher": teacher})
 
 
-def precompute_config(spec: JobSpec) -> PrecomputeConfig:
+def precompute_config(spec: JobSpec, shard_size: int | None = None) -> PrecomputeConfig:
     """The teacher pass the method needs (its fields are part of the store's content key); the
-    teacher tokenizes to the job's effective max_length, as the student does."""
+    teacher tokenizes to the job's effective max_length, as the student does. `shard_size`
+    (pairs per store shard, not in the key): PrecomputeConfig's default when None."""
     method = spec.train.method
+    sharding = {} if shard_size is None else {"shard_size": shard_size}
     return PrecomputeConfig(
+        **sharding,
         q_source=method.q_source,
         value_beta=method.value_beta,
         token_stats=method.shaping in ("logprob", "logit"),
@@ -172,8 +175,12 @@ def precompute_config(spec: JobSpec) -> PrecomputeConfig:
     )
 
 
-def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = None) -> Any:
+def precompute(
+    spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = None, *, shard_size: int | None = None
+) -> Any:
     """Teacher values for every pair (reused when cached); None when the method needs no teacher.
+    Shards other processes wrote for the same key (`tvkd.precompute.precompute_shards`) are kept;
+    when they are all there this only writes the manifest.
 
     Then the teacher check on the training pairs (`tvkd.teacher_check`): metrics with split
     "teacher" at step 0, an event (a warning when its interval includes 0.5), and
@@ -198,7 +205,7 @@ def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = 
     result = precompute_values(
         spec.teacher,
         prepared.pairs,
-        precompute_config(spec),
+        precompute_config(spec, shard_size),
         store_root=spec.store_root,
         device=spec.device,
         progress=progress,
@@ -210,7 +217,8 @@ def precompute(spec: JobSpec, prepared: Prepared, callbacks: Callbacks | None = 
     cb.on_metrics(0, result.teacher_check.metrics(), "teacher")
     level = "warning" if result.teacher_check.chance else "info"
     cb.on_event(level, result.teacher_check.message(), result.teacher_check.to_dict())
-    how = "reused cached" if result.cached else f"computed ({result.tokens_per_second:.0f} tokens/s)"
+    rate = f" ({result.tokens_per_second:.0f} tokens/s)" if result.tokens else " (from shards on disk)"
+    how = "reused cached" if result.cached else f"computed{rate}"
     cb.on_event(
         "info",
         f"teacher values {how}: {result.store.path}",

@@ -260,6 +260,13 @@ def rank_shards(num_shards: int, rank: int, world_size: int) -> range:
     return range(rank, num_shards, world_size)
 
 
+def part_order(num_shards: int, part: int, parts: int) -> list[int]:
+    """Every shard, those of `part` (i ≡ part mod parts) first: the order in which part `part` of a
+    store split `parts` ways takes them, so that it shares the others' work once its own is done."""
+    own = list(rank_shards(num_shards, part, parts))
+    return own + [i for i in range(num_shards) if i % parts != part]
+
+
 def num_shards(num_pairs: int, config: PrecomputeConfig) -> int:
     """Shards of a store of `num_pairs` pairs (`config.shard_size` pairs each)."""
     return -(-num_pairs // config.shard_size)
@@ -281,12 +288,16 @@ def precompute_shards(
     teacher_reference: str | Path | None = None,
     reference_model: Any = None,
     made_by: Mapping[str, Any] | None = None,
+    wait_for_busy: bool = True,
 ) -> ShardsResult:
     """Compute only `shards` of the store `precompute_values` would write for the same arguments;
     no manifest (`finalize_if_complete` writes it once every shard is on disk).
 
-    Each shard is computed under its own lock; a shard already written, or written by another
-    process while this one waited for its lock, is skipped, so overlapping calls are harmless.
+    Shards are taken in the given order, each under its own lock; a shard already written, or
+    written by another process while this one waited for its lock, is skipped, so overlapping
+    calls are harmless. Shards another process is computing are passed by and, with
+    `wait_for_busy`, waited for at the end (and computed if that process died); without it they
+    are left to that process (a helper that only speeds up a store someone else completes).
     `progress(done, total)` counts the pairs of `shards`. `made_by` (JSON-serialisable: rank,
     worker, task) is recorded in each shard this call writes, with host and pid. Arguments and
     errors as `precompute_values`; ValueError for a shard index outside the store. Raises
@@ -302,7 +313,7 @@ def precompute_shards(
     key, fields = precompute_key(
         teacher, pairs, config, tokenizer=tokenizer, teacher_reference=teacher_reference
     )
-    wanted = sorted(set(shards))
+    wanted = list(dict.fromkeys(shards))
     total = num_shards(len(pairs), config)
     outside = [i for i in wanted if not 0 <= i < total]
     if outside:
@@ -330,7 +341,15 @@ def precompute_shards(
     try:
         with lazy:
             computed = fill_shards(
-                writer, wanted, lazy, pairs, run, progress=progress, should_stop=should_stop, made_by=made_by
+                writer,
+                wanted,
+                lazy,
+                pairs,
+                run,
+                progress=progress,
+                should_stop=should_stop,
+                made_by=made_by,
+                wait_for_busy=wait_for_busy,
             )
             return result(run, computed, lazy.device_name)
     except StoreLockTimeout as exc:

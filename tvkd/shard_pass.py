@@ -3,7 +3,8 @@ it, check the numbers, write it (`tvkd.precompute` is the public entry point).
 
 Each shard is computed under its shard lock (`tvkd.store_lock`), so any number of processes
 may be given overlapping shard lists: a shard already written, or written by another process
-while this one waited for its lock, is skipped. Inside a shard the pairs' two sequences are
+while this one waited for its lock, is skipped, and a shard another process is computing is
+passed by first (work is shared, not duplicated). Inside a shard the pairs' two sequences are
 sorted by length and packed into batches of at most `batch_tokens` padded tokens; the batches
 depend on the shard alone, so a shard's numbers are the same whichever process computes it.
 The teacher is loaded at the first shard that needs it (`LazyTeacher`): a process whose shards
@@ -26,6 +27,7 @@ from tvkd.data import DataError, DataReport, PreferencePair, RowError, RowIssue
 from tvkd.modeling import model_device, pad_token_id
 from tvkd.numerics import NonFiniteError, first_nonfinite
 from tvkd.store import PairValues, StoreWriter, store_arrays
+from tvkd.store_lock import shard_lock_name, try_hold
 from tvkd.teacher import batches_by_tokens, eval_mode, run_batch, sequences, verify_once
 from tvkd.tokenize import TokenizedPair, tokenize_pair
 
@@ -147,37 +149,64 @@ def fill_shards(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     made_by: Mapping[str, Any] | None = None,
+    wait_for_busy: bool = True,
 ) -> list[int]:
-    """Compute and write every shard of `shards` not yet on disk, each under its lock; returns
-    the shards this call computed. Raises StoreLockTimeout(stopped=True) or PrecomputeStopped
-    when should_stop(); NonFiniteError before writing a shard with a NaN/Inf."""
-    config, tokenizer = teacher.config, teacher.tokenizer
-    todo = sorted(set(shards))
-    done = writer.done_shards() & set(todo)
+    """Compute and write every shard of `shards` (in that order) not yet on disk; returns the
+    shards this call computed.
+
+    A first pass takes each shard whose lock is free (another process computing one is passed
+    by); with `wait_for_busy` a second pass waits for each passed shard's lock and computes it
+    unless its holder wrote it (a holder that died left it unwritten). Without it, the shards
+    other processes hold are left to them. Raises StoreLockTimeout(stopped=True) or
+    PrecomputeStopped when should_stop(); NonFiniteError before writing a shard with a NaN/Inf."""
+    todo = list(dict.fromkeys(shards))
+    done = writer.done_shards(todo)
     run.done = sum(len(writer.shard_range(i)) for i in done)
     if progress is not None:
         progress(run.done, run.total)
-    pad_id = pad_token_id(tokenizer)
     computed: list[int] = []
+    busy: list[int] = []
     for i in todo:
         if i in done:
             continue
+        with try_hold(writer.path / shard_lock_name(i)) as got:
+            if got:
+                _fill_one(writer, i, teacher, pairs, run, progress, should_stop, made_by, computed)
+            else:
+                busy.append(i)
+    for i in busy if wait_for_busy else ():
         with writer.acquire_shard(i, should_stop=should_stop):
-            if i in writer.done_shards({i}):  # another process wrote it while we waited
-                run.done += len(writer.shard_range(i))
-                if progress is not None:
-                    progress(run.done, run.total)
-                continue
-            model, reference = teacher.get()
-            t0, tokens0 = time.perf_counter(), run.tokens
-            tokenized, issues = tokenize_rows(tokenizer, pairs, writer.shard_range(i), config)
-            records = compute_shard(model, tokenized, config, pad_id, run, progress, should_stop, reference)
-            check_finite(teacher.teacher, pairs, writer.shard_range(i), records)  # before anything is written
-            info = {"issues": [vars(issue) for issue in issues], "teacher_tokens": run.tokens - tokens0}
-            seconds = round(time.perf_counter() - t0, 3)
-            writer.write_shard(i, records, info=info, made_by={**dict(made_by or {}), "seconds": seconds})
-            computed.append(i)
+            _fill_one(writer, i, teacher, pairs, run, progress, should_stop, made_by, computed)
     return computed
+
+
+def _fill_one(
+    writer: StoreWriter,
+    i: int,
+    teacher: LazyTeacher,
+    pairs: Sequence[PreferencePair],
+    run: Run,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+    made_by: Mapping[str, Any] | None,
+    computed: list[int],
+) -> None:
+    """Shard `i`, its lock held: skipped when another process wrote it meanwhile, else computed."""
+    if writer.done_shards([i]):
+        run.done += len(writer.shard_range(i))
+        if progress is not None:
+            progress(run.done, run.total)
+        return
+    model, reference = teacher.get()
+    config, t0, tokens0 = teacher.config, time.perf_counter(), run.tokens
+    tokenized, issues = tokenize_rows(teacher.tokenizer, pairs, writer.shard_range(i), config)
+    pad_id = pad_token_id(teacher.tokenizer)
+    records = compute_shard(model, tokenized, config, pad_id, run, progress, should_stop, reference)
+    check_finite(teacher.teacher, pairs, writer.shard_range(i), records)  # before anything is written
+    info = {"issues": [vars(issue) for issue in issues], "teacher_tokens": run.tokens - tokens0}
+    seconds = round(time.perf_counter() - t0, 3)
+    writer.write_shard(i, records, info=info, made_by={**dict(made_by or {}), "seconds": seconds})
+    computed.append(i)
 
 
 def compute_shard(

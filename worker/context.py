@@ -57,6 +57,23 @@ class Outcome:
     job_values: dict[str, Any] = field(default_factory=dict)  # other job columns to set
 
 
+def stored_spec(settings: Settings, factory: sessionmaker[Session], job: Job) -> JobSpec:
+    """The job's stored spec with this worker's paths. Raises ModelError or DatasetNotFound
+    when a name no longer resolves under the roots."""
+    try:
+        with factory() as session:
+            return job_spec(
+                settings,
+                session,
+                job,
+                output_dir=str(output_dir(settings, job)),
+                store_root=str(settings.artifacts / VALUES_DIR),
+            )
+    except APIError as exc:
+        kind = ModelError if exc.code in ("invalid_model", "dependency_failed") else DatasetNotFound
+        raise kind(f"{exc.field}: {exc.message}") from exc
+
+
 @dataclass
 class StageContext:
     app: Celery
@@ -70,20 +87,8 @@ class StageContext:
 
     @cached_property
     def spec(self) -> JobSpec:
-        """The job's stored spec with this worker's paths. Raises ModelError or DatasetNotFound
-        when a name no longer resolves under the roots."""
-        try:
-            with self.factory() as session:
-                return job_spec(
-                    self.settings,
-                    session,
-                    self.job,
-                    output_dir=str(output_dir(self.settings, self.job)),
-                    store_root=str(self.settings.artifacts / VALUES_DIR),
-                )
-        except APIError as exc:
-            kind = ModelError if exc.code in ("invalid_model", "dependency_failed") else DatasetNotFound
-            raise kind(f"{exc.field}: {exc.message}") from exc
+        """The job's stored spec with this worker's paths (`stored_spec`)."""
+        return stored_spec(self.settings, self.factory, self.job)
 
     @property
     def stage(self) -> str:

@@ -6,7 +6,8 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
 - precompute: the teacher pass into the shared value store under `values/` (reused by key; two
   jobs asking for one key at once compute it once: the store's file lock makes the second wait
   and then find it complete). The Precompute row is upserted by key and records which job
-  computed it; the other job gets a "reused" event naming that job.
+  computed it; the other job gets a "reused" event naming that job. A store of several shards
+  is shared with K-1 shard tasks on the precompute queue (worker/fanout.py).
 - train: `pipeline.train`, i.e. the Trainer's setup (the reference pass: π_ref log-probs,
   reused on resume), training with checkpoints, and the model folder. Always `resume=True`: a
   re-run after a crash or a hand-back continues from the newest checkpoint. Out-of-memory halves
@@ -50,6 +51,7 @@ from tvkd.evaluate import EvalResult
 from tvkd.models import ModelError
 from tvkd.prepared import PREPARED_FILE, write_prepared
 from tvkd.store import ValueStore
+from worker import fanout
 from worker.context import (
     VALUES_DIR,
     Outcome,
@@ -110,10 +112,12 @@ def run_precompute(ctx: StageContext) -> Outcome:
     spec = ctx.spec
     prepared = prepare(ctx)
     assert spec.teacher is not None  # validate sends jobs without a teacher to "train"
+    shard_size = ctx.settings.precompute_shard_size
+    config = pipeline.precompute_config(spec, shard_size)
     key, fields = precompute_key(
         spec.teacher,
         prepared.pairs,
-        pipeline.precompute_config(spec),
+        config,
         teacher_reference=spec.options.teacher_reference,  # part of the key with q_source=implicit
     )
     rel = f"{VALUES_DIR}/{key}"
@@ -134,8 +138,13 @@ def run_precompute(ctx: StageContext) -> Outcome:
             update_cols=(),
         )
     ctx.record(precompute_key=key)
+    parts = fanout.parts_for(ctx.settings, len(prepared.pairs))
+    shared = None
+    t0 = time.perf_counter()
     try:
-        result = pipeline.precompute(spec, prepared, ctx.reporter)
+        if parts > 1 and ValueStore.find(spec.store_root, key) is None:
+            shared = fanout.run_parts(ctx, prepared, config, parts)  # every shard on disk after it
+        result = pipeline.precompute(spec, prepared, ctx.reporter, shard_size=shard_size)  # the merge
     except PrecomputeStopped:
         return Outcome("stopped", message="stopped during the teacher precompute (finished shards are kept)")
     except Exception:
@@ -148,6 +157,10 @@ def run_precompute(ctx: StageContext) -> Outcome:
                 )
         raise
     store = result.store
+    split: dict[str, Any] = {}
+    if shared is not None and not result.cached:  # the teacher ran in this job's `parts` tasks
+        result.tokens, result.seconds = int(store.manifest["teacher_tokens"]), time.perf_counter() - t0
+        split = {"parts": parts, "shards_by_worker": fanout.shards_by_worker(store.manifest)}
     if result.cached:
         computed_by = _wait_for_recorder(ctx, key, store)
     else:
@@ -160,11 +173,13 @@ def run_precompute(ctx: StageContext) -> Outcome:
         by = f"job {computed_by}" if computed_by and computed_by != ctx.job.id else "an earlier run"
         message = f"teacher values reused from the cache (key {key[:12]}, computed by {by})"
     else:
+        tasks = f" in {parts} tasks ({len(split['shards_by_worker'])} workers)" if split else ""
         message = (
-            f"teacher values computed by this job (key {key[:12]}): {store.num_pairs} pairs, "
+            f"teacher values computed by this job{tasks} (key {key[:12]}): {store.num_pairs} pairs, "
             f"{result.tokens} teacher tokens in {result.seconds:.1f}s"
         )
     data = {"key": key, "cached": result.cached, "computed_by": computed_by, "waited_seconds": result.waited}
+    data.update(split)
     ctx.reporter.event("info", message, data)
     return Outcome(
         "advance",
