@@ -1,5 +1,5 @@
 """Database models (SQLAlchemy 2.0). The database is the source of truth for job state; the
-broker only carries work. Pydantic request/response schemas live in service/schemas.py.
+broker only carries work. Pydantic request/response schemas live in service/schemas/.
 
 Identifiers are prefixed random strings (`job_…`, `ds_…`) so that they can be shown, pasted and
 used in URLs without leaking row counts. Times are timezone-aware UTC.

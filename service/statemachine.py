@@ -1,6 +1,6 @@
 """The job state machine, declared once: the statuses a job shows, the stages it runs, and which
 moves between them are allowed. Everything else is derived from this module: the API's status
-schema (service/schemas.py), the Celery queues and routes (service/queue.py), the runners
+schema (service/schemas/jobs.py), the Celery queues and routes (service/queue.py), the runners
 (worker/stages.py: `RUNNERS`), the README's "How a job moves" diagram (scripts/job_states.py) and
 the checks of service/jobstate.py, the one module that writes a job's status, stage, lease or
 progress.
