@@ -123,3 +123,16 @@ def test_generation_eval_smoke(tmp_path):
     out = _run("generation_eval.py", "--smoke", tmp_path=tmp_path)
     assert "| generation evaluation | train s | evaluate s |" in out
     assert "| off |" in out and "2 prompts × 4 tokens, reward model" in out
+
+
+@pytest.mark.slow
+def test_scale_smoke(tmp_path):
+    out_json = tmp_path / "scale.json"
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--out", str(out_json)]
+    out = _run("scale.py", *args, tmp_path=tmp_path)
+    assert "s/step (median)" in out and "FSDP2, 2 processes" in out
+    rows = {r["run"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert set(rows) == {"one process", "DDP, 2 processes", "FSDP2, 2 processes"}
+    # The 2-process runs are the one-process run (the smoke run's steps are not clipped).
+    assert all(r["max_abs_weight_diff"] <= 1e-5 for r in rows.values())
+    assert rows["DDP, 2 processes"]["bytes_per_step_per_rank"] == 8.0 * rows["one process"]["params"] / 2
