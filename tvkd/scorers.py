@@ -41,7 +41,12 @@ def _tasks_checker(record: Mapping[str, Any], response: str) -> bool:
     return tasks.check_answer(example, response)
 
 
-CHECKERS: dict[str, Checker] = {"tvkd.tasks": _tasks_checker}
+def _taskworld_checker(record: Mapping[str, Any], response: str) -> bool:
+    # The held-out rows of tvkd.demo_world: exactly the correct answer (tvkd.taskworld.check).
+    return response.strip() == str(record["answer"])
+
+
+CHECKERS: dict[str, Checker] = {"tvkd.tasks": _tasks_checker, "tvkd.taskworld": _taskworld_checker}
 
 
 def gold_checker(record: Mapping[str, Any]) -> Checker | None:

@@ -86,9 +86,14 @@ class Stack:
 
 
 def start_stack(
-    *, host: str = "127.0.0.1", port: int = 8000, dashboard_port: int | None = 8501, timeout: float = 120
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dashboard_port: int | None = 8501,
+    timeout: float = 120,
+    workers: int = 1,
 ) -> Stack:
-    """Start API, worker (and dashboard); return once the API answers /readyz."""
+    """Start API, `workers` worker processes (and dashboard); return once the API answers /readyz."""
     import httpx
 
     from service.settings import Settings
@@ -108,6 +113,7 @@ def start_stack(
     commands = {
         "api": ["serve", "--host", host, "--port", str(port)],
         "worker": ["worker"],
+        **{f"worker-{i}": ["worker", "--hostname", f"worker{i}@%h"] for i in range(2, workers + 1)},
     }
     dashboard_url = None
     if dashboard_port is not None:
