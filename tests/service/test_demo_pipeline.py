@@ -58,9 +58,11 @@ def test_the_demo_pipeline_runs_as_six_chained_jobs(api: str, workers: WorkerPoo
     # "before" is the SFT student for all three (same model, same prompts, greedy).
     assert len({r["gold before"] for r in distilled}) == 1
     assert rows[0]["gold after"] == rows[1]["gold before"]  # the teacher SFT model, judged by the DPO job
+    assert rows[2]["gold after"] == distilled[0]["gold before"]  # the student SFT model
     assert distilled[0]["teacher shaping acc"] is None  # no teacher in a DPO job
     for r in distilled[1:]:
         assert 0.0 <= r["teacher shaping acc"] <= 1.0
+    assert dp.verdict(rows).startswith(("Ended above", "No distilled student"))
     table = dp.render(rows).splitlines()
     assert table[0].split(" | ")[0].strip() == "job" and len(table) == 2 + len(rows)
     # A second run: every job comes back from its Idempotency-Key, nothing new is made.

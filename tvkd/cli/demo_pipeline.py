@@ -30,7 +30,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +66,15 @@ SCALES: dict[str, Scale] = {
     "demo": Scale(
         data=WorldData(
             sizes=dict(
-                teacher_sft=6000, teacher_pref=1500, student_sft=3000, student_pref=600, dev=400, test=800
+                teacher_sft=4000, teacher_pref=600, student_sft=2000, student_pref=400, dev=256, test=256
             )
         ),
         teacher=CharModel(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=384, seed=1),
         student=CharModel(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=192, seed=2),
-        teacher_sft_steps=1500,
-        teacher_dpo_steps=400,
-        student_sft_steps=1000,
-        distill_steps=300,
+        teacher_sft_steps=800,
+        teacher_dpo_steps=200,
+        student_sft_steps=600,
+        distill_steps=200,
     ),
     # The reduced form the tests run (tests/service/test_demo_pipeline.py): it shows the chain and
     # the table, not learning.
@@ -132,10 +132,10 @@ class Job:
     """One of the pipeline's jobs: its request and, once submitted, its id."""
 
     name: str
+    short: str  # its label in the progress line
     body: dict[str, Any]
     id: str = ""
     reused: bool = False
-    after: list[str] = field(default_factory=list)
 
 
 def idempotency_key(body: dict[str, Any]) -> str:
@@ -171,17 +171,17 @@ def submit(client: Any, assets: Assets, scale: Scale, *, split: str = "test", se
         return f"job:{jobs[name].id}"
 
     d = assets.data
-    post(Job("teacher SFT", {
+    post(Job("teacher SFT", "t-sft", {
         "kind": "sft", "student": assets.teacher, "dataset": d["teacher_sft"],
         "hyperparameters": {**sft_hp, "max_steps": scale.teacher_sft_steps, "log_every": 50},
         "metadata": {"demo": "teacher-sft"},
     }))  # fmt: skip
-    post(Job("teacher DPO", {
+    post(Job("teacher DPO", "t-dpo", {
         "kind": "dpo", "student": ref("teacher SFT"), "dataset": d["teacher_pref"], "beta": scale.beta,
         "hyperparameters": {**pref_hp, "max_steps": scale.teacher_dpo_steps},
         "metadata": {"demo": "teacher-dpo"},
     }))  # fmt: skip
-    post(Job("student SFT", {
+    post(Job("student SFT", "s-sft", {
         "kind": "sft", "student": assets.student, "dataset": d["student_sft"],
         "hyperparameters": {**sft_hp, "max_steps": scale.student_sft_steps, "log_every": 50},
         "metadata": {"demo": "student-sft"},
@@ -191,14 +191,14 @@ def submit(client: Any, assets: Assets, scale: Scale, *, split: str = "test", se
         "beta": scale.beta,
     }  # fmt: skip
     steps = {**pref_hp, "max_steps": scale.distill_steps}
-    post(Job("DPO (α 0)", {
+    post(Job("DPO (α 0)", "dpo", {
         "kind": "dpo", "student": ref("student SFT"), "dataset": d["student_pref"], "beta": scale.beta,
         "hyperparameters": steps, "metadata": {"demo": "dpo"},
     }))  # fmt: skip
-    post(Job(f"TVKD (α {PAPER_ALPHA:g}, paper)", {
+    post(Job(f"TVKD (α {PAPER_ALPHA:g}, paper)", "tvkd", {
         **distill, "alpha": PAPER_ALPHA, "hyperparameters": steps, "metadata": {"demo": "tvkd-paper"},
     }))  # fmt: skip
-    post(Job("recommended", {
+    post(Job("recommended", "rec", {
         **distill, "alpha": PAPER_ALPHA,
         "hyperparameters": {
             **steps, "q_source": "implicit", "value_beta": scale.beta,
@@ -226,7 +226,7 @@ def follow(client: Any, jobs: list[Job], *, every: float = 5.0, out: Any = None)
         finished = sum(s["status"] in TERMINAL for s in state.values())
         now = time.monotonic()
         if now - last >= every or finished != done or finished == len(jobs):
-            parts = [f"{name}: {_state(s)}" for name, s in state.items()]
+            parts = [f"{j.short} {_state(state[j.name])}" for j in jobs]
             print(f"[demo] {now - t0:5.0f}s  " + " | ".join(parts), file=out, flush=True)
             last, done = now, finished
         if finished == len(jobs):
@@ -269,31 +269,35 @@ def collect(client: Any, jobs: list[Job], state: dict[str, dict[str, Any]]) -> l
         if state[j.name]["status"] != "succeeded":
             err = state[j.name].get("error") or {}
             raise ClientError(f"the {j.name} job ended {state[j.name]['status']}: {err.get('message', err)}")
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
     for j in jobs:
         s = state[j.name]
+        row = rows[j.name] = dict.fromkeys(COLUMNS)
+        row["job"] = j.name if j.name.split()[0] in ("teacher", "student") else f"student {j.name}"
+        row["s"] = seconds(s)
         if s["kind"] == "sft":
-            continue
+            continue  # its gold: the "before" of the jobs that train its model, below
         gen = _gen(client, j.id)
-        ev = (s.get("result") or {}).get("eval_metrics") or {}
-        before, after = gen["before"].get(GOLD), gen["after"].get(GOLD)
-        shaping = _teacher_shaping(client, j.id) if s["kind"] == "tvkd" else None
-        if j.name == "teacher DPO":
-            rows.append({"job": "teacher SFT", "gold before": None, "gold after": before,
-                         "change": None, "teacher shaping acc": None, "held-out rewards/acc": None,
-                         "s": seconds(state["teacher SFT"])})  # fmt: skip
-        rows.append({
-            "job": j.name if j.name == "teacher DPO" else f"student {j.name}",
-            "gold before": before, "gold after": after,
-            "change": after - before if before is not None and after is not None else None,
-            "teacher shaping acc": shaping, "held-out rewards/acc": ev.get("rewards/accuracies"),
-            "s": seconds(s),
-        })  # fmt: skip
-        if j.name == "teacher DPO":
-            rows.append({"job": "student SFT", "gold before": None, "gold after": None, "change": None,
-                         "teacher shaping acc": None, "held-out rewards/acc": None,
-                         "s": seconds(state["student SFT"])})  # fmt: skip
-    return rows
+        row["gold before"], row["gold after"] = gen["before"].get(GOLD), gen["after"].get(GOLD)
+        if row["gold before"] is not None and row["gold after"] is not None:
+            row["change"] = row["gold after"] - row["gold before"]
+        row["teacher shaping acc"] = _teacher_shaping(client, j.id) if s["kind"] == "tvkd" else None
+        row["held-out rewards/acc"] = ((s.get("result") or {}).get("eval_metrics") or {}).get(
+            "rewards/accuracies"
+        )
+    rows["teacher SFT"]["gold after"] = rows["teacher DPO"]["gold before"]
+    rows["student SFT"]["gold after"] = rows[jobs[3].name]["gold before"]
+    order = ["teacher SFT", "teacher DPO", "student SFT", *(j.name for j in jobs[3:])]
+    return [rows[name] for name in order]
+
+
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """One line: which distilled students ended above their SFT start in gold accuracy."""
+    distilled = [r for r in rows if r["change"] is not None and r["job"].startswith("student")]
+    above = [r["job"].removeprefix("student ") for r in distilled if r["change"] > 0]
+    if not above:
+        return "No distilled student ended above its SFT start in gold accuracy."
+    return f"Ended above the SFT student's gold accuracy: {', '.join(above)} (of {len(distilled)})."
 
 
 def _cell(column: str, value: Any) -> str:
@@ -348,13 +352,14 @@ def run(args: argparse.Namespace) -> int:
         with connect(stack.api_url, stack.api_key, timeout=30) as client:
             jobs = submit(client, assets, scale, split=args.split, seed=args.seed)
             for j in jobs:
-                log(f"{j.name:22s} {j.id}" + (" (reused)" if j.reused else ""))
+                log(f"{j.short:5s} = {j.name:21s} {j.id}" + (" (reused)" if j.reused else ""))
             state = follow(client, jobs)
             rows = collect(client, jobs, state)
         print(f"\nGold accuracy of greedy answers to the {scale.data.sizes[args.split]} held-out "
               f"({args.split}) prompts; teacher shaping acc = teacher/shaping_accuracy on the "
               "training pairs; s = the job's seconds.\n")  # fmt: skip
         print(render(rows))
+        print("\n" + verdict(rows))
         print(f"\ndemo took {time.perf_counter() - t0:.0f} s")
         if stack.dashboard_url:
             print(f"dashboard: {stack.dashboard_url}")
