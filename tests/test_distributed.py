@@ -88,3 +88,32 @@ def test_collectives_under_torchrun(tmp_path: Path) -> None:
         assert res["any_none"] is False
         assert res["mean"] == {"a": 1.5, "b": 5.0}  # (1+2)/2, (0+10)/2
         assert res["mismatch"] is True
+
+
+def test_parallel_layout_in_one_process() -> None:
+    from tvkd.parallel import Parallel, resolve_mode
+
+    assert resolve_mode("fsdp", 1) == "single" and resolve_mode("auto", 2) == "ddp"
+    assert resolve_mode("ddp", 4) == "ddp" and resolve_mode("fsdp", 2) == "fsdp"
+    with pytest.raises(ValueError, match="parallel='zero3'"):
+        resolve_mode("zero3", 2)
+    par = Parallel("fsdp")  # one process: every micro-batch here, with factor 1
+    assert par.mode == "single"
+    assert par.shard([["a"], ["b"], ["c"]]) == [(["a"], 1.0), (["b"], 1.0), (["c"], 1.0)]
+    assert par.sum({"loss": 2.5}) == {"loss": 2.5}
+
+
+@pytest.mark.parametrize(
+    ("rank", "expected"),
+    [
+        (0, [("m0", 2.0), ("m2", 2.0)]),
+        (1, [("m1", 2.0), ("m0", 0.0)]),  # one micro-batch short: a weight-0 copy keeps step with rank 0
+    ],
+)
+def test_parallel_shard_keeps_the_global_batch(monkeypatch, rank: int, expected) -> None:
+    from tvkd.distributed import DistContext
+    from tvkd.parallel import Parallel
+
+    par = Parallel("ddp")
+    par.ctx = DistContext(rank=rank, world_size=2, local_rank=rank)
+    assert par.shard(["m0", "m1", "m2"]) == expected

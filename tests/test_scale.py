@@ -143,3 +143,72 @@ def test_sft_under_fsdp_equals_one_process(train_models, arith_data, tmp_path) -
     launch(1, [*args, "--output", str(tmp_path / "one")])
     launch(2, [*args, "--output", str(tmp_path / "fsdp"), "--parallel", "fsdp"])
     assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+
+
+STOP_WORKER = """
+import json, sys
+from pathlib import Path
+from tvkd import distributed
+from tvkd.callbacks import Callbacks
+from tvkd.config import PrecomputeConfig, TrainConfig
+from tvkd.data import load_pairs
+from tvkd.precompute import precompute_values
+from tvkd.trainer import Trainer
+
+spec = json.loads(sys.argv[1])
+ctx = distributed.init()
+
+
+class StopAfterTwo(Callbacks):  # rank 0 asks to stop once step 2 is done; other ranks never ask
+    def __init__(self):
+        self.step, self.events = 0, []
+
+    def on_progress(self, stage, done, total, eta):
+        if stage == "train":
+            self.step = done
+
+    def on_event(self, level, message, data=None):
+        self.events.append(message)
+
+    def should_stop(self):
+        return ctx.rank == 0 and self.step >= 2
+
+
+pairs, _ = load_pairs(spec["data"])
+store = precompute_values(spec["teacher"], pairs, PrecomputeConfig(max_length=64), store_root=spec["stores"])
+cb = StopAfterTwo()
+config = TrainConfig.from_dict({"batch_size": 4, "grad_accum": 2, "max_steps": 6, "max_length": 64})
+trainer = Trainer(
+    config, student=spec["student"], teacher=spec["teacher"], pairs=pairs, train_idx=range(56),
+    eval_idx=range(56, 64), store=store.store, output_dir=spec["out"], callbacks=cb,
+)
+trainer.setup()
+result = trainer.train()
+out = {"status": result.status, "steps": result.steps, "events": cb.events}
+Path(spec["out"], f"rank{ctx.rank}.json").write_text(json.dumps(out))
+distributed.destroy()
+"""
+
+
+def test_a_stop_request_on_rank_0_stops_every_rank(train_models, arith_data, tmp_path) -> None:
+    from tvkd.config import PrecomputeConfig
+    from tvkd.data import load_pairs
+    from tvkd.precompute import precompute_values
+
+    pairs, _ = load_pairs(arith_data)  # computed here once, so the ranks find it cached
+    precompute_values(
+        train_models["teacher"], pairs, PrecomputeConfig(max_length=64), store_root=tmp_path / "s"
+    )
+    script, out = tmp_path / "stop.py", tmp_path / "out"
+    script.write_text(STOP_WORKER)
+    spec = {**train_models, "data": arith_data, "stores": str(tmp_path / "s"), "out": str(out)}
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, str(script), json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["status"], r["steps"]) for r in ranks] == [("stopped", 2), ("stopped", 2)]
+    assert any("stopped at step 2" in e for e in ranks[0]["events"])
+    assert ranks[1]["events"] == []  # rank 1 reports nothing (rank 0 alone talks to the user)
+    assert (out / "checkpoints" / "step-000002" / "dcp" / ".metadata").is_file()

@@ -14,9 +14,11 @@ Wrapping (PyTorch's own engines, nothing home-made):
          the models' buffers are constants); gradient accumulation under `no_sync()`.
   "fsdp" FSDP2: `torch.distributed.fsdp.fully_shard` on every decoder layer (the model's
          `_no_split_modules` classes), then on the step module (embeddings, final norm, head);
-         optional `CPUOffloadPolicy`; with bf16, `MixedPrecisionPolicy(param_dtype=bf16,
-         reduce_dtype=float32)` besides the autocast of one process; accumulation with
-         `set_requires_gradient_sync(False)`.
+         optional `CPUOffloadPolicy` (for an accelerator; nothing to do on the CPU); bf16 is the
+         one-process autocast over float32 parameters, so a bf16 run equals one process too
+         (FSDP's MixedPrecisionPolicy(param_dtype=bf16) would halve the all-gathers but computes
+         otherwise: measured 1.1e-2 max |Δw| after 4 steps of the tests' tiny job); accumulation
+         with `set_requires_gradient_sync(False)`.
 The step module (`StepModule`) is the whole model with a forward that runs a given function of
 it (the trainer's fused `policy_logps`), so that the wrapped forward covers the decoder and the
 head even though the library never calls the model's own `forward`.
@@ -121,12 +123,10 @@ class Parallel:
             ids = [device.index] if device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
             return
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         kw: dict[str, Any] = {}
-        if self.bf16:
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if self.cpu_offload:
+        if self.cpu_offload and device.type != "cpu":  # on the CPU they are there already
             kw["offload_policy"] = CPUOffloadPolicy()
         for layer in decoder_layers(model):
             fully_shard(layer, **kw)

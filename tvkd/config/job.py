@@ -189,7 +189,7 @@ class TrainConfig:
     )
     fsdp_cpu_offload: bool = _help(
         "With parallel='fsdp': keep the sharded parameters, gradients and optimizer state in CPU "
-        "memory (FSDP2 CPUOffloadPolicy).",
+        "memory (FSDP2 CPUOffloadPolicy); nothing to do when the device is the CPU.",
         default=False,
     )
 
