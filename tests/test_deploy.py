@@ -100,7 +100,10 @@ def test_dashboard_is_published_on_loopback_by_default():
 SLURM = ROOT / "deploy" / "slurm" / "tvkd-train.sbatch"
 KUBERNETES = ROOT / "deploy" / "kubernetes" / "tvkd-train-job.yaml"
 # Values for the shell variables of the Slurm script's command line.
-SLURM_VALUES = {"SLURM_JOB_NUM_NODES": "2", "GPUS_PER_NODE": "8", "RDZV_PORT": "29500", "SLURM_JOB_ID": "42"}
+SLURM_VALUES = {
+    "SLURM_JOB_NUM_NODES": "2", "GPUS_PER_NODE": "8", "RDZV_PORT": "29500", "SLURM_JOB_ID": "42",
+    "PARALLEL": "fsdp",
+}  # fmt: skip
 
 
 def _torchrun_then_tvkd(argv: list[str]) -> tuple[Any, Any]:

@@ -201,7 +201,9 @@ def train_under_torchrun(
         while True:
             exited = proc.poll() is not None
             relay.pump()
-            if not stop_sent and ctx.reporter.should_stop():  # LeaseLost when the lease is gone
+            if ctx.flags.lease_lost:
+                raise LeaseLost(ctx.job.id)
+            if not stop_sent and ctx.reporter.should_stop():
                 (run_dir / rank_train.STOP).touch()
                 stop_sent = True
                 log.info("job %s: stop requested; signalled the %d ranks", ctx.job.id, processes)

@@ -10,16 +10,19 @@ fails the attempt and the job resumes from its last checkpoint; a cancel stops b
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Proc, WorkerPool, client, start_process, wait_for
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from test_worker import events, get_job, submit, wait_status
+from test_worker import checkpoints, events, get_job, submit, train_steps, wait_status
 
 from service.db import make_engine, session_factory
+from service.models import Job, MetricPoint
 
 DEVICES = 2
 
@@ -64,8 +67,50 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def losses(db: sessionmaker[Session], job_id: str) -> dict[int, float]:
+    """The job's training loss per step."""
+    with db() as s:
+        rows = s.execute(
+            select(MetricPoint.step, MetricPoint.value).where(
+                MetricPoint.job_id == job_id, MetricPoint.split == "train", MetricPoint.name == "loss"
+            )
+        )
+        return {step: value for step, value in rows}
+
+
 def messages(db: sessionmaker[Session], job_id: str) -> list[str]:
     return [e.message for e in events(db, job_id)]
+
+
+def test_a_two_process_job_succeeds_with_metrics(
+    api: str, workers: WorkerPool, pair_worker: Proc, tiny_assets: dict[str, str], db, service_home: Path
+) -> None:
+    job_id = submit(api, tiny_assets, num_processes=2)
+    alone = submit(api, tiny_assets)  # the same job in one process
+    job = wait_status(api, job_id, {"succeeded"}, timeout=180, pool=workers)
+    assert job["error"] is None and job["result"]["steps"] == 6
+    said = messages(db, job_id)
+    assert any(m == "train runs in 2 processes under torchrun" for m in said), said
+    assert any("needs a worker with at least 2 devices" in m for m in said), said
+    # The same rows as one process writes: a loss point per step, checkpoints, held-out metrics.
+    assert train_steps(db, job_id) == [1, 2, 3, 4, 5, 6]
+    assert [c.step for c in checkpoints(db, job_id)][-1] == 6
+    with client(api) as c:
+        metrics = c.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["data"]
+    assert {m["split"] for m in metrics} >= {"train", "eval"}
+    assert job["result"]["metrics"]["loss"] == pytest.approx(
+        next(m["value"] for m in metrics if m["split"] == "train" and m["step"] == 6 and m["name"] == "loss")
+    )
+    assert (service_home / "artifacts" / job["model_path"] / "config.json").is_file()
+    for rank in range(DEVICES):
+        assert (run_dir(service_home, job_id) / f"rank{rank}.done").is_file()
+    # DDP splits each step's micro-batches over the ranks with the one-process global batch: the
+    # loss curve is the one-process job's (float32 sums in another order: rel 1e-4).
+    wait_status(api, alone, {"succeeded"}, timeout=180, pool=workers)
+    assert not any("torchrun" in m for m in messages(db, alone))
+    two, one = losses(db, job_id), losses(db, alone)
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5, 6]
+    assert [two[k] for k in sorted(two)] == pytest.approx([one[k] for k in sorted(one)], rel=1e-4)
 
 
 def test_a_job_asking_for_more_processes_than_any_worker_has_stays_queued(
@@ -86,6 +131,52 @@ def test_a_job_asking_for_more_processes_than_any_worker_has_stays_queued(
     with client(api) as c:
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     wait_status(api, job_id, {"cancelled"}, timeout=30, pool=workers)
+
+
+def test_kill9_of_one_rank_resumes_from_the_last_checkpoint(
+    api: str, workers: WorkerPool, pair_worker: Proc, tiny_assets: dict[str, str], db, service_home: Path
+) -> None:
+    total = 60
+    job_id = submit(api, tiny_assets, num_processes=2, max_steps=total, save_every=4)
+    wait_for(lambda: checkpoints(db, job_id), timeout=180, what="a first checkpoint")
+    pids = rank_pids(service_home, job_id)
+    os.kill(pids[1], signal.SIGKILL)
+    killed_at = max(train_steps(db, job_id))
+    assert killed_at < total, "training ended before the kill: give it more steps"
+
+    job = wait_status(api, job_id, {"succeeded"}, timeout=240, pool=workers)
+    assert job["result"]["steps"] == total
+    said = messages(db, job_id)
+    assert any(m.startswith("a rank crashed") for m in said), said
+    resumed = [e for e in events(db, job_id) if e.message.startswith("resumed from")]
+    assert len(resumed) == 1 and resumed[0].data["step"] >= 4, said
+    assert train_steps(db, job_id) == list(range(1, total + 1))  # nothing lost, nothing twice
+    assert not any(alive(p) for p in pids)
+    with db() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and row.lease_token is None
+
+
+def test_cancel_during_a_two_process_train_stops_both_ranks(
+    api: str, workers: WorkerPool, pair_worker: Proc, tiny_assets: dict[str, str], db, service_home: Path
+) -> None:
+    job_id = submit(api, tiny_assets, num_processes=2, max_steps=3000, save_every=3)
+    wait_for(lambda: checkpoints(db, job_id), timeout=180, what="a first checkpoint")
+    pids = rank_pids(service_home, job_id)
+    with client(api) as c:
+        r = c.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200, r.text
+    job = wait_status(api, job_id, {"cancelled"}, timeout=90, pool=workers)
+    assert job["error"] is None
+    wait_for(lambda: not any(alive(p) for p in pids), timeout=30, what="both ranks to exit")
+    ckpts = checkpoints(db, job_id)
+    assert ckpts and ckpts[-1].step < 3000
+    assert (service_home / "artifacts" / ckpts[-1].path).is_dir()
+    # Both ranks stopped cooperatively (no error files), and the stop checkpoint was kept.
+    assert not list(run_dir(service_home, job_id).glob("rank*.error"))
+    assert any(m.startswith("cancelled") and "kept" in m for m in messages(db, job_id))
+    with db() as s:
+        assert s.scalar(select(Job.status).where(Job.id == job_id)) == "cancelled"
 
 
 def test_how_an_attempt_ended_is_read_from_the_ranks_files(tmp_path: Path) -> None:
