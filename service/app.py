@@ -40,9 +40,11 @@ from service.routers import (
     generations,
     health,
     inspect,
+    job_records,
     jobs,
     models,
     precomputes,
+    samples,
     webhooks,
 )
 from service.schemas import error_responses
@@ -236,7 +238,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_checks = ModelChecks(trust_remote_code=settings.trust_remote_code)
     app.state.head_revision = health.head_revision()
     app.include_router(health.router)
-    for module in (jobs, downloads, webhooks, generations, datasets, models, precomputes, inspect):
+    routers = (
+        jobs,
+        job_records,
+        samples,
+        downloads,
+        webhooks,
+        generations,
+        datasets,
+        models,
+        precomputes,
+        inspect,
+    )
+    for module in routers:
         app.include_router(module.router, responses=error_responses(503))
     _install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_json_body_bytes)

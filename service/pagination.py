@@ -9,7 +9,7 @@ shift nor duplicate anything, and a page costs the same deep in the list as at i
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -18,13 +18,17 @@ from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from service.errors import invalid
+from service.hyperparams import INT_MAX
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 20
 
 LimitQuery = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size (1..100).")]
+# The cursor of a list that is a file's entries (a job's samples, its generations): a position.
+PositionAfter = Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last `k` seen.")]
 
 
 @dataclass
@@ -84,3 +88,11 @@ def oldest_first(
     if after is not None:
         query = query.where(id_col > after)
     return Page.of(session.scalars(query.order_by(id_col).limit(limit + 1)).all(), limit)
+
+
+def position_page(items: Sequence[T], after: int | None, limit: int, row: Callable[[int, T], R]) -> Page[R]:
+    """One page of a file's entries after position `after`: `row(k, item)` for each, where `k` is
+    the item's position (the rows carry it as "k", the next page's cursor)."""
+    start = 0 if after is None else after + 1
+    chunk = items[start : start + limit + 1]
+    return Page.of([row(start + i, item) for i, item in enumerate(chunk)], limit)

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service import models as db
 from service.deps import OwnerDep, SessionDep, SettingsDep, in_one_thread
 from service.errors import APIError
-from service.hyperparams import INT_MAX
-from service.pagination import DEFAULT_LIMIT, LimitQuery, Page
+from service.pagination import DEFAULT_LIMIT, LimitQuery, PositionAfter, position_page
 from service.routers.jobs import JobId, owned_job
 from service.schemas import GenerationList, error_responses
 from service.validation import is_inside
@@ -63,13 +61,11 @@ def list_generations(
     session: SessionDep,
     settings: SettingsDep,
     owner: OwnerDep,
-    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last `k` seen.")] = None,
+    after: PositionAfter = None,
     limit: LimitQuery = DEFAULT_LIMIT,
 ) -> GenerationList:
     doc = _document(session, settings.artifacts, owner, job_id)
-    start = 0 if after is None else after + 1
-    chunk = doc.generations[start : start + limit + 1]
-    page = Page.of([{"k": start + i, **asdict(g)} for i, g in enumerate(chunk)], limit)
+    page = position_page(doc.generations, after, limit, lambda k, g: {"k": k, **asdict(g)})
     return GenerationList.model_validate(
         {
             "data": page.rows,

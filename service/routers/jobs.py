@@ -1,5 +1,5 @@
-"""/v1/jobs: create (idempotent), list, get, cancel, and each job's events, metrics,
-checkpoints and per-token samples.
+"""/v1/jobs: create (idempotent), list, get and cancel (a job's events, metrics and checkpoints:
+service/routers/job_records.py; its samples: samples.py; its generations: generations.py).
 
 A new job is stored waiting for its first stage (`validating`, stage `validate`: see
 service/statemachine.py) and sent to the broker; the workers move it on (`queued` →
@@ -20,38 +20,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import models as db
-from service import samples as samples_file
 from service.dependencies import references
 from service.deps import ID_RE, OwnerDep, RedactorDep, SessionDep, SettingsDep, checked_id, in_one_thread
 from service.errors import APIError, invalid, not_found
-from service.hyperparams import INT_MAX
 from service.jobstate import JobStateError, add_event, mark_sent, new_job, request_cancel
-from service.pagination import DEFAULT_LIMIT, LimitQuery, Page, newest_first, oldest_first
+from service.pagination import DEFAULT_LIMIT, LimitQuery, newest_first
 from service.schemas import (
-    CheckpointList,
-    EventList,
     Job,
     JobCreate,
     JobList,
     JobStatus,
-    MetricList,
-    MetricSeries,
-    MetricSeriesList,
-    SampleDetail,
-    SampleList,
     error_responses,
 )
 from service.settings import Settings
 from service.validation import check_job
 from service.views import (
-    checkpoint_view,
-    events_response,
     job_response,
     jobs_response,
-    metric_view,
 )
 from service.webhooks import MIN_SECRET, WebhookError, check_url, queue_delivery
-from tvkd.artifacts import SamplesFile
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -68,7 +55,6 @@ IdempotencyKey = Annotated[
         "(200); with another body it is a 422 naming this header.",
     ),
 ]
-MetricText = Annotated[str | None, Query(max_length=100, pattern=r"^[^\x00]*$")]
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -90,7 +76,8 @@ def owned_job(session: Session, owner: str, job_id: str, *, for_update: bool = F
     return job
 
 
-def _check_owned(session: Session, owner: str, job_id: str) -> None:
+def check_owned(session: Session, owner: str, job_id: str) -> None:
+    """Raise a 404 unless the caller owns job `job_id` (owned_job without loading the row)."""
     checked_id(job_id, "job")
     if session.scalar(select(db.Job.id).where(db.Job.id == job_id, db.Job.owner_id == owner)) is None:
         raise not_found("job", job_id)
@@ -313,183 +300,3 @@ def cancel_job(
             raise APIError(409, "job_finished", str(exc)) from exc
         session.commit()
     return job_response(session, job, redactor, owner)
-
-
-@router.get(
-    "/{job_id}/events",
-    response_model=EventList,
-    summary="A job's events, oldest first",
-    responses=error_responses(401, 404, 422),
-)
-@in_one_thread
-def list_events(
-    job_id: JobId,
-    session: SessionDep,
-    owner: OwnerDep,
-    redactor: RedactorDep,
-    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last event id seen.")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (1..1000).")] = 100,
-) -> EventList:
-    _check_owned(session, owner, job_id)
-    query = select(db.JobEvent).where(db.JobEvent.job_id == job_id)
-    page = oldest_first(session, query, db.JobEvent.id, after=after, limit=limit)
-    return EventList(
-        data=events_response(session, list(page.rows), redactor, owner, job_id),
-        has_more=page.has_more,
-        next_after=page.next_after(lambda e: e.id),
-    )
-
-
-def _metric_query(job_id: str, split: str | None, name: str | None, after_step: int | None) -> Any:
-    query = select(db.MetricPoint).where(db.MetricPoint.job_id == job_id)
-    if split is not None:
-        query = query.where(db.MetricPoint.split == split)
-    if name is not None:
-        query = query.where(db.MetricPoint.name == name)
-    if after_step is not None:
-        query = query.where(db.MetricPoint.step > after_step)
-    return query
-
-
-# Steps are a 32-bit INTEGER column: a bound the database cannot compare against is a 422, not a 500.
-STEP_MAX = 2**31 - 1
-AfterStep = Annotated[int | None, Query(ge=-1, le=STEP_MAX, description="Only steps after this one.")]
-
-
-@router.get(
-    "/{job_id}/metrics",
-    response_model=MetricList,
-    summary="A job's metric points, in the order they were logged",
-    responses=error_responses(401, 404, 422),
-)
-@in_one_thread
-def list_metrics(
-    job_id: JobId,
-    session: SessionDep,
-    owner: OwnerDep,
-    split: Annotated[MetricText, Query(description="train, eval or teacher (teacher check).")] = None,
-    name: Annotated[MetricText, Query(description="Metric name, e.g. loss.")] = None,
-    after_step: AfterStep = None,
-    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last point id seen.")] = None,
-    limit: Annotated[int, Query(ge=1, le=5000, description="Page size (1..5000).")] = 1000,
-) -> MetricList:
-    _check_owned(session, owner, job_id)
-    query = _metric_query(job_id, split, name, after_step)
-    page = oldest_first(session, query, db.MetricPoint.id, after=after, limit=limit)
-    return MetricList(
-        data=[metric_view(m) for m in page.rows],
-        has_more=page.has_more,
-        next_after=page.next_after(lambda m: m.id),
-    )
-
-
-@router.get(
-    "/{job_id}/metrics/series",
-    response_model=MetricSeriesList,
-    summary="A job's metrics as one compact series per (split, name), by step",
-    responses=error_responses(401, 404, 422),
-)
-@in_one_thread
-def metric_series(
-    job_id: JobId,
-    session: SessionDep,
-    owner: OwnerDep,
-    split: Annotated[MetricText, Query(description="train, eval or teacher (teacher check).")] = None,
-    name: Annotated[MetricText, Query(description="Metric name, e.g. loss.")] = None,
-    after_step: AfterStep = None,
-) -> MetricSeriesList:
-    _check_owned(session, owner, job_id)
-    query = _metric_query(job_id, split, name, after_step).order_by(
-        db.MetricPoint.split, db.MetricPoint.name, db.MetricPoint.step
-    )
-    series: dict[tuple[str, str], MetricSeries] = {}
-    for m in session.scalars(query):
-        s = series.setdefault(
-            (m.split, m.name), MetricSeries(split=m.split, name=m.name, steps=[], values=[])
-        )
-        s.steps.append(m.step)
-        s.values.append(metric_view(m).value)
-    return MetricSeriesList(data=list(series.values()))
-
-
-@router.get(
-    "/{job_id}/checkpoints",
-    response_model=CheckpointList,
-    summary="A job's checkpoints, oldest first",
-    responses=error_responses(401, 404, 422),
-)
-@in_one_thread
-def list_checkpoints(
-    job_id: JobId,
-    session: SessionDep,
-    owner: OwnerDep,
-    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last checkpoint id seen.")] = None,
-    limit: LimitQuery = DEFAULT_LIMIT,
-) -> CheckpointList:
-    _check_owned(session, owner, job_id)
-    query = select(db.Checkpoint).where(db.Checkpoint.job_id == job_id)
-    page = oldest_first(session, query, db.Checkpoint.id, after=after, limit=limit)
-    return CheckpointList(
-        data=[checkpoint_view(c) for c in page.rows],
-        has_more=page.has_more,
-        next_after=page.next_after(lambda c: c.id),
-    )
-
-
-def _samples_doc(session: Session, settings: Settings, owner: str, job_id: str) -> SamplesFile:
-    job = owned_job(session, owner, job_id)
-    path = samples_file.samples_path(session, job, settings.artifacts)
-    doc = samples_file.load_document(path) if path is not None else None
-    if doc is None:
-        raise APIError(
-            404, "not_found", f"job {job_id} has no samples yet (they are written when it evaluates)"
-        )
-    return doc
-
-
-@router.get(
-    "/{job_id}/samples",
-    response_model=SampleList,
-    summary="Summaries of a job's per-token samples",
-    responses=error_responses(401, 404, 422),
-)
-@in_one_thread
-def list_samples(
-    job_id: JobId,
-    session: SessionDep,
-    settings: SettingsDep,
-    owner: OwnerDep,
-    after: Annotated[int | None, Query(ge=0, le=INT_MAX, description="The last `k` seen.")] = None,
-    limit: LimitQuery = DEFAULT_LIMIT,
-) -> SampleList:
-    doc = _samples_doc(session, settings, owner, job_id)
-    start = 0 if after is None else after + 1
-    chunk = doc.samples[start : start + limit + 1]
-    items = [samples_file.summary(start + i, s) for i, s in enumerate(chunk)]
-    page = Page.of(items, limit)
-    return SampleList(
-        data=page.rows,  # type: ignore[arg-type]
-        has_more=page.has_more,
-        next_after=page.next_after(lambda s: s["k"]),
-        step=doc.step,
-    )
-
-
-@router.get(
-    "/{job_id}/samples/{k}",
-    response_model=SampleDetail,
-    summary="Per-token signals of one sample, chosen and rejected",
-    responses=error_responses(401, 404, 422),
-)
-@in_one_thread
-def get_sample(
-    job_id: JobId,
-    k: Annotated[int, Path(ge=0, le=INT_MAX, description="Position in the job's samples.")],
-    session: SessionDep,
-    settings: SettingsDep,
-    owner: OwnerDep,
-) -> SampleDetail:
-    doc = _samples_doc(session, settings, owner, job_id)
-    if k >= len(doc.samples):
-        raise APIError(404, "not_found", f"job {job_id} has {len(doc.samples)} samples; no sample {k}")
-    return SampleDetail.model_validate(samples_file.detail(doc, k))
