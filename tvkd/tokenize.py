@@ -46,6 +46,7 @@ from tvkd.pairs import (
     RowIssue,
     check_choice,
 )
+from tvkd.round_trip import check_round_trip, decodes_to
 from tvkd.templates import (
     check_chat_template,
     has_chat_template,
@@ -72,7 +73,6 @@ __all__ = [
 
 TRUNCATION_MODES = TRUNCATIONS
 TEMPLATE_LIMIT_CODES = ("template_time", "template_memory")
-_CONTEXT = 12  # characters shown on each side of a round-trip difference
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def tokenize_pair(
         # Without a single prompt token there is no state s_1 to predict y_1 from.
         raise RowError(RowIssue(pair.row, "prompt", "template", "the prompt has no tokens (and no BOS)"))
     lead_text = "".join(tokenizer.convert_ids_to_tokens(lead))
-    _check_round_trip(tokenizer, prompt_ids, lead_text + prompt_text, pair.row, "prompt", 0)
+    check_round_trip(tokenizer, prompt_ids, lead_text + prompt_text, pair.row, "prompt", 0)
     sides = {
         name: _tokenize_response(tokenizer, pair, prompt_text, prompt_plain, lead, lead_text, name, content)
         for name, content in (("chosen", pair.chosen), ("rejected", pair.rejected))
@@ -285,7 +285,7 @@ def _tokenize_response(
         raise RowError(RowIssue(pair.row, name, "empty_response", "response has no tokens"))
     _check_one_end(tokenizer, pair.row, name, ids)
     expected = lead_text + prompt_text + response_text + appended
-    _check_round_trip(
+    check_round_trip(
         tokenizer, lead + prompt_plain + ids, expected, pair.row, name, len(lead_text) + len(prompt_text)
     )
     return _Side(ids, _content_ends(ends, len(content)))
@@ -335,73 +335,6 @@ def _content_ends(ends: list[int], length: int) -> list[int]:
         out.append(running)
     out[-1] = length
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Round trip
-
-
-def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def _decode_by_segment(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Special tokens as their text, the runs between them decoded one by one. Decoders that
-    strip the dummy-prefix space at the start of a text (Llama-2 `Strip`, Metaspace) then strip
-    it at the start of each run, where normalizers such as Llama-2's `Prepend("▁")` added it."""
-    specials = set(tokenizer.all_special_ids) | {
-        i
-        for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
-        if getattr(t, "special", False)
-    }
-    parts: list[str] = []
-    run: list[int] = []
-    for i in ids:
-        if i in specials:
-            if run:
-                parts.append(_decode(tokenizer, run))
-                run = []
-            parts.append(tokenizer.convert_ids_to_tokens(i))
-        else:
-            run.append(i)
-    if run:
-        parts.append(_decode(tokenizer, run))
-    return "".join(parts)
-
-
-def _common_prefix(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def decodes_to(tokenizer: Any, ids: Sequence[int], text: str) -> str | None:
-    """None when `ids` decode to `text` — whole, or run by run between special tokens (see
-    `_decode_by_segment`) — else the decoding closer to it, for the message."""
-    whole = _decode(tokenizer, ids)
-    if whole == text:
-        return None
-    runs = _decode_by_segment(tokenizer, ids)
-    if runs == text:
-        return None
-    return max((whole, runs), key=lambda d: _common_prefix(d, text))
-
-
-def _check_round_trip(tokenizer: Any, ids: Sequence[int], text: str, row: int, name: str, start: int) -> None:
-    decoded = decodes_to(tokenizer, ids, text)
-    if decoded is None:
-        return
-    k = _common_prefix(decoded, text)
-    lo = max(k - _CONTEXT, 0)
-    where = "in the prompt" if k < start else "in the response"
-    raise RowError(
-        RowIssue(
-            row,
-            name,
-            "round_trip",
-            f"the tokens do not decode to the text ({where}, character {k}): the text has "
-            f"{text[lo : k + _CONTEXT]!r}, the tokens give {decoded[lo : k + _CONTEXT]!r} "
-            "(characters the vocabulary lacks, or a normalizer that changes the text)",
-        )
-    )
 
 
 # --------------------------------------------------------------------------------------------
