@@ -195,14 +195,14 @@ def main() -> None:
         args.hidden, args.layers, args.pairs, args.steps = 64, 2, 32, 3
     import torch
 
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: CUDA is not available on this machine (no GPU measured)")
     work = Path(args.work)
     made = prepare(work, args)
     train = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_steps": args.steps}
     train |= {"learning_rate": 1e-3, "max_length": 64, "num_samples": 0}
     base = {**made, "train": train, "threads": 1, "device": "cpu"}
     if args.gpu:
-        if not torch.cuda.is_available():
-            raise SystemExit("--gpu: CUDA is not available on this machine (no GPU measured)")
         record = launch(
             {**base, "device": "cuda", "threads": 4, "parallel": "auto", "out": str(work / "gpu")}, 1
         )
