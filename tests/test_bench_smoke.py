@@ -136,3 +136,10 @@ def test_scale_smoke(tmp_path):
     # The 2-process runs are the one-process run (the smoke run's steps are not clipped).
     assert all(r["max_abs_weight_diff"] <= 1e-5 for r in rows.values())
     assert rows["DDP, 2 processes"]["bytes_per_step_per_rank"] == 8.0 * rows["one process"]["params"] / 2
+
+
+@pytest.mark.slow
+def test_precompute_scale_smoke(tmp_path):
+    out = _run("precompute_scale.py", "--smoke", tmp_path=tmp_path)
+    assert "| 2 torchrun ranks, 1 thread each " in out and "| 1 process, 1 thread " in out
+    assert out.count("| equal ") == 2  # both other stores equal the one-process store, bit for bit

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_equality import assert_same_store
 
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair, load_pairs
 from tvkd.precompute import finalize_if_complete, precompute_shards, precompute_values, rank_shards
 from tvkd.store import MANIFEST, StoreWriter, ValueStore, shard_name
+from tvkd.store_compare import store_differences
 
 _WORDS = "the quick brown fox jumps over a lazy dog while helpful assistants answer"
 CONFIG = {"shard_size": 2, "batch_tokens": 64, "max_length": 128}  # 7 pairs: 4 shards
@@ -76,7 +76,7 @@ def test_torchrun_two_ranks_write_the_one_process_store(tmp_path: Path, precompu
     assert f"key:        {one.key}" in proc.stdout and "cached:     no" in proc.stdout
     assert "[rank 1/2] precompute: " in proc.stderr and "[rank 0/2] precompute: " in proc.stderr
     two = ValueStore.open(tmp_path / "two" / one.key)
-    assert_same_store(one.store, two)
+    assert store_differences(one.store, two) == []
     made_by = two.manifest["timings"]["shards"]
     assert [m["rank"] for m in made_by] == [0, 1, 0, 1]
     assert made_by[0]["pid"] == made_by[2]["pid"] != made_by[1]["pid"] == made_by[3]["pid"]
@@ -127,7 +127,7 @@ def test_killed_rank_leaves_finished_shards_that_a_rerun_keeps(
     assert {n: (folder / n).stat().st_ino for n in written} == written  # finished shards kept as they were
     store = finalize_if_complete(root, res.key, res.fields, num_pairs=7, config=res.config)
     assert store is not None
-    assert_same_store(one.store, store)
+    assert store_differences(one.store, store) == []
     assert store.manifest["timings"]["shards"][0]["rank"] == 1  # written by the killed process
 
 
@@ -170,3 +170,19 @@ def test_shard_locks_are_separate(tmp_path: Path) -> None:
 
         with pytest.raises(StoreLockTimeout), other.acquire_shard(0, should_stop=lambda: True, poll=0.01):
             pass
+
+
+def test_store_differences_sees_one_changed_byte(tmp_path: Path, precompute_teacher: str) -> None:
+    import shutil
+
+    _, pairs = _data(tmp_path)
+    one = precompute_values(precompute_teacher, pairs, PrecomputeConfig(**CONFIG), store_root=tmp_path / "a")
+    copy = tmp_path / "b" / one.key
+    shutil.copytree(one.store.path, copy)
+    assert store_differences(one.store, ValueStore.open(copy)) == []
+    shard = copy / shard_name(3)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor's data
+    shard.write_bytes(bytes(data))
+    diff = store_differences(one.store, ValueStore.open(copy))
+    assert len(diff) == 1 and diff[0].startswith(f"{shard_name(3)}: ") and diff[0].endswith(" differs")

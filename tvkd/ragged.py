@@ -90,6 +90,10 @@ class RaggedFile:
     def flat(self, field: str) -> np.ndarray:
         return self._arrays[field]
 
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every tensor of the file by name (each field's flat array and its `.offsets`), mapped."""
+        return dict(self._arrays)
+
     def row(self, field: str, i: int) -> np.ndarray:
         if field not in self._offsets:
             raise KeyError(f"{self.path.name} has no field {field!r} (has {self.fields})")

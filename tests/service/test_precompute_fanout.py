@@ -19,7 +19,6 @@ import pytest
 from conftest import WorkerPool, client, wait_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from store_equality import assert_same_store
 from test_worker import events, get_job, holder, lease_holder, no_workers, wait_status
 
 from service.db import make_engine, session_factory
@@ -29,6 +28,7 @@ from tvkd.data import load_pairs
 from tvkd.precompute import precompute_values
 from tvkd.ragged import RaggedFile
 from tvkd.store import MANIFEST, ValueStore
+from tvkd.store_compare import store_differences
 
 PAIRS, SHARD_SIZE, PARTS = 160, 10, 2
 
@@ -133,7 +133,7 @@ def test_one_jobs_precompute_is_shared_by_two_workers(
     with db() as s:
         row = s.scalar(select(Precompute).where(Precompute.key == store.key))
         assert row is not None and row.status == "complete" and row.job_id == job_id
-    assert_same_store(_one_process_store(service_home, tmp_path, store), store)
+    assert store_differences(_one_process_store(service_home, tmp_path, store), store) == []
 
 
 def test_a_worker_killed_mid_precompute_leaves_shards_that_are_reused(
@@ -167,7 +167,7 @@ def test_a_worker_killed_mid_precompute_leaves_shards_that_are_reused(
     assert {name: (folder / name).stat().st_ino for name in kept} == kept  # not rewritten
     by_file = {entry["file"]: m for entry, m in zip(store.manifest["shards"], _made_by(store), strict=True)}
     assert all(by_file[name]["worker"] == victim for name in kept)  # the dead worker's shards, reused
-    assert_same_store(_one_process_store(service_home, tmp_path, store), store)
+    assert store_differences(_one_process_store(service_home, tmp_path, store), store) == []
 
 
 def test_shard_tasks_go_to_the_precompute_queue_and_k_follows_the_settings() -> None:

@@ -93,9 +93,11 @@ def _device(name: str | None, local_rank: int = 0) -> str:
 
 
 def _rank_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    """(rank, world size, local rank) from torchrun's environment (`tvkd.distributed.context`)."""
+    from tvkd.distributed import context
+
+    ctx = context()
+    return ctx.rank, ctx.world_size, ctx.local_rank
 
 
 class ProgressLines:
@@ -238,7 +240,7 @@ def _run_rank(
         if time.monotonic() - last > 10:
             last = time.monotonic()
             print(f"{prefix}waiting for the other ranks' shards", file=sys.stderr)
-        time.sleep(0.5)
+        time.sleep(2.0)
     tokens = (
         f"{store.manifest['teacher_tokens']} teacher tokens by {world} ranks; {res.seconds:.1f}s on rank 0"
     )
