@@ -32,8 +32,8 @@ def _fingerprint_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     monkeypatch.setenv("TVKD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tvkd-cache"))
 
 
-def _data(tmp_path: Path) -> tuple[Path, list[PreferencePair]]:
-    """7 pairs of varied lengths in a JSONL file, and as loaded from it."""
+def _data(tmp_path: Path, n: int = 7) -> tuple[Path, list[PreferencePair]]:
+    """`n` pairs of varied lengths in a JSONL file, and as loaded from it."""
     words = _WORDS.split()
     rng = np.random.default_rng(11)
 
@@ -46,7 +46,7 @@ def _data(tmp_path: Path) -> tuple[Path, list[PreferencePair]]:
             "chosen": " " + text(1, 30),
             "rejected": " " + text(1, 30),
         }
-        for _ in range(7)
+        for _ in range(n)
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -186,3 +186,54 @@ def test_store_differences_sees_one_changed_byte(tmp_path: Path, precompute_teac
     shard.write_bytes(bytes(data))
     diff = store_differences(one.store, ValueStore.open(copy))
     assert len(diff) == 1 and diff[0].startswith(f"{shard_name(3)}: ") and diff[0].endswith(" differs")
+
+
+_TRAIN_RANK = """
+import os, sys, time
+os.environ.update(RANK=sys.argv[1], WORLD_SIZE="2", LOCAL_RANK=sys.argv[1], TVKD_CACHE_DIR={cache!r})
+from tvkd import pipeline
+from tvkd.callbacks import Callbacks
+from tvkd.config import JobSpec, TrainConfig
+
+class Slow(Callbacks):  # each batch a little slower, so that both ranks are at work together
+    def on_progress(self, stage, done, total, eta):
+        time.sleep(0.2)
+
+spec = JobSpec(teacher={teacher!r}, student={teacher!r}, dataset={data!r},
+               train=TrainConfig.from_dict({{"max_length": 128}}), output_dir={out!r} + sys.argv[1],
+               store_root={root!r})
+result = pipeline.precompute(spec, pipeline.validate(spec), Slow(), shard_size=2)
+print(result.store.path)
+"""
+
+
+def test_tvkd_train_ranks_share_the_precompute(tmp_path: Path, precompute_teacher: str) -> None:
+    """pipeline.precompute under torchrun's environment (as `tvkd train` runs it on each rank):
+    both ranks compute shards and the store is the one-process store."""
+    from tvkd import pipeline
+    from tvkd.config import JobSpec, TrainConfig
+
+    data, pairs = _data(tmp_path, 16)
+    code = _TRAIN_RANK.format(
+        cache=os.environ["TVKD_CACHE_DIR"], teacher=precompute_teacher, data=str(data),
+        out=str(tmp_path / "job"), root=str(tmp_path / "ranks"),
+    )  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), str(r)], stdout=subprocess.PIPE, text=True
+        )
+        for r in (0, 1)
+    ]
+    paths = {rank.communicate(timeout=300)[0].strip().splitlines()[-1] for rank in ranks}
+    assert [rank.returncode for rank in ranks] == [0, 0] and len(paths) == 1
+    store = ValueStore.open(paths.pop())
+    assert {m["rank"] for m in store.manifest["timings"]["shards"]} == {0, 1}
+    spec = JobSpec(
+        teacher=precompute_teacher, student=precompute_teacher, dataset=str(data),
+        train=TrainConfig.from_dict({"max_length": 128}), output_dir=str(tmp_path / "one"),
+        store_root=str(tmp_path / "one"),
+    )  # fmt: skip
+    one = precompute_values(
+        precompute_teacher, pairs, pipeline.precompute_config(spec, 2), store_root=tmp_path / "one"
+    )
+    assert store_differences(one.store, store) == []

@@ -180,13 +180,14 @@ def precompute(
 ) -> Any:
     """Teacher values for every pair (reused when cached); None when the method needs no teacher.
     Shards other processes wrote for the same key (`tvkd.precompute.precompute_shards`) are kept;
-    when they are all there this only writes the manifest.
+    when they are all there this only writes the manifest. Under torchrun the ranks share the
+    shards (each its own, then any no rank holds); the store is the one a single process writes.
 
     Then the teacher check on the training pairs (`tvkd.teacher_check`): metrics with split
     "teacher" at step 0, an event (a warning when its interval includes 0.5), and
     `result.teacher_check`. Raises `tvkd.precompute.PrecomputeStopped` when `callbacks.should_stop()`.
     """
-    from tvkd.precompute import precompute_values
+    from tvkd.precompute import num_shards, part_order, precompute_shards, precompute_values
 
     cb = callbacks or Callbacks()
     if not spec.uses_teacher:
@@ -202,10 +203,19 @@ def precompute(
         eta = elapsed / done * (total - done) if done else None
         cb.on_progress("precompute", done, total, eta)
 
+    config = precompute_config(spec, shard_size)
+    ctx = distributed.context()
+    if ctx.enabled:  # torchrun: each rank its shards first, then any left (the store is the same)
+        precompute_shards(
+            spec.teacher, prepared.pairs, config, store_root=spec.store_root, device=spec.device,
+            shards=part_order(num_shards(len(prepared.pairs), config), ctx.rank, ctx.world_size),
+            progress=progress, should_stop=cb.should_stop, on_error=spec.options.on_error,
+            teacher_reference=spec.options.teacher_reference, made_by={"rank": ctx.rank},
+        )  # fmt: skip
     result = precompute_values(
         spec.teacher,
         prepared.pairs,
-        precompute_config(spec, shard_size),
+        config,
         store_root=spec.store_root,
         device=spec.device,
         progress=progress,
