@@ -344,11 +344,15 @@ def run(args: argparse.Namespace) -> int:
     log(f"models and data ready in {home} ({time.perf_counter() - t0:.0f} s); starting the service")
     # SIGTERM (a supervisor, `kill`) stops the service like Ctrl-C does, not leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    stack = start_stack(
-        port=args.port,
-        dashboard_port=None if args.no_dashboard else args.dashboard_port,
-        workers=max(1, args.workers),
-    )
+    try:
+        stack = start_stack(
+            port=args.port,
+            dashboard_port=None if args.no_dashboard else args.dashboard_port,
+            workers=max(1, args.workers),
+        )
+    except RuntimeError as exc:  # e.g. the port is taken: the API's log says so
+        log(f"the service did not start: {exc}")
+        return 1
     try:
         if stack.dashboard_url:
             log(f"dashboard: {stack.dashboard_url}   (API {stack.api_url}, key in {home / 'api_key'})")
