@@ -94,7 +94,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
-    # The job's state (service/statemachine.py), written only through service/jobstate.py.
+    # The job's state (service/statemachine.py), written only through service/jobstate/.
     status: Mapped[str] = mapped_column(String(20))
     stage: Mapped[str] = mapped_column(String(20))  # the stage that runs, or runs next
     teacher: Mapped[str] = mapped_column(Text)

@@ -2,7 +2,7 @@
 moves between them are allowed. Everything else is derived from this module: the API's status
 schema (service/schemas/jobs.py), the Celery queues and routes (service/queue.py), the runners
 (worker/stages.py: `RUNNERS`), the README's "How a job moves" diagram (scripts/job_states.py) and
-the checks of service/jobstate.py, the one module that writes a job's status, stage, lease or
+the checks of service/jobstate/, the one package that writes a job's status, stage, lease or
 progress.
 
     stage        status while it runs   queue        Celery task        runner          next

@@ -1,5 +1,5 @@
 """The job state machine is declared once (service/statemachine.py) and enforced by the one module
-that writes job state (service/jobstate.py): every transition of the table can happen, no other
+that writes job state (the service/jobstate/ package): every transition of the table can happen, no other
 can, terminal states are final, and the API schema, Celery routes and runners come from the table.
 Runs on a real SQLite database (the state functions are plain SQLAlchemy)."""
 
