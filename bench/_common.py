@@ -7,9 +7,11 @@ context only.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +21,9 @@ import torch
 
 if TYPE_CHECKING:
     from tvkd.data import PreferencePair
+
+if __package__ in (None, ""):  # `python bench/<script>.py` from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HH_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -67,6 +72,58 @@ def add_clock_argument(parser: Any) -> None:
         help="wall: elapsed time; cpu: CPU seconds of this process (all threads), which waiting for "
         "the cores of a busy shared machine does not inflate; use it with --threads 1 (idle OpenMP "
         "threads spin and would count)",
+    )
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A bench script's parser: its description is the docstring's first paragraph; --data is the
+    HH file beside the repository (`default_hh_path`)."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    p.add_argument("--data", default=str(default_hh_path()), help="HH jsonl(.gz) (default: ../shared/data)")
+    return p
+
+
+def add_model_size(parser: argparse.ArgumentParser, *, vocab: int, hidden: int, layers: int) -> None:
+    """--vocab, --hidden and --layers of the script's tiny model, with these defaults."""
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, clock: bool = True) -> None:
+    """The arguments a bench script ends with: --clock (with `clock`), --threads, --smoke."""
+    if clock:
+        add_clock_argument(parser)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
+
+
+def start(args: argparse.Namespace, *, seed: int | None = None) -> Callable[[], float]:
+    """Set the threads (and the seed), silence the libraries and print the environment line;
+    returns the clock `args.clock` names (wall time for a script without --clock)."""
+    torch.set_num_threads(args.threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+    quiet()
+    print(environment_line())
+    return CLOCKS[getattr(args, "clock", "wall")]
+
+
+def tiny_teacher(
+    path: Path, args: argparse.Namespace, corpus: Sequence[PreferencePair], **shape: Any
+) -> Path:
+    """A tiny random Llama of the script's size (--vocab, --hidden, --layers, --max-length) with a
+    BPE tokenizer trained on `corpus`' text; `shape` sets the rest (num_heads, intermediate_size)."""
+    from tvkd.model_prep import build_tiny_model
+
+    return build_tiny_model(
+        path,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        max_position_embeddings=max(512, args.max_length),
+        corpus=hh_corpus(corpus),
+        **shape,
     )
 
 

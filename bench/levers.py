@@ -37,20 +37,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/levers.py` from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from _common import (
-    CLOCKS,
-    add_clock_argument,
-    default_hh_path,
-    environment_line,
+    add_model_size,
+    add_run_arguments,
+    bench_parser,
     hh_corpus,
     markdown_table,
     median,
-    quiet,
     spread,
+    start,
 )
 
 import tvkd.trainer as trainer_module
@@ -87,12 +83,9 @@ def _compile_backend(backend: str) -> Iterator[None]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(default_hh_path()), help="HH jsonl(.gz) (default: ../shared/data)")
+    p = bench_parser(__doc__)
     p.add_argument("--read", type=int, default=400, help="rows of the data file to read")
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    add_model_size(p, vocab=4096, hidden=256, layers=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4, help="B: pairs per micro-batch of the plain step")
@@ -100,9 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per setting first")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('none': skip)")
-    add_clock_argument(p)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.read, args.vocab, args.hidden, args.layers, args.heads = 200, 512, 32, 1, 2
@@ -112,11 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    torch.manual_seed(0)
-    quiet()
-    print(environment_line())
+    clock = start(args, seed=0)
     all_pairs, _ = load_pairs(args.data, on_error="drop", limit=args.read)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -34,25 +34,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/precompute_time.py` from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 from _common import (
-    CLOCKS,
-    add_clock_argument,
-    default_hh_path,
-    environment_line,
-    hh_corpus,
+    add_model_size,
+    add_run_arguments,
+    bench_parser,
     markdown_table,
     median,
-    quiet,
+    start,
+    tiny_teacher,
 )
 
 from tvkd.config import PrecomputeConfig
 from tvkd.data import PreferencePair, RowError, load_pairs
-from tvkd.model_prep import build_tiny_model
 from tvkd.models import load_causal_lm, load_tokenizer
 from tvkd.precompute import precompute_values
 from tvkd.tokenize import tokenize_pair
@@ -101,20 +96,15 @@ def folder_bytes(path: Path) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(default_hh_path()), help="HH jsonl(.gz) (default: ../shared/data)")
+    p = bench_parser(__doc__)
     p.add_argument("--pairs", type=int, default=64, help="HH pairs per call")
     p.add_argument("--max-length", type=int, default=512, help="longer pairs are left out by both paths")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
+    add_model_size(p, vocab=8192, hidden=128, layers=2)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per path (after one warm-up)")
     p.add_argument("--batch-tokens", type=int, default=PrecomputeConfig().batch_tokens)
     p.add_argument("--bf16", action="store_true", help="TVKD's decoder under bf16 autocast")
     p.add_argument("--skip-fp32", action="store_true", help="no float32 row of the research method")
-    add_clock_argument(p)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.pairs, args.vocab, args.hidden, args.layers, args.max_length = 4, 512, 32, 1, 1024
@@ -124,23 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    quiet()
-    print(environment_line())
+    clock = start(args)
     pairs, _ = load_pairs(args.data, on_error="drop", limit=args.pairs)
     corpus_pairs, _ = load_pairs(args.data, on_error="drop", limit=max(args.pairs, 1000))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        teacher = build_tiny_model(
+        teacher = tiny_teacher(
             work / "teacher",
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            num_layers=args.layers,
+            args,
+            corpus_pairs,
             num_heads=max(1, args.hidden // 32),
             intermediate_size=4 * args.hidden,
-            max_position_embeddings=max(512, args.max_length),
-            corpus=hh_corpus(corpus_pairs),
         )
         tokenizer = load_tokenizer(str(teacher))
         model32 = load_causal_lm(str(teacher), dtype=torch.float32).eval()

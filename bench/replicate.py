@@ -67,51 +67,34 @@ class Scale:
     beta: float = 0.1  # DPO β of the teacher and the student; β_v of `implicit` equals it
 
 
+SPLITS = ("teacher_sft", "teacher_pref", "student_sft", "student_pref", "dev", "test")
+
+
+def _scale(
+    sizes: tuple[int, ...],
+    teacher: tuple[int, int, int],
+    student: tuple[int, int, int],
+    steps: tuple[int, int, int, int],
+    batch: int,
+    lr: tuple[float, float],
+    seeds: int,
+) -> Scale:
+    """A row of SCALES (the columns are named in its comment)."""
+    return Scale(dict(zip(SPLITS, sizes, strict=True)), teacher, student, *steps, batch, *lr, seeds)
+
+
+# fmt: off
 SCALES: dict[str, Scale] = {
-    "cpu": Scale(
-        sizes=dict(
-            teacher_sft=6000, teacher_pref=1500, student_sft=3000, student_pref=600, dev=400, test=800
-        ),
-        teacher=(96, 3, 4),
-        student=(48, 2, 4),
-        teacher_sft_steps=1500,
-        teacher_dpo_steps=400,
-        student_sft_steps=1000,
-        pref_steps=300,
-        batch=32,
-        sft_lr=3e-3,
-        pref_lr=1e-3,
-        seeds=5,
-    ),
-    "quick": Scale(
-        sizes=dict(teacher_sft=1500, teacher_pref=300, student_sft=800, student_pref=150, dev=100, test=150),
-        teacher=(48, 2, 4),
-        student=(32, 1, 4),
-        teacher_sft_steps=300,
-        teacher_dpo_steps=60,
-        student_sft_steps=150,
-        pref_steps=40,
-        batch=16,
-        sft_lr=3e-3,
-        pref_lr=1e-3,
-        seeds=2,
-    ),
-    "gpu": Scale(
-        sizes=dict(
-            teacher_sft=40000, teacher_pref=8000, student_sft=20000, student_pref=4000, dev=1000, test=2000
-        ),
-        teacher=(256, 6, 8),
-        student=(96, 3, 4),
-        teacher_sft_steps=6000,
-        teacher_dpo_steps=1500,
-        student_sft_steps=2000,
-        pref_steps=1200,
-        batch=64,
-        sft_lr=1e-3,
-        pref_lr=5e-4,
-        seeds=10,
-    ),
+    # split sizes (SPLITS), teacher and student (d_model, layers, heads), steps (teacher SFT,
+    # teacher DPO, student SFT, preference), batch, learning rates (SFT, preference), seeds
+    "cpu":   _scale((6000, 1500, 3000, 600, 400, 800), (96, 3, 4), (48, 2, 4),
+                    (1500, 400, 1000, 300), 32, (3e-3, 1e-3), 5),
+    "quick": _scale((1500, 300, 800, 150, 100, 150), (48, 2, 4), (32, 1, 4),
+                    (300, 60, 150, 40), 16, (3e-3, 1e-3), 2),
+    "gpu":   _scale((40000, 8000, 20000, 4000, 1000, 2000), (256, 6, 8), (96, 3, 4),
+                    (6000, 1500, 2000, 1200), 64, (1e-3, 5e-4), 10),
 }
+# fmt: on
 
 
 @dataclass(frozen=True)

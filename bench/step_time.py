@@ -45,21 +45,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python bench/step_time.py` from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from _common import (
-    CLOCKS,
-    add_clock_argument,
-    default_hh_path,
-    environment_line,
+    add_model_size,
+    add_run_arguments,
+    bench_parser,
     hh_corpus,
     markdown_table,
     median,
-    quiet,
     select_by_length,
     spread,
+    start,
 )
 
 import tvkd.trainer as trainer_module
@@ -229,12 +225,9 @@ def _trl_version() -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(default_hh_path()), help="HH jsonl(.gz) (default: ../shared/data)")
+    p = bench_parser(__doc__)
     p.add_argument("--read", type=int, default=2312, help="rows of the data file to read")
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    add_model_size(p, vocab=4096, hidden=256, layers=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--max-length", type=int, default=256, help="longest prompt + response in tokens")
@@ -243,8 +236,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=4, help="distinct batches, each timed --repeats times")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
-    add_clock_argument(p)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument(
         "--bf16-rows",
@@ -253,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time TVKD and TRL (precomputed ref) under bf16 autocast, TRL's default precision",
     )
     p.add_argument("--work-dir", default=None, help="keep models/store here (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.read, args.vocab, args.hidden, args.layers, args.heads = 300, 512, 32, 1, 2
@@ -266,11 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    clock = CLOCKS[args.clock]
-    torch.manual_seed(0)
-    quiet()
-    print(environment_line())
+    clock = start(args, seed=0)
     if not args.skip_trl and importlib.util.find_spec("trl") is None:
         print("trl is not installed (pip install -e '.[dev]'): the TRL row is skipped")
         args.skip_trl = True

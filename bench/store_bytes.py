@@ -20,20 +20,21 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/store_bytes.py` from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch
-from _common import default_hh_path, environment_line, hh_corpus, markdown_table, quiet
+from _common import (
+    add_model_size,
+    add_run_arguments,
+    bench_parser,
+    markdown_table,
+    start,
+    tiny_teacher,
+)
 
 from tvkd.config import PrecomputeConfig
 from tvkd.data import load_pairs
-from tvkd.model_prep import build_tiny_model
 from tvkd.precompute import precompute_values
 
 RESEARCH_TOP50_BYTES_PER_TOKEN = 808.0
@@ -46,16 +47,12 @@ OPTIONS = (  # (label, topk, token_stats)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(default_hh_path()), help="HH jsonl(.gz) (default: ../shared/data)")
+    p = bench_parser(__doc__)
     p.add_argument("--pairs", type=int, default=256, help="HH pairs to precompute")
     p.add_argument("--max-length", type=int, default=1024, help="longer pairs are left out (and counted)")
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    add_model_size(p, vocab=4096, hidden=64, layers=2)
     p.add_argument("--shard-size", type=int, default=256, help="pairs per store shard")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--smoke", action="store_true", help="minimal sizes: checks that the script runs")
+    add_run_arguments(p, clock=False)
     args = p.parse_args(argv)
     if args.smoke:
         args.pairs, args.vocab, args.hidden, args.layers, args.max_length = 8, 512, 32, 1, 512
@@ -64,23 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet()
-    print(environment_line())
+    start(args)
     pairs, _ = load_pairs(args.data, on_error="drop", limit=args.pairs)
     corpus_pairs, _ = load_pairs(args.data, on_error="drop", limit=max(args.pairs, 1000))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        teacher = build_tiny_model(
+        teacher = tiny_teacher(
             work / "teacher",
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            num_layers=args.layers,
+            args,
+            corpus_pairs,
             num_heads=max(1, args.hidden // 16),
             intermediate_size=2 * args.hidden,
-            max_position_embeddings=max(512, args.max_length),
-            corpus=hh_corpus(corpus_pairs),
         )
         for label, topk, token_stats in OPTIONS:
             config = PrecomputeConfig(
