@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tvkd import fingerprints
 from tvkd import model_prep as P
 from tvkd import models as M
 from tvkd import smollm2 as S
@@ -209,9 +210,9 @@ def test_model_fingerprint_stable_cached_and_sensitive(
 ) -> None:
     folder = tmp_path / "fp"
     shutil.copytree(tiny, folder)
-    first = M.model_fingerprint(str(folder))
-    assert M.model_fingerprint(str(folder)) == first
-    assert M.model_fingerprint(str(tiny)) == first  # content hash: the path does not matter
+    first = fingerprints.model_fingerprint(str(folder))
+    assert fingerprints.model_fingerprint(str(folder)) == first
+    assert fingerprints.model_fingerprint(str(tiny)) == first  # content hash: the path does not matter
 
     weights = (folder / "model.safetensors").resolve()
     cache_file = _private_cache / "fingerprints.json"
@@ -222,7 +223,7 @@ def test_model_fingerprint_stable_cached_and_sensitive(
     # shows the 'unchanged' file was not read again.
     cache[str(weights)]["sha256"] = "0" * 64
     cache_file.write_text(json.dumps(cache))
-    assert M.model_fingerprint(str(folder)) != first
+    assert fingerprints.model_fingerprint(str(folder)) != first
 
     # A real weight change (new mtime) is re-hashed and changes the fingerprint.
     before = weights.stat().st_mtime_ns
@@ -233,19 +234,19 @@ def test_model_fingerprint_stable_cached_and_sensitive(
     save_file(tensors, weights, metadata={"format": "pt"})
     if weights.stat().st_mtime_ns == before:  # coarse-timestamp file systems
         os.utime(weights, ns=(before + 10**9, before + 10**9))
-    assert M.model_fingerprint(str(folder)) != first
+    assert fingerprints.model_fingerprint(str(folder)) != first
 
 
 def test_tokenizer_fingerprint(tiny: Path, tmp_path: Path) -> None:
     a = M.load_tokenizer(str(tiny))
     b = M.load_tokenizer(str(tiny))
-    assert M.tokenizer_fingerprint(a) == M.tokenizer_fingerprint(b)
+    assert fingerprints.tokenizer_fingerprint(a) == fingerprints.tokenizer_fingerprint(b)
     a(["x", "longer text"], padding=True, truncation=True, max_length=4)  # runtime state only
-    assert M.tokenizer_fingerprint(a) == M.tokenizer_fingerprint(b)
+    assert fingerprints.tokenizer_fingerprint(a) == fingerprints.tokenizer_fingerprint(b)
     b.chat_template = "{{ messages[0]['content'] }}"
-    assert M.tokenizer_fingerprint(a) != M.tokenizer_fingerprint(b)
+    assert fingerprints.tokenizer_fingerprint(a) != fingerprints.tokenizer_fingerprint(b)
     other = M.load_tokenizer(str(P.build_tiny_model(tmp_path / "v600", vocab_size=600)))
-    assert M.tokenizer_fingerprint(a) != M.tokenizer_fingerprint(other)
+    assert fingerprints.tokenizer_fingerprint(a) != fingerprints.tokenizer_fingerprint(other)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ def test_cli_tiny_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert cli_main(["models", "check", str(out), "--json", "--fingerprint"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["parameters"] == M.safetensors_param_count(out)
-    assert summary["model_fingerprint"] == M.model_fingerprint(str(out))
+    assert summary["model_fingerprint"] == fingerprints.model_fingerprint(str(out))
     assert cli_main(["models", "check", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from tvkd.config import ConfigError, MethodConfig
 from tvkd.data import PreferencePair, dataset_fingerprint
-from tvkd.models import load_tokenizer, tokenizer_fingerprint
+from tvkd.fingerprints import tokenizer_fingerprint
+from tvkd.models import load_tokenizer
 from tvkd.store import ValueStore
 from tvkd.tokenize import needs_chat_template
 

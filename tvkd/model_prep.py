@@ -17,11 +17,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tvkd.fingerprints import model_fingerprint
 from tvkd.models import (
     ModelError,
     check_safetensors_folder,
     load_config,
-    model_fingerprint,
     read_source,
     write_source,
 )

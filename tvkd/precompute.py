@@ -105,7 +105,8 @@ def check_teacher_reference(
 ) -> None:
     """`q_source="implicit"` needs a teacher reference with the teacher's tokenizer (the two
     models score the same token ids). Raises ConfigError naming `teacher_reference`."""
-    from tvkd.models import load_tokenizer, tokenizer_fingerprint
+    from tvkd.fingerprints import tokenizer_fingerprint
+    from tvkd.models import load_tokenizer
 
     if config.q_source != "implicit":
         return
@@ -134,7 +135,8 @@ def precompute_key(
     (they are hashed, with a per-file cache). Lets a caller ask whether it is cached.
     With `q_source="implicit"` the teacher reference and its weights are part of the key (it is
     ignored otherwise); ConfigError when it is missing or has another tokenizer."""
-    from tvkd.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+    from tvkd.fingerprints import model_fingerprint, tokenizer_fingerprint
+    from tvkd.models import load_tokenizer
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(teacher))
     config = within_window(config, str(teacher))  # 1024 and 512 are one length for a 512 window

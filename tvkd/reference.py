@@ -26,7 +26,7 @@ import torch
 from tvkd import distributed
 from tvkd.batch import TrainPair, collate, policy_logps
 from tvkd.callbacks import Callbacks
-from tvkd.models import model_fingerprint, tokenizer_fingerprint
+from tvkd.fingerprints import model_fingerprint, tokenizer_fingerprint
 from tvkd.ragged import RaggedFile, write_ragged
 
 REFERENCE_FILE = "reference.safetensors"

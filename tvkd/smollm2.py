@@ -19,7 +19,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tvkd.models import HASH_CHUNK, ModelError, read_source, sha256_file, tvkd_cache_dir, write_source
+from tvkd.fingerprints import HASH_CHUNK, sha256_file, tvkd_cache_dir
+from tvkd.models import ModelError, read_source, write_source
 
 logger = logging.getLogger(__name__)
 

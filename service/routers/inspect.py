@@ -65,7 +65,7 @@ class TeacherCache:
 
     def run(self, settings: Settings, resolved: str, fn: Any, reference: str | None = None) -> Any:
         """fn(model, tokenizer, reference_model or None) under the lock, the models loaded once."""
-        from tvkd.models import tokenizer_fingerprint
+        from tvkd.fingerprints import tokenizer_fingerprint
 
         with self._lock:
             ref_model = None

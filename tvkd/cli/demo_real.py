@@ -89,7 +89,7 @@ def follow(client: Any, job_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
 def cached_gold(home: Path, model_dir: Path, held_out: list[Any]) -> float:
     """Gold accuracy of a model folder, cached by the folder's weights (reruns skip generation)."""
     from tvkd.demo import gold_accuracy
-    from tvkd.models import model_fingerprint
+    from tvkd.fingerprints import model_fingerprint
 
     cache_path = home / "demo-gold.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}

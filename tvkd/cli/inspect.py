@@ -174,8 +174,9 @@ def _run_response(args: argparse.Namespace) -> int:
     import torch
 
     from tvkd.data import RowError
+    from tvkd.fingerprints import tokenizer_fingerprint
     from tvkd.inspect import inspect_response
-    from tvkd.models import ModelError, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from tvkd.models import ModelError, load_causal_lm, load_tokenizer
     from tvkd.render import render_table
 
     try:

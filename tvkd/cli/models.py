@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tvkd import fingerprints
 from tvkd import model_prep as P
 from tvkd import models as M
 from tvkd import smollm2 as S
@@ -111,11 +112,11 @@ def summarize(path: str, *, fingerprint: bool = False) -> dict[str, Any]:
         "bos": [tokenizer.bos_token, tokenizer.bos_token_id],
         "pad": [tokenizer.pad_token, tokenizer.pad_token_id],
         "dtype": str(getattr(config, "dtype", None) or "?").replace("torch.", ""),
-        "tokenizer_fingerprint": M.tokenizer_fingerprint(tokenizer),
+        "tokenizer_fingerprint": fingerprints.tokenizer_fingerprint(tokenizer),
         "source": M.read_source(folder) if folder.is_dir() else None,
     }
     if fingerprint:
-        summary["model_fingerprint"] = M.model_fingerprint(path)
+        summary["model_fingerprint"] = fingerprints.model_fingerprint(path)
     return summary
 
 
