@@ -103,7 +103,8 @@ def load_any(
     if is_sharded(ckpt):
         model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
         saved = set(dcp.FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata)
-        if {f"model.{n}" for n in trainable} != {k for k in saved if k.startswith("model.")}:
+        # What this model would save (tied weights under each of their names) is what must be there.
+        if {f"model.{k}" for k in model_sd} != {k for k in saved if k.startswith("model.")}:
             raise ValueError(_mismatch(ckpt))
         both = {"model": model_sd, "optim": optim_sd}
         dcp.load(both, checkpoint_id=ckpt / DCP_DIR)
