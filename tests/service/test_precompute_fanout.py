@@ -11,6 +11,7 @@ would take the job with the default, one-task settings).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,46 @@ def test_a_worker_killed_mid_precompute_leaves_shards_that_are_reused(
     by_file = {entry["file"]: m for entry, m in zip(store.manifest["shards"], _made_by(store), strict=True)}
     assert all(by_file[name]["worker"] == victim for name in kept)  # the dead worker's shards, reused
     assert store_differences(_one_process_store(service_home, tmp_path, store), store) == []
+
+
+def _shards_by(folder: Path) -> dict[str, str]:
+    """Shard files written so far → the worker that wrote each."""
+    out = {}
+    for p in folder.glob("shard-*.safetensors"):
+        try:
+            out[p.name] = RaggedFile(p).meta_json("made_by")["worker"]  # type: ignore[index]
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def test_cancel_stops_the_stage_task_and_the_shard_task(
+    api: str, fanout_pool: WorkerPool, fanout_assets: dict[str, str], db, service_home: Path
+) -> None:
+    job_id = _submit(api, fanout_assets, value_beta=1.97)
+    key = wait_for(lambda: _key(db, job_id), timeout=120, what="the precompute key")
+    folder = service_home / "artifacts" / "values" / key
+    holder_worker = wait_for(lambda: lease_holder(db, job_id), timeout=60, what="the stage task's worker")
+    # Both tasks at work: a shard by the stage task's worker and one by the other worker.
+    both = wait_for(
+        lambda: len(set(_shards_by(folder).values())) == 2,
+        timeout=120,
+        interval=0.05,
+        what="shards by both workers",
+    )
+    assert both and holder_worker in _shards_by(folder).values()
+    with client(api) as c:
+        r = c.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200, r.text
+    wait_status(api, job_id, {"cancelled"}, timeout=60, pool=fanout_pool)
+    # The shard task reads the job every 2 s and stops at its next batch: nothing is written
+    # a few seconds later, and the store is left incomplete (a later job resumes it).
+    time.sleep(4)
+    written = sorted(_shards_by(folder))
+    time.sleep(4)
+    assert sorted(_shards_by(folder)) == written and len(written) < PAIRS // SHARD_SIZE
+    assert not (folder / MANIFEST).exists()
+    assert all(p.alive() for p in fanout_pool.procs)  # stopped, not crashed
 
 
 def test_shard_tasks_go_to_the_precompute_queue_and_k_follows_the_settings() -> None:
