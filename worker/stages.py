@@ -5,9 +5,9 @@ worker.tasks turns it into the job's next state (advance, finish, hand back).
 - validate: `pipeline.validate` (rows, tokenizers, template round-trip); its events name bad rows.
 - precompute: the teacher pass into the shared value store under `values/` (reused by key; two
   jobs asking for one key at once compute it once: the store's file lock makes the second wait
-  and then find it complete). The Precompute row is upserted by key and records which job
-  computed it; the other job gets a "reused" event naming that job. A store of several shards
-  is shared with K-1 shard tasks on the precompute queue (worker/fanout.py).
+  and then find it complete). The Precompute row (worker/precompute_rows.py) is upserted by key
+  and records which job computed it; the other job gets a "reused" event naming that job. A
+  store of several shards is shared with K-1 shard tasks on the precompute queue (worker/fanout.py).
 - train: `pipeline.train`, i.e. the Trainer's setup (the reference pass: π_ref log-probs,
   reused on resume), training with checkpoints, and the model folder. Always `resume=True`: a
   re-run after a crash or a hand-back continues from the newest checkpoint. Out-of-memory halves
@@ -39,10 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
-
-from service.db import transaction
-from service.models import Precompute, utcnow
 from service.statemachine import STAGES
 from tvkd import pipeline
 from tvkd.artifacts import RESULT_FILE, ResultFile, ResultPaths, read_samples, write_result
@@ -51,7 +47,7 @@ from tvkd.evaluate import EvalResult
 from tvkd.models import ModelError
 from tvkd.prepared import PREPARED_FILE, write_prepared
 from tvkd.store import ValueStore
-from worker import fanout
+from worker import fanout, precompute_rows
 from worker.context import (
     VALUES_DIR,
     Outcome,
@@ -63,10 +59,8 @@ from worker.context import (
     with_batch,
 )
 from worker.oom import retry_on_oom, smaller_batch_recorder
-from worker.reporting import _jsonable, upsert
 
 log = logging.getLogger("tvkd.worker")
-RECORDER_WAIT_SECONDS = 5.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,22 +115,7 @@ def run_precompute(ctx: StageContext) -> Outcome:
         teacher_reference=spec.options.teacher_reference,  # part of the key with q_source=implicit
     )
     rel = f"{VALUES_DIR}/{key}"
-    with transaction(ctx.factory) as session:
-        upsert(
-            session,
-            Precompute,
-            [
-                {
-                    "key": key,
-                    "status": "running",
-                    "teacher": ctx.job.teacher,
-                    "path": rel,
-                    "fields": _jsonable(fields),
-                }
-            ],
-            keys=("key",),
-            update_cols=(),
-        )
+    precompute_rows.started(ctx.factory, key, teacher=ctx.job.teacher, path=rel, fields=fields)
     ctx.record(precompute_key=key)
     parts = fanout.parts_for(ctx.settings, len(prepared.pairs))
     shared = None
@@ -149,12 +128,7 @@ def run_precompute(ctx: StageContext) -> Outcome:
         return Outcome("stopped", message="stopped during the teacher precompute (finished shards are kept)")
     except Exception:
         if ValueStore.find(spec.store_root, key) is None:
-            with transaction(ctx.factory) as session:
-                session.execute(
-                    update(Precompute)
-                    .where(Precompute.key == key, Precompute.status != "complete")
-                    .values(status="failed")
-                )
+            precompute_rows.failed(ctx.factory, key)
         raise
     store = result.store
     split: dict[str, Any] = {}
@@ -162,12 +136,9 @@ def run_precompute(ctx: StageContext) -> Outcome:
         result.tokens, result.seconds = int(store.manifest["teacher_tokens"]), time.perf_counter() - t0
         split = {"parts": parts, "shards_by_worker": fanout.shards_by_worker(store.manifest)}
     if result.cached:
-        computed_by = _wait_for_recorder(ctx, key, store)
+        computed_by = precompute_rows.wait_for_recorder(ctx.factory, key, store)
     else:
-        with transaction(ctx.factory) as session:
-            row = session.get(Precompute, key, with_for_update=True)
-            assert row is not None
-            _mark_complete(row, store, job_id=ctx.job.id, tokens=result.tokens)
+        precompute_rows.computed(ctx.factory, key, store, job_id=ctx.job.id, tokens=result.tokens)
         computed_by = ctx.job.id
     if result.cached:
         by = f"job {computed_by}" if computed_by and computed_by != ctx.job.id else "an earlier run"
@@ -196,36 +167,6 @@ def run_precompute(ctx: StageContext) -> Outcome:
         },
         job_values={"precompute_key": key},
     )
-
-
-def _mark_complete(row: Precompute, store: ValueStore, *, job_id: str | None, tokens: int | None) -> None:
-    row.status, row.completed_at = "complete", utcnow()
-    row.pairs, row.bytes = store.num_pairs, store.nbytes()
-    if job_id is not None:
-        row.job_id = job_id
-    row.tokens = tokens or row.tokens or store.response_tokens()
-
-
-def _wait_for_recorder(ctx: StageContext, key: str, store: ValueStore) -> str | None:
-    """The job that computed a store this job found in the cache.
-
-    The computing job records itself right after its teacher pass releases the store's lock, so a
-    job that waited on that lock (or came just after) may read the row a moment too early: wait
-    for the row to be complete, a few seconds at most. A row still `running` after that (a store
-    made outside the service, or a computing worker that died just after finishing) is completed
-    here, without a computing job.
-    """
-    deadline = time.monotonic() + RECORDER_WAIT_SECONDS
-    while True:
-        with transaction(ctx.factory) as session:
-            row = session.get(Precompute, key, with_for_update=True)
-            assert row is not None
-            if row.status == "complete":
-                return row.job_id
-            if time.monotonic() > deadline:
-                _mark_complete(row, store, job_id=None, tokens=None)
-                return row.job_id
-        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------------------------
