@@ -11,6 +11,7 @@ would take the job with the default, one-task settings).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,6 +210,55 @@ def test_cancel_stops_the_stage_task_and_the_shard_task(
     assert sorted(_shards_by(folder)) == written and len(written) < PAIRS // SHARD_SIZE
     assert not (folder / MANIFEST).exists()
     assert all(p.alive() for p in fanout_pool.procs)  # stopped, not crashed
+
+
+def test_a_failing_shard_task_fails_the_stage_with_its_error(
+    api: str, fanout_pool: WorkerPool, fanout_assets: dict[str, str], db, service_home: Path
+) -> None:
+    """A teacher whose embedding of '~' is NaN, and '~' in row 15 only (shard 1: the shard task's
+    first shard; the head check on row 0 passes): the shard task fails and says so, the stage
+    task then computes shard 1 itself and fails the job with the same error, as one task would."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tvkd.models import load_tokenizer
+
+    models, data = service_home / "models", service_home / "data"
+    poisoned = models / "teacher-wide-nan"
+    shutil.rmtree(poisoned, ignore_errors=True)
+    shutil.copytree(models / "teacher-wide", poisoned)
+    rows = [json.loads(line) for line in (data / "fanout.jsonl").read_text().splitlines()]
+    tok = load_tokenizer(str(poisoned))
+
+    def ids(row: dict[str, Any]) -> set[int]:  # conversational rows: lists of messages
+        return {
+            i
+            for f in ("prompt", "chosen", "rejected")
+            for m in row[f]
+            for i in tok(m["content"])["input_ids"]
+        }
+
+    elsewhere = {i for r in rows for i in ids(r)}
+    rows[15]["chosen"][-1]["content"] += " ~"
+    only_here = ids(rows[15]) - elsewhere
+    assert only_here, "no token of ' ~' is unique to row 15"
+    (data / "fanout-tilde.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.embed_tokens.weight"][sorted(only_here)] = float("nan")
+    save_file(weights, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    assets = {**fanout_assets, "teacher": "teacher-wide-nan", "dataset": "fanout-tilde.jsonl"}
+    job_id = _submit(api, assets, value_beta=1.99)
+    job = wait_status(api, job_id, {"failed"}, timeout=240, pool=fanout_pool)
+    assert job["error"]["code"] == "nonfinite_teacher", job["error"]
+    assert "(row 15)" in job["error"]["message"], job["error"]
+    msgs = [e.message for e in events(db, job_id)]
+    assert any(m.startswith("shard task 1/2 on ") and "failed (NonFiniteError" in m for m in msgs), msgs
+    key = _key(db, job_id)
+    assert not (service_home / "artifacts" / "values" / str(key) / "shard-00001.safetensors").exists()
+    with db() as s:
+        row = s.scalar(select(Precompute).where(Precompute.key == key))
+        assert row is not None and row.status == "failed"
 
 
 def test_shard_tasks_go_to_the_precompute_queue_and_k_follows_the_settings() -> None:
