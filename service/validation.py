@@ -40,7 +40,7 @@ from service.models import Dataset, Job
 from service.runlimits import check_model_size, check_run_size
 from service.settings import Settings
 from service.statemachine import Status
-from tvkd.config import ConfigError, JobSpec, split_settings, split_sft_settings
+from tvkd.config import ConfigError, JobSpec, check_kind, split_settings, split_sft_settings
 from tvkd.models import HUB_ID_RE, ModelError, load_config, load_tokenizer
 from tvkd.sources import DATA_SUFFIXES  # the file types tvkd.data.load_pairs reads
 
@@ -93,8 +93,7 @@ def check_settings(
         if kind == "dpo":
             alpha = alpha if "alpha" in given else 0.0
         train, options = split_settings({**hyperparameters, "alpha": alpha, "beta": beta})
-        if kind == "dpo" and train.method.uses_teacher:
-            raise ConfigError("alpha", f"a 'dpo' job trains plain DPO: alpha must be 0; got {alpha}")
+        check_kind(kind, train)
     except ConfigError as exc:
         raise invalid(config_field_path(exc.field), exc.message) from exc
     return ValidSpec(JobSpec.kind_settings(kind, train, options), train.method.warnings())

@@ -193,3 +193,25 @@ def test_readme_table_shows_the_declared_ranges() -> None:
                 continue
             allowed = f.range_text().replace("|", "\\|")
             assert f"| `{f.name}` | `{f.default!r}` | {allowed} |" in text, f.name
+
+
+def test_a_dpo_job_whose_method_uses_the_teacher_is_refused_by_the_one_kind_check() -> None:
+    """The kind rule (a 'dpo' job's method uses no teacher) is one function, `check_kind`, that the
+    spec and the API's submit check both run: the same field and message from each."""
+    from service.errors import APIError
+    from service.validation import check_settings
+    from tvkd.config import JobSpec, check_kind
+
+    train = TrainConfig(method=MethodConfig(alpha=0.5))
+    message = "a 'dpo' job trains plain DPO: alpha must be 0; got 0.5"
+    with pytest.raises(ConfigError) as lib:
+        check_kind("dpo", train)
+    assert (lib.value.field, lib.value.message) == ("alpha", message)
+    with pytest.raises(ConfigError) as spec:
+        JobSpec(teacher="t", student="s", dataset="d", train=train, output_dir="o", store_root="", kind="dpo")
+    assert (spec.value.field, spec.value.message) == ("alpha", message)
+    with pytest.raises(APIError) as api:
+        check_settings(0.5, 0.1, {}, kind="dpo", given=frozenset({"alpha"}))
+    assert (api.value.status, api.value.field, api.value.message) == (422, "alpha", message)
+    check_kind("dpo", TrainConfig(method=MethodConfig(alpha=0.5, shaping="none")))  # no teacher: fine
+    assert check_settings(0.0, 0.1, {}, kind="dpo").settings["kind"] == "dpo"

@@ -321,6 +321,18 @@ def split_sft_settings(flat: Mapping[str, Any]) -> tuple[SFTConfig, JobOptions]:
     return SFTConfig.from_dict({k: v for k, v in flat.items() if k not in names}), options
 
 
+def check_kind(kind: str, train: TrainConfig | SFTConfig) -> None:
+    """The settings fit the job's kind (JOB_KINDS): an "sft" job takes an SFTConfig, the others a
+    TrainConfig, and a "dpo" job's method uses no teacher. Raises ConfigError naming `kind` or
+    `alpha`. Run by `JobSpec` and by the API at submit (service/validation.py)."""
+    _check_choice("kind", kind, JOB_KINDS)
+    if (kind == "sft") != isinstance(train, SFTConfig):
+        want = "SFTConfig" if kind == "sft" else "TrainConfig"
+        raise ConfigError("kind", f"a {kind!r} job takes a {want}; got {type(train).__name__}")
+    if kind == "dpo" and isinstance(train, TrainConfig) and train.method.uses_teacher:
+        raise ConfigError("alpha", f"a 'dpo' job trains plain DPO: alpha must be 0; got {train.method.alpha}")
+
+
 @dataclass
 class JobSpec:
     """Everything one job needs: its kind, the models and data (local paths or hub ids), the
@@ -345,14 +357,7 @@ class JobSpec:
     kind: JobKind = "tvkd"
 
     def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, JOB_KINDS)
-        if (self.kind == "sft") != isinstance(self.train, SFTConfig):
-            want = "SFTConfig" if self.kind == "sft" else "TrainConfig"
-            raise ConfigError("kind", f"a {self.kind!r} job takes a {want}; got {type(self.train).__name__}")
-        if self.kind == "dpo" and self.uses_teacher:
-            raise ConfigError(
-                "alpha", f"a 'dpo' job trains plain DPO: alpha must be 0; got {self.train.method.alpha}"
-            )
+        check_kind(self.kind, self.train)
         if self.kind == "sft" and self.teacher:
             raise ConfigError("teacher", "an 'sft' job has no teacher")
 
