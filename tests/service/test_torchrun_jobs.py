@@ -34,19 +34,24 @@ def db(database_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+def start_pair_worker(workers: WorkerPool, env: dict[str, str], home: Path, name: str) -> Proc:
+    """A worker that advertises 2 devices, ready."""
+    env = {**env, "TVKD_WORKER_DEVICES": str(DEVICES)}
+    args = ["worker", "--queues", "default,precompute,train", "--hostname", f"{name}-{os.getpid()}@%h"]
+    proc = start_process(name, args, env, home)
+    workers.procs.append(proc)  # stopped with the pool
+    wait_for(lambda: " ready." in proc.tail(400), timeout=90, what=f"the 2-device worker {name} to be ready")
+    assert "2 device(s): consuming default, precompute, train, train.n2" in proc.tail(400)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def pair_worker(workers: WorkerPool, service_env: dict[str, str], service_home: Path) -> Proc:
     """One worker that advertises 2 devices (and only it: the pool's other workers are stopped,
     so every stage of these jobs runs here)."""
     for proc in workers.procs:
         proc.stop()
-    env = {**service_env, "TVKD_WORKER_DEVICES": str(DEVICES)}
-    args = ["worker", "--queues", "default,precompute,train", "--hostname", f"pair-{os.getpid()}@%h"]
-    proc = start_process("pair-worker", args, env, service_home)
-    workers.procs.append(proc)  # stopped with the pool
-    wait_for(lambda: " ready." in proc.tail(400), timeout=90, what="the 2-device worker to be ready")
-    assert "2 device(s): consuming default, precompute, train, train.n2" in proc.tail(400)
-    return proc
+    return start_pair_worker(workers, service_env, service_home, "pair")
 
 
 def run_dir(service_home: Path, job_id: str) -> Path:
@@ -177,6 +182,45 @@ def test_cancel_during_a_two_process_train_stops_both_ranks(
     assert any(m.startswith("cancelled") and "kept" in m for m in messages(db, job_id))
     with db() as s:
         assert s.scalar(select(Job.status).where(Job.id == job_id)) == "cancelled"
+
+
+def test_worker_shutdown_stops_the_ranks_and_another_worker_resumes(
+    api: str,
+    workers: WorkerPool,
+    pair_worker: Proc,
+    tiny_assets: dict[str, str],
+    db,
+    service_home: Path,
+    service_env: dict[str, str],
+) -> None:
+    """Last of the module: it shuts a 2-device worker down (the module's or a second one)."""
+    second = start_pair_worker(workers, service_env, service_home, "second")
+    total = 60
+    job_id = submit(api, tiny_assets, num_processes=2, max_steps=total, save_every=4)
+    wait_for(lambda: checkpoints(db, job_id), timeout=180, what="a first checkpoint")
+    pids = rank_pids(service_home, job_id)
+    with db() as s:
+        holder = s.get(Job, job_id).worker  # type: ignore[union-attr]
+    leaving, staying = (second, pair_worker) if holder.startswith("second-") else (pair_worker, second)
+    leaving.stop()  # SIGTERM: warm shutdown; the ranks stop at a step and save
+    assert leaving.popen.returncode == 0, leaving.tail()
+    assert not any(alive(p) for p in pids)
+    assert any("shutting down" in m for m in messages(db, job_id)), messages(db, job_id)
+    job = wait_status(api, job_id, {"succeeded"}, timeout=180, pool=workers)
+    assert job["result"]["steps"] == total and train_steps(db, job_id) == list(range(1, total + 1))
+    resumed = [e for e in events(db, job_id) if e.message.startswith("resumed from")]
+    assert len(resumed) == 1 and resumed[0].data["step"] > 0
+    starts = [e.data.get("worker") for e in events(db, job_id) if e.message.startswith("train running on")]
+    assert starts == [holder, staying_name(staying)]
+    staying.stop()
+
+
+def staying_name(proc: Proc) -> str:
+    """The Celery hostname a pool process was started with (its lease holder name)."""
+    import socket
+
+    args = list(proc.popen.args)  # type: ignore[arg-type]
+    return args[args.index("--hostname") + 1].replace("%h", socket.gethostname())
 
 
 def test_how_an_attempt_ended_is_read_from_the_ranks_files(tmp_path: Path) -> None:
