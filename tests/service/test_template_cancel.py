@@ -55,6 +55,12 @@ def test_cancel_while_the_chat_template_loops(
 ) -> None:
     job_id = submit(api, looping_assets, max_steps=2)
     wait_status(api, job_id, {"validating"}, timeout=60, pool=slow_limit_worker)
+    # `validating` is also shown while the job waits in the queue: wait until the worker has
+    # claimed it (started_at is set at the claim; under load that took more than 2 s in a full run).
+    deadline = time.monotonic() + 60
+    while get_job(api, job_id)["started_at"] is None:
+        assert time.monotonic() < deadline, "the worker did not claim the job within 60 s"
+        time.sleep(0.2)
     time.sleep(2)  # the worker is inside the template's loop by now (tiny models load in < 1 s)
     assert get_job(api, job_id)["status"] == "validating"
     t0 = time.monotonic()

@@ -13,6 +13,13 @@ import httpx
 from conftest import REPO, free_port, wait_for
 
 
+def _interruptible() -> None:
+    """Ctrl-C as from a terminal: a shell without job control starts background commands with
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so a suite run from such
+    a loop (`cmd &`, nohup) saw `tvkd up` ignore the test's SIGINT. The child starts with the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def processes_with_home(home: Path) -> list[int]:
     """PIDs whose environment names this TVKD_HOME (the processes `tvkd up` started)."""
     marker = f"TVKD_HOME={home}".encode()
@@ -36,7 +43,7 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "up.log"
     up = subprocess.Popen(
         [sys.executable, "-m", "tvkd.cli", "up", "--port", str(api_port), "--dashboard-port", str(dash_port)],
-        env=env, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT,
+        env=env, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_interruptible,
     )  # fmt: skip
     try:
 
@@ -85,7 +92,7 @@ def test_ctrl_c_while_starting_leaves_nothing_behind(tmp_path: Path) -> None:
     ports = ["--port", str(free_port()), "--dashboard-port", str(free_port())]
     up = subprocess.Popen(
         [sys.executable, "-m", "tvkd.cli", "up", *ports],
-        env=env, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT,
+        env=env, cwd=REPO, stdout=out.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_interruptible,
     )  # fmt: skip
     try:
         # Interrupt once `up` and its three children exist, before the API is ready (it takes seconds).
