@@ -43,3 +43,82 @@ def test_the_verdict_names_the_students_that_ended_above_their_start() -> None:
     assert dp.verdict([*rows, _row("student recommended", 0.3, 0.3)]).startswith("No distilled student")
     table = dp.render(rows).splitlines()
     assert table[0].startswith("job") and "-10.0 pt" in table[4] and len(table) == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["demo", "--workers", "0"], "--workers"),
+        (["demo", "--workers", "-1"], "--workers"),
+        (["demo", "--port", "99999"], "--port"),
+        (["demo", "--port", "-5"], "--port"),
+        (["demo", "--dashboard-port", "70000"], "--dashboard-port"),
+        (["up", "--port", "65536"], "--port"),
+    ],
+)
+def test_an_out_of_range_worker_count_or_port_is_refused_naming_the_option(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: --workers 0 was clamped to 1 in silence, --port 99999 reached uvicorn.
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["demo", "--pairs", "10"], "--pairs"),
+        (["demo", "--steps", "3", "--alpha", "0.5"], "--steps"),
+        (["demo", "--real", "--scale", "tiny"], "--scale"),
+        (["demo", "--real", "--workers", "3"], "--workers"),
+        (["demo", "--real", "--split", "dev"], "--split"),
+    ],
+)
+def test_an_option_of_the_other_demo_is_refused_not_ignored(
+    argv: list[str], option: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tvkd.cli import demo_real
+
+    def must_not_run(args: Any) -> int:
+        raise AssertionError("the demo ran with an option it ignores")
+
+    monkeypatch.setattr(demo_real, "run", must_not_run)
+    monkeypatch.setattr(dp, "run", must_not_run)
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert option in err and ("only with --real" in err or "not with --real" in err)
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_sigterm_reaches_either_demo_as_an_interrupt(real: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both demos stop their service on KeyboardInterrupt; SIGTERM must become one in both (before:
+    `tvkd demo --real` under `timeout`/`kill` left the API, worker and dashboard orphaned)."""
+    import os
+    import signal
+    import time
+
+    from tvkd.cli import demo_real
+
+    seen: list[str] = []
+
+    def fake_run(args: Any) -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            seen.append("interrupt")
+            return 130
+        return 0
+
+    monkeypatch.setattr(demo_real if real else dp, "run", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    # Without the demo's own handler this one swallows the signal: the test fails, pytest lives.
+    signal.signal(signal.SIGTERM, lambda *_: seen.append("ignored"))
+    try:
+        args = build_parser().parse_args(["demo", "--real"] if real else ["demo"])
+        assert args.func(args) == 130 and seen == ["interrupt"]
+    finally:
+        signal.signal(signal.SIGTERM, before)

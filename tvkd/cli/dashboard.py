@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tvkd.cli.api_settings import api_settings
+from tvkd.cli.up import port_number
 
 DEFAULT_PORT = 8501
 MIN_PASSWORD = 12  # as dashboard.login.MIN_PASSWORD (the dashboard package is an optional extra)
@@ -37,7 +38,9 @@ def register(subparsers: Any) -> None:
         description="Run the TVKD dashboard, a Streamlit app that talks to the REST API over HTTP.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port", type=port_number, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})"
+    )
     parser.add_argument("--api-url", default=None, help="API base URL (default: $TVKD_API_URL)")
     parser.add_argument(
         "--api-key",

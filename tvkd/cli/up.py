@@ -29,10 +29,34 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="interface of the API and dashboard (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="API port (8000; 0 = any free port)")
-    p.add_argument("--dashboard-port", type=int, default=8501, help="dashboard port (8501; 0 = any free)")
+    p.add_argument("--port", type=port_number, default=8000, help="API port (8000; 0 = any free port)")
+    p.add_argument(
+        "--dashboard-port", type=port_number, default=8501, help="dashboard port (8501; 0 = any free)"
+    )
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.set_defaults(func=run)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535; else argparse's error names the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected an integer 0-65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535 (0 = any free port)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def free_port(host: str = "127.0.0.1") -> int:
