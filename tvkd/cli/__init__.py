@@ -57,6 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `tvkd ... | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
+    except Exception as exc:
+        lines = _settings_errors(exc)
+        if not lines:
+            raise
+        for line in lines:
+            print(line, file=sys.stderr)
+        return 2
+
+
+def _settings_errors(exc: BaseException) -> list[str]:
+    """One line per bad field of the service's Settings (pydantic's ValidationError, titled
+    "Settings"), naming its environment variable (TVKD_ + the field), the value and the rule;
+    [] for any other error. Matched by name: tvkd/ imports no service code."""
+    if type(exc).__name__ != "ValidationError" or getattr(exc, "title", None) != "Settings":
+        return []
+    lines = []
+    for err in exc.errors():  # type: ignore[attr-defined]
+        field = ".".join(str(part) for part in err.get("loc", ()))
+        lines.append(f"error: setting TVKD_{field.upper()}={err.get('input')!r}: {err.get('msg')}")
+    return lines
 
 
 if __name__ == "__main__":
