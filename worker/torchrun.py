@@ -167,11 +167,28 @@ def _outcome(run_dir: Path, processes: int, returncode: int, result: dict[str, A
     if returncode == 0 and result is not None:
         return TrainResult(**result)
     silent = [r for r in range(processes) if not rank_train.done_file(run_dir, r).is_file()]
-    tail = _log_tail(run_dir / "torchrun.log")
+    summary = _crash_summary(_log_tail(run_dir / "torchrun.log"))
     raise RankCrashed(
         f"torchrun exited with code {returncode}; rank(s) {silent or 'none'} of {processes} did not finish "
-        f"(killed, or a peer died){': ' + tail.splitlines()[-1] if tail else ''}"
+        f"(killed, or a peer died){': ' + summary if summary else ''}"
     )
+
+
+def _crash_summary(tail: str) -> str:
+    """What torchrun's log says went wrong: from its 'Root Cause (first observed failure)' block,
+    'first failure: rank R (local_rank: L), exitcode -9 (pid: P)  (SIGKILL)'; without one, the last
+    line holding a letter or digit (not a '=====' rule); '' for an empty log."""
+    lines = tail.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Root Cause"):
+            fields = {}
+            for entry in lines[i + 1 :]:
+                key, sep, value = entry.partition(":")
+                if sep and key.strip() in ("rank", "exitcode"):
+                    fields.setdefault(key.strip(), value.strip())
+            if fields:
+                return "first failure: " + ", ".join(f"{k} {v}" for k, v in fields.items())
+    return next((ln.strip() for ln in reversed(lines) if any(c.isalnum() for c in ln)), "")
 
 
 def train_under_torchrun(
