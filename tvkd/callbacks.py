@@ -28,6 +28,18 @@ class Callbacks:
     def on_progress(self, stage: str, done: int, total: int, eta_seconds: float | None) -> None:
         """`done` of `total` units of `stage` are finished; `eta_seconds` None when unknown."""
 
+    def _progress_line(self, stage: str, done: int, total: int, eta_seconds: float | None) -> None:
+        import time
+
+        now = time.monotonic()
+        last = self._last_line
+        if last is not None and last[0] == stage and done < total and now - last[1] < self.PROGRESS_SECONDS:
+            return
+        self._last_line = (stage, now)
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        eta = f", eta {eta_seconds:.0f} s" if eta_seconds is not None and done < total else ""
+        self._write(f"[progress] {stage} {done}/{total}{pct}{eta}")
+
     def on_metrics(self, step: int, metrics: dict[str, float], split: Split) -> None:
         """Training metrics every `log_every` optimizer steps, held-out metrics, or (split
         "teacher", step 0) the teacher check of `tvkd.teacher_check`."""
@@ -98,6 +110,8 @@ def format_metrics(metrics: dict[str, float], names: Iterable[str] = LINE_METRIC
 
 class PrintCallbacks(Callbacks):
     """Terminal output: one tqdm bar per stage, a line per metrics report, events as lines.
+    When the stream is not a terminal (a log file, a pipe), progress is a plain line
+    `[progress] STAGE done/total (pct), eta N s` every PROGRESS_SECONDS and at a stage's end.
 
     `stop()` requests a cooperative stop (the CLI calls it from its SIGINT handler).
     """
@@ -108,6 +122,11 @@ class PrintCallbacks(Callbacks):
         self._bar: Any = None
         self._bar_stage: str | None = None
         self._stop = False
+        isatty = getattr(self.stream, "isatty", None)
+        self._terminal = bool(isatty and isatty())
+        self._last_line: tuple[str, float] | None = None
+
+    PROGRESS_SECONDS = 5.0
 
     def _write(self, text: str) -> None:
         from tqdm import tqdm
@@ -127,6 +146,9 @@ class PrintCallbacks(Callbacks):
 
     def on_progress(self, stage: str, done: int, total: int, eta_seconds: float | None) -> None:
         if not self.bars:
+            return
+        if not self._terminal:
+            self._progress_line(stage, done, total, eta_seconds)
             return
         from tqdm import tqdm
 

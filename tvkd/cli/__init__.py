@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Module names under tvkd.cli; each defines register(subparsers) -> None.
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # Hugging Face's per-load tqdm bars ('Loading weights', 'Writing model shards') are
+        # redrawn bars; into a log or a pipe they are noise (tvkd prints its own progress lines).
+        # Read when huggingface_hub is imported, so set before any command imports it.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
