@@ -131,18 +131,28 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_world(config: TrainConfig | Any) -> None:
-    """`num_processes`/`num_nodes` above 1 name the torchrun world this run must be in (the CLI
-    does not launch one). Raises ConfigError when the run has another world size."""
+    """`num_processes` (per node) and `num_nodes` above 1 name the torchrun world this run must be
+    in (the CLI does not launch one): num_processes × num_nodes processes, num_processes on each
+    node (torchrun's LOCAL_WORLD_SIZE). Raises ConfigError naming the field when the run differs."""
+    import os
+
     from tvkd.distributed import context
 
-    wanted, world = config.num_processes * config.num_nodes, context().world_size
-    if wanted > 1 and world != wanted:
-        raise ConfigError(
-            "num_processes" if config.num_nodes == 1 else "num_nodes",
-            f"{config.num_processes} process(es) on {config.num_nodes} node(s) asked for, but this run "
-            f"has {world}: launch it as `torchrun --nnodes {config.num_nodes} --nproc-per-node "
-            f"{config.num_processes} -m tvkd.cli ...` (README 'Scaling')",
-        )
+    per_node, nodes = config.num_processes, config.num_nodes
+    wanted, world = per_node * nodes, context().world_size
+    if wanted == 1:
+        return
+    local_raw = os.environ.get("LOCAL_WORLD_SIZE", "")
+    local = int(local_raw) if local_raw.strip().isdigit() and int(local_raw) > 0 else world
+    if world == wanted and local == per_node:
+        return
+    field = "num_processes" if nodes == 1 or world == wanted else "num_nodes"
+    raise ConfigError(
+        field,
+        f"{per_node} process(es) per node on {nodes} node(s), {wanted} in all, asked for, but this "
+        f"run has {world} process(es) on {max(1, world // local)} node(s): launch it as "
+        f"`torchrun --nnodes {nodes} --nproc-per-node {per_node} -m tvkd.cli ...` (README 'Scaling')",
+    )
 
 
 def build_options(args: argparse.Namespace) -> JobOptions:
