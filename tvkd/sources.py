@@ -149,7 +149,7 @@ def _read_jsonl(path: Path, limit: int | None, limits: ReadLimits) -> RawRows:
     counted, so row + 1 is the line an editor shows). Reads stream (gzip too): memory is one
     line, at most `limits.max_line_bytes`."""
     raw = RawRows(str(path))
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = gzip.open if _is_gzip(path) else open
     try:
         _check_inflated_size(path, limits)
         with opener(path, "rb") as fh:
@@ -160,10 +160,21 @@ def _read_jsonl(path: Path, limit: int | None, limits: ReadLimits) -> RawRows:
     return raw
 
 
+def _is_gzip(path: Path) -> bool:
+    """Whether the file starts with gzip's magic bytes (1f 8b): files are read by their content,
+    not their name, so a gzip named `.jsonl` and a plain file named `.jsonl.gz` both load. A file
+    that cannot be opened falls back to its name (the read then reports the error)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return path.name.lower().endswith(".gz")
+
+
 def _check_inflated_size(path: Path, limits: ReadLimits, chunk: int = 1 << 20) -> None:
     """A gzip file is first inflated once without keeping anything (memory: one chunk), so a
     file that inflates past `limits.max_bytes` is refused before a row is parsed or kept."""
-    if limits.max_bytes is None or not path.name.lower().endswith(".gz"):
+    if limits.max_bytes is None or not _is_gzip(path):
         return
     total = 0
     with gzip.open(path, "rb") as fh:
@@ -234,7 +245,7 @@ def _read_json_list(path: Path, split: str, limit: int | None, limits: ReadLimit
     """A JSON file is one document, so a decoding error is an error of the whole file. It is
     read whole, but never more than `limits.max_bytes` of it (decompressed)."""
     name = str(path)
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = gzip.open if _is_gzip(path) else open
     try:
         _check_inflated_size(path, limits)
         with opener(path, "rb") as fh:
