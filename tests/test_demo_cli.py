@@ -122,3 +122,14 @@ def test_sigterm_reaches_either_demo_as_an_interrupt(real: bool, monkeypatch: py
         assert args.func(args) == 130 and seen == ["interrupt"]
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_the_real_demo_reports_a_missing_wheel_in_one_line(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found: `tvkd demo --real --wheel /nonexistent.whl` ended in a traceback (ModelError)."""
+    monkeypatch.setenv("TVKD_HOME", str(tmp_path))
+    args = build_parser().parse_args(["demo", "--real", "--wheel", str(tmp_path / "missing.whl")])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert "missing.whl does not exist" in err and "Traceback" not in err

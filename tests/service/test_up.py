@@ -106,3 +106,27 @@ def test_ctrl_c_while_starting_leaves_nothing_behind(tmp_path: Path) -> None:
         for pid in processes_with_home(home):
             os.kill(pid, signal.SIGKILL)
         print(out.read_text(errors="replace")[-3000:])
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Found: `tvkd demo --port P` with another tvkd API already on P took that API's /readyz for
+    its own and submitted to it ('401 invalid_api_key'). Now the port is checked first: exit 1 naming
+    it, and no process is left."""
+    import socket
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TVKD_")}
+    env.update(TVKD_HOME=str(home), PYTHONPATH=str(REPO))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv in (["up", "--port", str(port), "--no-dashboard"],
+                     ["up", "--port", "0", "--dashboard-port", str(port)]):  # fmt: skip
+            run = subprocess.run(
+                [sys.executable, "-m", "tvkd.cli", *argv], env=env, cwd=tmp_path,
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert run.returncode == 1, run.stderr[-2000:]
+            assert f"port {port} on 127.0.0.1 is in use" in run.stderr, run.stderr[-2000:]
+            assert processes_with_home(home) == []

