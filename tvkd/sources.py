@@ -310,10 +310,19 @@ def _read_parquet(path: Path, limit: int | None, limits: ReadLimits) -> RawRows:
 def _read_hf_folder(path: Path, split: str, limit: int | None) -> RawRows:
     import datasets  # heavy import: only for `datasets` sources
 
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-    else:
-        loaded = datasets.load_dataset(str(path), split=split)
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(str(path), split=split)
+    except Exception as exc:  # datasets raises many kinds (generation, schema, empty folder)
+        cause = exc.__cause__ or exc
+        reason = " ".join(str(cause).split())[:300] or "no reason given"
+        raise file_error(
+            str(path), "bad_type",
+            f"cannot be loaded as a datasets folder ({type(cause).__name__}: {reason}); a folder must "
+            "be one `save_to_disk` made, or hold data files of one layout; else give one file",
+        ) from exc  # fmt: skip
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise file_error(str(path), "missing_field", f"no split {split!r}; available: {sorted(loaded)}")
