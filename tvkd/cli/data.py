@@ -123,11 +123,13 @@ def _check_tokenization(
     model_dir: str, pairs: list[PreferencePair], max_length: int, truncation_mode: str
 ) -> DataReport | None:
     """Print the tokenization report; None (after printing why) when it cannot run at all."""
-    from transformers import AutoConfig, AutoTokenizer  # heavy: only when asked to tokenize
+    from transformers import AutoConfig  # heavy: only when asked to tokenize
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
+    from tvkd.models import ModelError, load_tokenizer
+
+    try:  # as training loads it: a missing path named, a slow tokenizer refused, pad = eos
+        tokenizer = load_tokenizer(model_dir)
+    except ModelError as exc:
         print(f"error: cannot load tokenizer {model_dir!r}: {exc}", file=sys.stderr)
         return None
     try:  # a tokenizer-only folder has no config and no window
