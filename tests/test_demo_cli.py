@@ -133,3 +133,27 @@ def test_the_real_demo_reports_a_missing_wheel_in_one_line(
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert "missing.whl does not exist" in err and "Traceback" not in err
+
+
+def test_the_real_demo_prints_progress_lines_into_a_log(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found: `tvkd demo --real 2>log` wrote redrawn tqdm bars (cursor-up escapes) into the log;
+    when stderr is not a terminal it prints '[demo] ...' lines, as the pipeline demo does."""
+    from tvkd.cli import demo_real
+
+    polls = iter([("training", "train", 0.5), ("succeeded", "evaluate", 1.0)])
+
+    def fake_call(client: Any, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        status, stage, frac = next(polls)
+        return {"status": status, "stage": stage, "progress": {"fraction": frac, "eta_seconds": 3}}
+
+    monkeypatch.setattr(demo_real, "call", fake_call)
+    monkeypatch.setattr(demo_real.time, "sleep", lambda s: None)
+    jobs = demo_real.follow(object(), {"tvkd": "job_1"})
+    assert jobs["tvkd"]["status"] == "succeeded"
+    err = capsys.readouterr().err
+    assert "\x1b[" not in err and "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("[demo]") and "tvkd training train 50%" in lines[0]
+    assert "tvkd succeeded" in lines[-1]

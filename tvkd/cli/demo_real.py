@@ -57,8 +57,11 @@ def idempotency_key(body: dict[str, Any]) -> str:
     return "demo-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def follow(client: Any, job_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Progress bars until every job is terminal; returns the final job objects."""
+def follow(client: Any, job_ids: dict[str, str], *, every: float = 5.0) -> dict[str, dict[str, Any]]:
+    """Progress bars until every job is terminal (a '[demo] ...' line every `every` seconds and
+    when a job ends, when stderr is not a terminal); returns the final job objects."""
+    if not sys.stderr.isatty():
+        return _follow_lines(client, job_ids, every)
     from tqdm import tqdm
 
     bars = {name: tqdm(total=1.0, position=i, desc=f"{name:5s}", bar_format="{desc} {bar} {postfix}")
@@ -84,6 +87,26 @@ def follow(client: Any, job_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _follow_lines(client: Any, job_ids: dict[str, str], every: float) -> dict[str, dict[str, Any]]:
+    t0, last, done = time.monotonic(), -every, 0
+    while True:
+        jobs = {name: call(client, "GET", f"/v1/jobs/{job_id}") for name, job_id in job_ids.items()}
+        finished = sum(j["status"] in TERMINAL for j in jobs.values())
+        now = time.monotonic()
+        if now - last >= every or finished != done or finished == len(jobs):
+            parts = []
+            for name, job in jobs.items():
+                frac = job["progress"].get("fraction")
+                running = job["status"] not in TERMINAL and frac
+                pct = f" {100 * frac:.0f}%" if running else ""
+                parts.append(f"{name} {job['status']} {job['stage']}{pct}")
+            log(f"{now - t0:5.0f}s  " + " | ".join(parts))
+            last, done = now, finished
+        if finished == len(jobs):
+            return jobs
+        time.sleep(1.0)
 
 
 def cached_gold(home: Path, model_dir: Path, held_out: list[Any]) -> float:
