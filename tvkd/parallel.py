@@ -27,6 +27,7 @@ head even though the library never calls the model's own `forward`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -121,7 +122,7 @@ class Parallel:
         step = StepModule(model)
         if self.mode == "ddp":
             ids = [device.index] if device.type == "cuda" else None
-            self.runner = nn.parallel.DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
+            self.runner = nn.parallel.DistributedDataParallel(step, device_ids=ids, **_no_buffer_sync())
             return
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -197,3 +198,13 @@ class Parallel:
         assert self.model is not None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers before each forward" (the student's buffers,
+    e.g. rotary frequencies, are the same on every rank). torch 2.13 renamed it
+    `forward_sync_buffers` and warns on the old `broadcast_buffers`; older torch (the GPU image's
+    2.11) knows only the old name."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {name: False}
