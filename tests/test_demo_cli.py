@@ -140,7 +140,7 @@ def test_the_real_demo_prints_progress_lines_into_a_log(
 ) -> None:
     """Found: `tvkd demo --real 2>log` wrote redrawn tqdm bars (cursor-up escapes) into the log;
     when stderr is not a terminal it prints '[demo] ...' lines, as the pipeline demo does."""
-    from tvkd.cli import demo_real
+    from tvkd.cli import demo_common, demo_real
 
     polls = iter([("training", "train", 0.5), ("succeeded", "evaluate", 1.0)])
 
@@ -148,8 +148,8 @@ def test_the_real_demo_prints_progress_lines_into_a_log(
         status, stage, frac = next(polls)
         return {"status": status, "stage": stage, "progress": {"fraction": frac, "eta_seconds": 3}}
 
-    monkeypatch.setattr(demo_real, "call", fake_call)
-    monkeypatch.setattr(demo_real.time, "sleep", lambda s: None)
+    monkeypatch.setattr(demo_common, "call", fake_call)  # the follower both demos share
+    monkeypatch.setattr(demo_common.time, "sleep", lambda s: None)
     jobs = demo_real.follow(object(), {"tvkd": "job_1"})
     assert jobs["tvkd"]["status"] == "succeeded"
     err = capsys.readouterr().err

@@ -26,16 +26,14 @@ seconds. Ctrl-C stops every process the demo started.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.statemachine import TERMINAL  # stdlib only: the client stays light
 from tvkd.cli.client import call, connect, describe_error
+from tvkd.cli.demo_common import follow_lines, idempotency_key, keep_serving, log
 from tvkd.demo_world import CharModel, WorldData
 
 PAPER_ALPHA = 0.7
@@ -95,10 +93,6 @@ SCALES: dict[str, Scale] = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
-
-
 @dataclass(frozen=True)
 class Assets:
     """Names under the service's model and data roots (as API users give them)."""
@@ -136,11 +130,6 @@ class Job:
     body: dict[str, Any]
     id: str = ""
     reused: bool = False
-
-
-def idempotency_key(body: dict[str, Any]) -> str:
-    """Same request ⇒ same key ⇒ the API returns the job already made (a rerun costs nothing)."""
-    return "demo-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def submit(client: Any, assets: Assets, scale: Scale, *, split: str = "test", seed: int = 0) -> list[Job]:
@@ -219,19 +208,12 @@ def _state(job: dict[str, Any]) -> str:
 def follow(client: Any, jobs: list[Job], *, every: float = 5.0, out: Any = None) -> dict[str, dict[str, Any]]:
     """Poll until every job is terminal, printing one progress line every `every` seconds (and
     when a job finishes); returns the final job objects by name."""
-    out = out or sys.stderr
-    t0, last, done = time.monotonic(), -every, 0
-    while True:
-        state = {j.name: call(client, "GET", f"/v1/jobs/{j.id}") for j in jobs}
-        finished = sum(s["status"] in TERMINAL for s in state.values())
-        now = time.monotonic()
-        if now - last >= every or finished != done or finished == len(jobs):
-            parts = [f"{j.short} {_state(state[j.name])}" for j in jobs]
-            print(f"[demo] {now - t0:5.0f}s  " + " | ".join(parts), file=out, flush=True)
-            last, done = now, finished
-        if finished == len(jobs):
-            return state
-        time.sleep(1.0)
+    short = {j.name: j.short for j in jobs}
+
+    def describe(name: str, job: dict[str, Any]) -> str:
+        return f"{short[name]} {_state(job)}"
+
+    return follow_lines(client, {j.name: j.id for j in jobs}, describe, every=every, out=out)
 
 
 def _teacher_shaping(client: Any, job_id: str) -> float | None:
@@ -365,12 +347,7 @@ def run(args: argparse.Namespace) -> int:
         print(render(rows))
         print("\n" + verdict(rows))
         print(f"\ndemo took {time.perf_counter() - t0:.0f} s")
-        if stack.dashboard_url:
-            print(f"dashboard: {stack.dashboard_url}")
-        if args.keep_running:
-            log("the service keeps running; Ctrl-C stops it")
-            while all(stack.alive().values()):
-                time.sleep(1)
+        keep_serving(stack, args.keep_running)
         return 0
     except ClientError as exc:
         log(str(exc))

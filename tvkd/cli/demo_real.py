@@ -15,7 +15,6 @@ Idempotency-Keys — finished jobs. Ctrl-C stops every process the demo started.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -24,10 +23,7 @@ from typing import Any
 
 from service.statemachine import TERMINAL  # stdlib only: the client stays light
 from tvkd.cli.client import call, connect, describe_error
-
-
-def log(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+from tvkd.cli.demo_common import follow_lines, idempotency_key, keep_serving, log
 
 
 def job_bodies(args: argparse.Namespace, assets: Any, home: Path) -> dict[str, dict[str, Any]]:
@@ -50,11 +46,6 @@ def job_bodies(args: argparse.Namespace, assets: Any, home: Path) -> dict[str, d
         "tvkd": {**common, "alpha": args.alpha, "hyperparameters": hp, "metadata": {"demo": "tvkd"}},
         "dpo": {**common, "alpha": 0.0, "hyperparameters": hp, "metadata": {"demo": "dpo"}},
     }
-
-
-def idempotency_key(body: dict[str, Any]) -> str:
-    """Same settings ⇒ same key ⇒ the API returns the job already made (a rerun costs nothing)."""
-    return "demo-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def follow(client: Any, job_ids: dict[str, str], *, every: float = 5.0) -> dict[str, dict[str, Any]]:
@@ -90,23 +81,12 @@ def follow(client: Any, job_ids: dict[str, str], *, every: float = 5.0) -> dict[
 
 
 def _follow_lines(client: Any, job_ids: dict[str, str], every: float) -> dict[str, dict[str, Any]]:
-    t0, last, done = time.monotonic(), -every, 0
-    while True:
-        jobs = {name: call(client, "GET", f"/v1/jobs/{job_id}") for name, job_id in job_ids.items()}
-        finished = sum(j["status"] in TERMINAL for j in jobs.values())
-        now = time.monotonic()
-        if now - last >= every or finished != done or finished == len(jobs):
-            parts = []
-            for name, job in jobs.items():
-                frac = job["progress"].get("fraction")
-                running = job["status"] not in TERMINAL and frac
-                pct = f" {100 * frac:.0f}%" if running else ""
-                parts.append(f"{name} {job['status']} {job['stage']}{pct}")
-            log(f"{now - t0:5.0f}s  " + " | ".join(parts))
-            last, done = now, finished
-        if finished == len(jobs):
-            return jobs
-        time.sleep(1.0)
+    def describe(name: str, job: dict[str, Any]) -> str:
+        frac = job["progress"].get("fraction")
+        running = job["status"] not in TERMINAL and frac
+        return f"{name} {job['status']} {job['stage']}" + (f" {100 * frac:.0f}%" if running else "")
+
+    return follow_lines(client, job_ids, describe, every=every)
 
 
 def cached_gold(home: Path, model_dir: Path, held_out: list[Any]) -> float:
@@ -186,12 +166,7 @@ def run(args: argparse.Namespace) -> int:
             })  # fmt: skip
         print(table(rows))
         print(f"\n{len(held_out)} held-out pairs; demo took {time.perf_counter() - t0:.0f} s")
-        if stack.dashboard_url:
-            print(f"dashboard: {stack.dashboard_url}")
-        if args.keep_running:
-            log("the service keeps running; Ctrl-C stops it")
-            while all(stack.alive().values()):
-                time.sleep(1)
+        keep_serving(stack, args.keep_running)
         return 0
     except KeyboardInterrupt:
         log("interrupted; stopping the service")
