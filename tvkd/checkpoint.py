@@ -88,14 +88,22 @@ def save_checkpoint(
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    commit_checkpoint(tmp, final, scheduler=scheduler, state=state, keep=keep)
+    return final
+
+
+def commit_checkpoint(tmp: Path, final: Path, *, scheduler: Any, state: dict[str, Any], keep: int) -> None:
+    """Finish a checkpoint written into `tmp` (weights and optimizer already there, in either
+    format: this module's or `tvkd.dcp`'s): add the scheduler, the RNG state and, last, `state`
+    (its presence marks a complete checkpoint); rename it to `final`; delete all but the newest
+    `keep` checkpoints of `final`'s output folder."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: marks it complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep]:
+    for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(

@@ -69,14 +69,8 @@ def save_sharded(
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
     distributed.barrier()
     if ctx.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(ckpt_io.rng_state(), tmp / "rng.pt")
         state = {**state, "world_size": ctx.world_size, "format": "dcp"}
-        (tmp / ckpt_io.STATE_FILE).write_text(json.dumps(state, indent=1))  # last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in ckpt_io.list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        ckpt_io.commit_checkpoint(tmp, final, scheduler=scheduler, state=state, keep=keep)
     distributed.barrier()
     return final
 
